@@ -1,0 +1,235 @@
+package sunrpc
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Serve accepts TCP connections on l and serves each until it closes, is
+// idle too long, breaks the record-marking rules, or the server shuts down.
+// It always returns a non-nil error; after Shutdown or Close, ErrServerClosed.
+func (s *Server) Serve(l net.Listener) error {
+	s.init()
+	if !s.trackListener(&l, true) {
+		l.Close()
+		return ErrServerClosed
+	}
+	defer s.trackListener(&l, false)
+	var tempDelay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.shutdown.Load() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) || isTemporaryAccept(err) {
+				// Back off like net/http: out of file descriptors and
+				// similar conditions clear up on their own.
+				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				s.logger().Warn("sunrpc: accept failed; retrying", "err", err, "delay", tempDelay)
+				time.Sleep(tempDelay)
+				continue
+			}
+			return err
+		}
+		tempDelay = 0
+		sc := newServerConn(s, c)
+		if s.isStopped(sc.local.Addr()) {
+			s.stats.stoppedDrops.Add(1)
+			c.Close()
+			continue
+		}
+		if !s.trackConn(sc, true) {
+			c.Close()
+			return ErrServerClosed
+		}
+		go sc.serve()
+	}
+}
+
+func isTemporaryAccept(err error) bool {
+	var se interface{ Temporary() bool }
+	return errors.As(err, &se) && se.Temporary()
+}
+
+func (s *Server) trackListener(l *net.Listener, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.shutdown.Load() {
+			return false
+		}
+		s.listeners[l] = struct{}{}
+	} else {
+		delete(s.listeners, l)
+	}
+	return true
+}
+
+func (s *Server) trackConn(c *serverConn, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.shutdown.Load() {
+			return false
+		}
+		s.conns[c] = struct{}{}
+		s.active.Add(1)
+	} else {
+		delete(s.conns, c)
+		s.active.Done()
+	}
+	return true
+}
+
+// serverConn is one TCP connection.
+type serverConn struct {
+	s             *Server
+	c             net.Conn
+	local, remote netip.AddrPort
+
+	wmu      sync.Mutex // serialises replies: one Write per record
+	inflight sync.WaitGroup
+	busy     atomic.Int32
+	draining atomic.Bool
+	closed   atomic.Bool
+}
+
+func newServerConn(s *Server, c net.Conn) *serverConn {
+	return &serverConn{s: s, c: c, local: addrPortOf(c.LocalAddr()), remote: addrPortOf(c.RemoteAddr())}
+}
+
+// addrPortOf converts a net.Addr to an unmapped netip.AddrPort.
+func addrPortOf(a net.Addr) netip.AddrPort {
+	var ap netip.AddrPort
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ap = a.AddrPort()
+	case *net.UDPAddr:
+		ap = a.AddrPort()
+	default:
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// stopReading makes the reader return so that the connection closes once its
+// calls in progress have answered (graceful shutdown).
+func (sc *serverConn) stopReading() {
+	sc.draining.Store(true)
+	sc.c.SetReadDeadline(time.Now())
+}
+
+// abort closes the connection at once.
+func (sc *serverConn) abort() {
+	if sc.closed.CompareAndSwap(false, true) {
+		sc.c.Close()
+	}
+}
+
+func (sc *serverConn) serve() {
+	s := sc.s
+	defer s.trackConn(sc, false)
+	defer func() {
+		sc.inflight.Wait()
+		sc.abort()
+	}()
+	idle := orDefault(s.IdleTimeout, DefaultIdleTimeout)
+	recordTimeout := orDefault(s.RecordTimeout, DefaultRecordTimeout)
+	br := bufio.NewReaderSize(sc.c, 4096)
+	rr := RecordReader{R: br, MaxSize: orDefault(s.MaxRecordSize, DefaultMaxRecordSize), MaxFragments: s.MaxFragments}
+	sem := make(chan struct{}, orDefault(s.MaxInFlight, DefaultMaxInFlight))
+	for {
+		// Wait for the first byte of a record under the idle timeout, then
+		// give the whole record RecordTimeout to arrive, so a peer that
+		// sends half a record and stalls is cut off.
+		// Each deadline is set before draining is checked: stopReading sets
+		// draining before its own deadline, so one of the two always wins.
+		if br.Buffered() == 0 {
+			sc.c.SetReadDeadline(time.Now().Add(idle))
+			if sc.draining.Load() {
+				return
+			}
+			if _, err := br.Peek(1); err != nil {
+				if isTimeout(err) && !sc.draining.Load() && !sc.closed.Load() && sc.busy.Load() > 0 {
+					continue // idle only counts while nothing is in progress
+				}
+				return
+			}
+		}
+		sc.c.SetReadDeadline(time.Now().Add(recordTimeout))
+		if sc.draining.Load() {
+			return
+		}
+		bp := getBuf()
+		rec, err := rr.Next(*bp)
+		if err != nil {
+			putBuf(bp)
+			if errors.Is(err, ErrRecordTooLarge) || errors.Is(err, ErrTooManyFragments) {
+				s.stats.recordErrors.Add(1)
+				s.logger().Warn("sunrpc: closing connection", "remote", sc.remote, "err", err)
+			}
+			return
+		}
+		*bp = rec
+		sem <- struct{}{}
+		sc.inflight.Add(1)
+		sc.busy.Add(1)
+		go func() {
+			defer func() {
+				sc.busy.Add(-1)
+				sc.inflight.Done()
+				<-sem
+			}()
+			sc.handle(bp)
+		}()
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// handle serves one record and writes its reply.
+func (sc *serverConn) handle(bp *[]byte) {
+	s := sc.s
+	defer putBuf(bp)
+	if s.isStopped(sc.local.Addr()) {
+		s.stats.stoppedDrops.Add(1)
+		sc.abort()
+		return
+	}
+	out := getBuf()
+	defer putBuf(out)
+	ci := callInfo{transport: TCP, local: sc.local, remote: sc.remote}
+	reply, act := s.dispatch(s.ctx(), &ci, *bp, append((*out)[:0], 0, 0, 0, 0))
+	*out = reply
+	switch act {
+	case actClose:
+		sc.abort()
+		return
+	case actDrop:
+		return
+	}
+	putRecordMark(reply)
+	sc.wmu.Lock()
+	sc.c.SetWriteDeadline(time.Now().Add(orDefault(s.WriteTimeout, DefaultWriteTimeout)))
+	_, err := sc.c.Write(reply)
+	sc.wmu.Unlock()
+	if err != nil {
+		s.logger().Debug("sunrpc: reply write failed; closing", "remote", sc.remote, "err", err)
+		sc.abort()
+	}
+}
+
+// ctx is the context handlers run under; it ends when the server closes.
+func (s *Server) ctx() context.Context { return s.baseCtx }
