@@ -2,6 +2,13 @@ module github.com/nlmha/nlmha
 
 go 1.26.0
 
-require golang.org/x/net v0.62.0
+require (
+	github.com/cockroachdb/datadriven v1.0.3
+	github.com/rasky/go-xdr v0.0.0-20170124162913-1a41d1a06c93
+	golang.org/x/net v0.62.0
+)
 
-require golang.org/x/sys v0.49.0 // indirect
+require (
+	github.com/pmezard/go-difflib v1.0.0 // indirect
+	golang.org/x/sys v0.49.0 // indirect
+)

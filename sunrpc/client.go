@@ -46,7 +46,9 @@ type ClientOptions struct {
 type Client struct {
 	t      Transport
 	remote netip.AddrPort
-	unix   string // stream over a Unix socket when set
+	unix   string  // stream over a Unix socket when set
+	srv    *Server // datagrams through a server socket when set
+	from   netip.AddrPort
 	opts   ClientOptions
 	xid    atomic.Uint32
 
@@ -91,6 +93,18 @@ func DialUnix(ctx context.Context, path string, opts ClientOptions) (*Client, er
 		return nil, err
 	}
 	return c, nil
+}
+
+// PacketClient returns a UDP client that sends from one of the server's own
+// sockets — the one serving from's port, with from's address as source —
+// so that its calls leave from the address and port the server answers on.
+// Replies reach that socket and are handed to the client by XID. BSD and
+// macOS lockd accept NLM *_RES callbacks only from the server's NLM port.
+func (s *Server) PacketClient(from, to netip.AddrPort, opts ClientOptions) *Client {
+	s.init()
+	c := newClient(UDP, opts)
+	c.srv, c.from, c.remote = s, from, to
+	return c
 }
 
 func newClient(t Transport, opts ClientOptions) *Client {
@@ -159,6 +173,9 @@ func (c *Client) getConn(ctx context.Context) (net.Conn, error) {
 }
 
 func (c *Client) target() string {
+	if c.srv != nil {
+		return "udp:" + c.remote.String() + " from " + c.from.String()
+	}
 	if c.unix != "" {
 		return "unix:" + c.unix
 	}
@@ -287,9 +304,15 @@ func (c *Client) Call(ctx context.Context, prog, vers, proc uint32, args []byte)
 
 	var res callResult
 	var err error
-	if c.t == UDP {
+	switch {
+	case c.srv != nil:
+		key := replyKey{peer: c.remote, xid: xid}
+		c.srv.expectReply(key, c.deliver)
+		defer c.srv.forgetReply(key)
 		res, err = c.roundTripUDP(ctx, msg, ch)
-	} else {
+	case c.t == UDP:
+		res, err = c.roundTripUDP(ctx, msg, ch)
+	default:
 		res, err = c.roundTripStream(ctx, msg, ch)
 	}
 	if err != nil {
@@ -329,18 +352,22 @@ func (c *Client) roundTripStream(ctx context.Context, msg []byte, ch chan callRe
 }
 
 func (c *Client) roundTripUDP(ctx context.Context, msg []byte, ch chan callResult) (callResult, error) {
-	c.mu.Lock()
-	conn := c.conn
-	c.mu.Unlock()
-	if conn == nil {
-		return callResult{}, ErrClientClosed
+	send := func(msg []byte) error { return c.srv.SendPacket(c.from, c.remote, msg) }
+	if c.srv == nil {
+		c.mu.Lock()
+		conn := c.conn
+		c.mu.Unlock()
+		if conn == nil {
+			return callResult{}, ErrClientClosed
+		}
+		send = func(msg []byte) error { _, err := conn.Write(msg); return err }
 	}
 	timeout := orDefault(c.opts.Retransmit, DefaultRetransmit)
 	maxTimeout := orDefault(c.opts.MaxRetransmit, DefaultMaxRetransmit)
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
-		if _, err := conn.Write(msg); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
+		if err := send(msg); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
 			return callResult{}, fmt.Errorf("sunrpc: sending to %v: %w", c.target(), err)
 		}
 		select {

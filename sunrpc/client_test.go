@@ -142,3 +142,28 @@ func TestClientReplyCap(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// A PacketClient calls out from the server's own socket: the peer sees the
+// server's address and port as the source, and the reply comes back to the
+// server socket and on to the caller.
+func TestPacketClient(t *testing.T) {
+	s := newTestServer()
+	port := serve(t, s, "0.0.0.0")
+	peer := newTestServer()
+	peerPort := serve(t, peer, "127.0.0.3")
+	from := ap(t, "127.0.0.2", port)
+	c := s.PacketClient(from, ap(t, "127.0.0.3", peerPort), ClientOptions{Retransmit: 50 * time.Millisecond})
+	defer c.Close()
+	_, local, remote, _ := echo(t, c, 1)
+	if remote != from.String() {
+		t.Fatalf("peer saw the call from %s, want %s", remote, from)
+	}
+	if local != ap(t, "127.0.0.3", peerPort).String() {
+		t.Fatalf("peer local %s", local)
+	}
+	// Calls from a port the server does not serve fail cleanly.
+	bad := s.PacketClient(ap(t, "127.0.0.2", port+1), ap(t, "127.0.0.3", peerPort), ClientOptions{})
+	if _, err := bad.Call(callCtx(t), testProg, 1, procNull, nil); !errors.Is(err, ErrNoSocket) {
+		t.Fatalf("err = %v", err)
+	}
+}

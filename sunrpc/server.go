@@ -170,9 +170,12 @@ type Server struct {
 	DRCSize     int
 	DRCLifetime time.Duration
 	// OnReply, if set, receives RPC replies that arrive on the server's UDP
-	// sockets (answers to calls sent from them with SendPacket). msg is
-	// valid only during the call.
+	// sockets and that no PacketClient call is waiting for. msg is valid
+	// only during the call.
 	OnReply func(local, remote netip.AddrPort, msg []byte)
+
+	replyMu sync.Mutex
+	replies map[replyKey]func([]byte)
 
 	initOnce sync.Once
 	progs    atomic.Pointer[map[uint32]*progVersions]
@@ -202,7 +205,38 @@ func (s *Server) init() {
 		s.packets = map[*udpServer]struct{}{}
 		s.conns = map[*serverConn]struct{}{}
 		s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
+		s.replies = map[replyKey]func([]byte){}
 	})
+}
+
+// replyKey identifies an outstanding call made from a server socket.
+type replyKey struct {
+	peer netip.AddrPort
+	xid  uint32
+}
+
+func (s *Server) expectReply(k replyKey, deliver func([]byte)) {
+	s.replyMu.Lock()
+	s.replies[k] = deliver
+	s.replyMu.Unlock()
+}
+
+func (s *Server) forgetReply(k replyKey) {
+	s.replyMu.Lock()
+	delete(s.replies, k)
+	s.replyMu.Unlock()
+}
+
+// routeReply hands a reply datagram to the PacketClient call waiting for it.
+func (s *Server) routeReply(remote netip.AddrPort, xid uint32, msg []byte) bool {
+	s.replyMu.Lock()
+	deliver := s.replies[replyKey{peer: remote, xid: xid}]
+	s.replyMu.Unlock()
+	if deliver == nil {
+		return false
+	}
+	deliver(append([]byte(nil), msg...))
+	return true
 }
 
 func orDefault[T int | time.Duration](v, d T) T {

@@ -137,12 +137,15 @@ func (u *udpServer) read() error {
 		}
 		dst := u.dst(oob[:oobn])
 		msg := buf[:n]
-		_, mtype, ok := PeekXID(msg)
+		xid, mtype, ok := PeekXID(msg)
 		if !ok {
 			s.stats.malformed.Add(1)
 			continue
 		}
 		if mtype == MsgReply {
+			if s.routeReply(src, xid, msg) {
+				continue
+			}
 			if s.OnReply != nil {
 				s.OnReply(netip.AddrPortFrom(dst, u.port), src, msg)
 			}

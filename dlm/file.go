@@ -1,0 +1,395 @@
+package dlm
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// File is the lock state of one file: held locks in an interval tree,
+// blocked requests in arrival order, and DOS shares.
+//
+// Held locks are kept in a treap ordered by (start, host, svid) and
+// augmented with the largest end in each subtree, so finding the locks
+// that overlap a range costs O(log n + k) for n locks on the file and k
+// results, and inserting or removing one costs O(log n). The lock manager
+// keeps each owner's ranges disjoint, which makes that order total.
+//
+// A File is not safe for concurrent use: a backend gives it to one Update
+// at a time.
+type File struct {
+	fh   string
+	root *Held
+	n    int32
+	more *fileMore // blocked requests and shares, allocated when needed
+	edit *Edit
+}
+
+type fileMore struct {
+	waiters []*Waiter
+	shares  []*Share
+}
+
+// Held is one held lock in a File's tree. Its fields change only through
+// File methods.
+type Held struct {
+	start, end, maxEnd uint64
+	epoch              uint64
+	owner              *Owner
+	bits               uint32 // treap priority << 1 | exclusive
+	left, right        *Held
+}
+
+// Owner is the lock's owner.
+func (h *Held) Owner() *Owner { return h.owner }
+
+// Range is the locked range.
+func (h *Held) Range() Range { return Range{h.start, h.end} }
+
+// Exclusive reports a write lock.
+func (h *Held) Exclusive() bool { return h.bits&1 != 0 }
+
+// Epoch is the virtual-server epoch the lock was granted or reclaimed in.
+func (h *Held) Epoch() uint64 { return h.epoch }
+
+// Lock returns the lock by value.
+func (h *Held) Lock() Lock {
+	return Lock{Owner: h.owner, Range: h.Range(), Exclusive: h.Exclusive(), Epoch: h.epoch}
+}
+
+// NewFile returns the empty state of the file with handle fh.
+func NewFile(fh string) *File { return &File{fh: fh} }
+
+// FH is the file handle.
+func (f *File) FH() string { return f.fh }
+
+// Len is the number of held lock ranges.
+func (f *File) Len() int { return int(f.n) }
+
+// Empty reports whether the file has no locks, blocked requests or shares.
+func (f *File) Empty() bool {
+	return f.root == nil && (f.more == nil || len(f.more.waiters) == 0 && len(f.more.shares) == 0)
+}
+
+// Overlapping calls fn for each held lock that overlaps r, in ascending
+// order of start, until fn returns false. fn must not change the file.
+func (f *File) Overlapping(r Range, fn func(*Held) bool) {
+	if r.Start < r.End {
+		visit(f.root, r, fn)
+	}
+}
+
+// All calls fn for each held lock in ascending order of start until fn
+// returns false. fn must not change the file.
+func (f *File) All(fn func(*Held) bool) { visit(f.root, Range{0, Inf}, fn) }
+
+func visit(t *Held, r Range, fn func(*Held) bool) bool {
+	for t != nil && t.maxEnd > r.Start {
+		if !visit(t.left, r, fn) {
+			return false
+		}
+		if t.start >= r.End {
+			return true // t and everything right of it start too late
+		}
+		if t.end > r.Start && !fn(t) {
+			return false
+		}
+		t = t.right
+	}
+	return true
+}
+
+// Insert adds a held lock. The caller (the lock manager) guarantees that the
+// owner holds nothing else overlapping l.Range.
+func (f *File) Insert(l Lock) {
+	n := &Held{start: l.Range.Start, end: l.Range.End, epoch: l.Epoch, owner: l.Owner}
+	n.bits = f.priority(n) << 1
+	if l.Exclusive {
+		n.bits |= 1
+	}
+	f.root = insert(f.root, n)
+	f.n++
+	f.note(l.Owner, l.Owner.Host, 1, 0, 0)
+	f.fence(l.Owner.Host.VIP, l.Epoch)
+}
+
+// Remove removes a held lock.
+func (f *File) Remove(h *Held) {
+	var found bool
+	f.root, found = remove(f.root, h)
+	if !found {
+		return
+	}
+	h.left, h.right = nil, nil
+	f.n--
+	f.note(h.owner, h.owner.Host, -1, 0, 0)
+}
+
+// Restamp sets the epoch of a held lock (a reclaim in a new epoch).
+func (f *File) Restamp(h *Held, epoch uint64) {
+	if h.epoch != epoch {
+		h.epoch = epoch
+		f.changed()
+		f.fence(h.owner.Host.VIP, epoch)
+	}
+}
+
+// priority derives a treap priority from the node's key, mixed with the
+// backend's seed so that keys chosen by a client cannot unbalance the tree.
+func (f *File) priority(n *Held) uint32 {
+	var seed uint64
+	if f.edit != nil {
+		seed = f.edit.Seed
+	}
+	x := seed ^ n.start*0x9e3779b97f4a7c15 ^ uint64(n.owner.Host.id)<<32 ^ uint64(uint32(n.owner.SVID))
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return uint32(x) >> 1
+}
+
+func less(a, b *Held) bool {
+	if a.start != b.start {
+		return a.start < b.start
+	}
+	if a.owner.Host.id != b.owner.Host.id {
+		return a.owner.Host.id < b.owner.Host.id
+	}
+	return a.owner.SVID < b.owner.SVID
+}
+
+func prio(t *Held) uint32 { return t.bits >> 1 }
+
+func fix(t *Held) {
+	m := t.end
+	if t.left != nil && t.left.maxEnd > m {
+		m = t.left.maxEnd
+	}
+	if t.right != nil && t.right.maxEnd > m {
+		m = t.right.maxEnd
+	}
+	t.maxEnd = m
+}
+
+func insert(t, n *Held) *Held {
+	if t == nil {
+		n.left, n.right = nil, nil
+		n.maxEnd = n.end
+		return n
+	}
+	if less(n, t) {
+		t.left = insert(t.left, n)
+		if prio(t.left) > prio(t) {
+			l := t.left
+			t.left = l.right
+			l.right = t
+			fix(t)
+			t = l
+		}
+	} else {
+		t.right = insert(t.right, n)
+		if prio(t.right) > prio(t) {
+			r := t.right
+			t.right = r.left
+			r.left = t
+			fix(t)
+			t = r
+		}
+	}
+	fix(t)
+	return t
+}
+
+func remove(t, n *Held) (*Held, bool) {
+	if t == nil {
+		return nil, false
+	}
+	if t == n {
+		return merge(t.left, t.right), true
+	}
+	var found bool
+	if less(n, t) {
+		t.left, found = remove(t.left, n)
+	} else {
+		t.right, found = remove(t.right, n)
+	}
+	if found {
+		fix(t)
+	}
+	return t, found
+}
+
+// merge joins two treaps where every key of a precedes every key of b.
+func merge(a, b *Held) *Held {
+	switch {
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	case prio(a) > prio(b):
+		a.right = merge(a.right, b)
+		fix(a)
+		return a
+	default:
+		b.left = merge(a, b.left)
+		fix(b)
+		return b
+	}
+}
+
+// Waiters returns the blocked requests in arrival order. The slice must not
+// be changed.
+func (f *File) Waiters() []*Waiter {
+	if f.more == nil {
+		return nil
+	}
+	return f.more.waiters
+}
+
+// AddWaiter queues a blocked request at the end.
+func (f *File) AddWaiter(w *Waiter) {
+	if f.more == nil {
+		f.more = &fileMore{}
+	}
+	f.more.waiters = append(f.more.waiters, w)
+	f.note(w.Owner, w.Owner.Host, 0, 1, 0)
+	f.fence(w.Owner.Host.VIP, w.Epoch)
+}
+
+// RemoveWaiter takes a blocked request out of the queue.
+func (f *File) RemoveWaiter(w *Waiter) {
+	if f.more == nil {
+		return
+	}
+	i := slices.Index(f.more.waiters, w)
+	if i < 0 {
+		return
+	}
+	f.more.waiters = slices.Delete(f.more.waiters, i, i+1)
+	f.note(w.Owner, w.Owner.Host, 0, -1, 0)
+	f.compact()
+}
+
+// Shares returns the share reservations. The slice must not be changed.
+func (f *File) Shares() []*Share {
+	if f.more == nil {
+		return nil
+	}
+	return f.more.shares
+}
+
+// AddShare adds a share reservation.
+func (f *File) AddShare(s *Share) {
+	if f.more == nil {
+		f.more = &fileMore{}
+	}
+	f.more.shares = append(f.more.shares, s)
+	f.note(nil, s.Host, 0, 0, 1)
+	f.fence(s.Host.VIP, s.Epoch)
+}
+
+// RemoveShare removes a share reservation.
+func (f *File) RemoveShare(s *Share) {
+	if f.more == nil {
+		return
+	}
+	i := slices.Index(f.more.shares, s)
+	if i < 0 {
+		return
+	}
+	f.more.shares = slices.Delete(f.more.shares, i, i+1)
+	f.note(nil, s.Host, 0, 0, -1)
+	f.compact()
+}
+
+func (f *File) compact() {
+	if len(f.more.waiters) == 0 && len(f.more.shares) == 0 {
+		f.more = nil
+	}
+}
+
+// Edit records what an Update changed, for the backend to commit: counter
+// deltas per owner and host, and the virtual-server epochs written (which an
+// optimistic backend checks at commit to fence off a node that lost the
+// virtual server). Backends own Edits and attach one with SetEdit for the
+// duration of an Update.
+type Edit struct {
+	// Seed mixes the treap priorities (set once by the backend).
+	Seed    uint64
+	Deltas  []Delta
+	Fences  []Fence
+	Changed bool
+}
+
+// Delta is a change of counters. Owner is nil for share changes.
+type Delta struct {
+	Owner                  *Owner
+	Host                   *Host
+	Locks, Blocked, Shares int64
+}
+
+// Fence is a virtual-server epoch an edit wrote under.
+type Fence struct {
+	VIP   netip.Addr
+	Epoch uint64
+}
+
+// Reset clears the edit for the next Update, keeping its storage.
+func (e *Edit) Reset() {
+	e.Deltas = e.Deltas[:0]
+	e.Fences = e.Fences[:0]
+	e.Changed = false
+}
+
+// Apply adds the deltas to the owners' and hosts' counters.
+func (e *Edit) Apply() {
+	for _, d := range e.Deltas {
+		if d.Owner != nil {
+			d.Owner.held.Add(d.Locks + d.Blocked)
+		}
+		d.Host.locks.Add(d.Locks)
+		d.Host.blocked.Add(d.Blocked)
+		d.Host.shares.Add(d.Shares)
+	}
+}
+
+// SetEdit attaches e to f (nil detaches).
+func (f *File) SetEdit(e *Edit) { f.edit = e }
+
+func (f *File) changed() {
+	if f.edit != nil {
+		f.edit.Changed = true
+	}
+}
+
+func (f *File) note(o *Owner, h *Host, locks, blocked, shares int64) {
+	e := f.edit
+	if e == nil {
+		return
+	}
+	e.Changed = true
+	for i := range e.Deltas {
+		d := &e.Deltas[i]
+		if d.Owner == o && d.Host == h {
+			d.Locks += locks
+			d.Blocked += blocked
+			d.Shares += shares
+			return
+		}
+	}
+	e.Deltas = append(e.Deltas, Delta{Owner: o, Host: h, Locks: locks, Blocked: blocked, Shares: shares})
+}
+
+func (f *File) fence(vip netip.Addr, epoch uint64) {
+	e := f.edit
+	if e == nil {
+		return
+	}
+	for _, x := range e.Fences {
+		if x.VIP == vip && x.Epoch == epoch {
+			return
+		}
+	}
+	e.Fences = append(e.Fences, Fence{VIP: vip, Epoch: epoch})
+}

@@ -1,0 +1,450 @@
+// Package lockmgr is the NLM lock manager as a pure state machine: each
+// operation takes one file's state (a *dlm.File, handed over by a backend's
+// Update), applies NLM and POSIX semantics to it, and returns the reply
+// status and the effects — blocked requests that became grantable and need
+// a GRANTED callback. It reads no clock, opens no socket, starts no
+// goroutine and keeps no state of its own; grace and the virtual server's
+// epoch are inputs.
+//
+// Semantics (Linux lockd and X/Open XNFS, except where noted):
+//   - A lock owner is (virtual server, client host, svid). Only other
+//     owners conflict; two locks conflict when they overlap and either is
+//     exclusive.
+//   - An owner's ranges never overlap: a new lock absorbs the owner's
+//     overlapping or adjacent ranges of the same mode and splits those of
+//     the other mode, so upgrades and downgrades are atomic.
+//   - Blocked requests wait FIFO per file. Whenever locks are released or
+//     downgraded the queue is re-evaluated in order, and each request that
+//     no longer conflicts is granted (and reported as a Grant).
+//   - During a virtual server's grace period only reclaims may lock or
+//     share, and TEST is refused; UNLOCK, CANCEL, UNSHARE and FREE_ALL are
+//     served (as Ganesha does; Linux refuses them). Outside grace a reclaim
+//     is refused unless the owner still holds exactly that lock — the case
+//     of a planned move, where the locks travelled with the virtual server.
+package lockmgr
+
+import (
+	"bytes"
+	"slices"
+
+	"github.com/nlmha/nlmha/dlm"
+)
+
+// Status is a version-independent NLM outcome.
+type Status uint8
+
+// Outcomes.
+const (
+	Granted Status = iota
+	Denied
+	DeniedNoLocks
+	Blocked
+	DeniedGrace
+	Deadlock
+)
+
+var statusNames = [...]string{"GRANTED", "DENIED", "DENIED_NOLOCKS", "BLOCKED", "DENIED_GRACE_PERIOD", "DEADLCK"}
+
+func (s Status) String() string { return statusNames[s] }
+
+// Limits bound what one client host may hold; 0 means no limit. A request
+// beyond a limit is answered DENIED_NOLOCKS, so a runaway or hostile client
+// costs bounded memory.
+type Limits struct {
+	LocksPerHost   int64
+	BlockedPerHost int64
+	SharesPerHost  int64
+}
+
+// Manager applies lock requests to file state.
+type Manager struct {
+	Limits Limits
+}
+
+// LockArgs is a LOCK (or NM_LOCK) request.
+type LockArgs struct {
+	Owner     *dlm.Owner
+	Range     dlm.Range
+	Exclusive bool
+	Block     bool
+	Reclaim   bool
+	// InGrace says whether the virtual server is in its grace period;
+	// Epoch is its current epoch, stamped on what is granted.
+	InGrace bool
+	Epoch   uint64
+	// Kept with a blocked request for the GRANTED callback.
+	OH        []byte
+	Vers      uint32
+	Transport uint8
+	Async     bool
+}
+
+// Result is the outcome of an operation.
+type Result struct {
+	Status Status
+	// Holder is a conflicting lock (TEST replies), valid if HasHolder.
+	Holder    dlm.Lock
+	HasHolder bool
+	// Grants are blocked requests that got their lock: each needs a
+	// GRANTED callback.
+	Grants []Grant
+}
+
+// Grant is a blocked request that has just been granted. Prev holds the
+// owner's own locks that the grant replaced, so that Ungrant can put them
+// back if the client turns the grant down.
+type Grant struct {
+	FH     string
+	Waiter *dlm.Waiter
+	Prev   []dlm.Lock
+}
+
+// Lock handles LOCK and NM_LOCK.
+func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
+	if a.Reclaim && !a.InGrace {
+		if h := exactLock(f, a.Owner, a.Range, a.Exclusive); h != nil {
+			f.Restamp(h, a.Epoch)
+			return Result{Status: Granted}
+		}
+		return Result{Status: DeniedGrace}
+	}
+	if a.InGrace && !a.Reclaim {
+		return Result{Status: DeniedGrace}
+	}
+	if c := conflict(f, a.Owner, a.Range, a.Exclusive); c != nil {
+		if !a.Block {
+			return Result{Status: Denied}
+		}
+		if w := findWaiter(f, a.Owner, a.Range, a.Exclusive); w != nil {
+			return Result{Status: Blocked} // a retransmission finds its queued request
+		}
+		if lim := m.Limits.BlockedPerHost; lim > 0 && a.Owner.Host.Blocked() >= lim {
+			return Result{Status: DeniedNoLocks}
+		}
+		f.AddWaiter(&dlm.Waiter{
+			Owner: a.Owner, Range: a.Range, Exclusive: a.Exclusive, Epoch: a.Epoch,
+			OH: bytes.Clone(a.OH), Vers: a.Vers, Transport: a.Transport, Async: a.Async,
+		})
+		return Result{Status: Blocked}
+	}
+	if h := exactLock(f, a.Owner, a.Range, a.Exclusive); h != nil {
+		f.Restamp(h, a.Epoch) // a retransmission, or a reclaim in grace
+	} else {
+		if lim := m.Limits.LocksPerHost; lim > 0 {
+			if d := growth(f, a.Owner, a.Range, a.Exclusive); d > 0 && a.Owner.Host.Locks()+d > lim {
+				return Result{Status: DeniedNoLocks}
+			}
+		}
+		apply(f, a.Owner, a.Range, a.Exclusive, a.Epoch)
+	}
+	// A request of this very lock may still be queued (the client resent
+	// it non-blocking); it is satisfied now, so it must not be granted
+	// again later.
+	if w := findWaiter(f, a.Owner, a.Range, a.Exclusive); w != nil {
+		f.RemoveWaiter(w)
+	}
+	// A downgrade (exclusive to shared) may let shared waiters in.
+	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// Test handles TEST: the first conflicting lock, if any.
+func (m *Manager) Test(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive, inGrace bool) Result {
+	if inGrace {
+		return Result{Status: DeniedGrace}
+	}
+	if c := conflict(f, owner, r, exclusive); c != nil {
+		return Result{Status: Denied, Holder: c.Lock(), HasHolder: true}
+	}
+	return Result{Status: Granted}
+}
+
+// Unlock handles UNLOCK: it releases the owner's locks within r (splitting
+// ranges that stick out) and grants what became grantable. Unlocking what
+// is not held is GRANTED.
+func (m *Manager) Unlock(f *dlm.File, owner *dlm.Owner, r dlm.Range) Result {
+	if unlockRange(f, owner, r) {
+		return Result{Status: Granted, Grants: wake(f)}
+	}
+	return Result{Status: Granted}
+}
+
+// Cancel handles CANCEL: it removes the owner's queued request for exactly
+// this range and mode. Like Linux lockd it answers DENIED when there is
+// none — usually because the lock was granted in the meantime, which the
+// client needs to know — and it never unlocks anything.
+func (m *Manager) Cancel(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) Result {
+	if w := findWaiter(f, owner, r, exclusive); w != nil {
+		f.RemoveWaiter(w)
+		return Result{Status: Granted}
+	}
+	return Result{Status: Denied}
+}
+
+// Ungrant undoes a grant the client turned down (a GRANTED callback
+// answered other than GRANTED): the granted range is released and the
+// owner's earlier locks in it are restored.
+func (m *Manager) Ungrant(f *dlm.File, g *Grant) Result {
+	w := g.Waiter
+	if exactLock(f, w.Owner, w.Range, w.Exclusive) == nil {
+		return Result{Status: Granted} // already released or changed by the client
+	}
+	unlockRange(f, w.Owner, w.Range)
+	for _, p := range g.Prev {
+		apply(f, p.Owner, p.Range, p.Exclusive, p.Epoch)
+	}
+	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// ShareArgs is a SHARE request. A share owner is (host, oh).
+type ShareArgs struct {
+	Host    *dlm.Host
+	OH      []byte
+	Mode    uint32
+	Access  uint32
+	Reclaim bool
+	InGrace bool
+	Epoch   uint64
+}
+
+// Share handles SHARE (DOS share reservations). Two shares of different
+// owners conflict when one's access meets the other's deny mode.
+func (m *Manager) Share(f *dlm.File, a *ShareArgs) Result {
+	mine := findShare(f, a.Host, a.OH)
+	if a.Reclaim && !a.InGrace {
+		if mine != nil && mine.Mode == a.Mode && mine.Access == a.Access {
+			mine.Epoch = a.Epoch
+			return Result{Status: Granted}
+		}
+		return Result{Status: DeniedGrace}
+	}
+	if a.InGrace && !a.Reclaim {
+		return Result{Status: DeniedGrace}
+	}
+	for _, s := range f.Shares() {
+		if s == mine {
+			continue
+		}
+		if s.Access&a.Mode != 0 || s.Mode&a.Access != 0 {
+			return Result{Status: Denied}
+		}
+	}
+	if mine == nil {
+		if lim := m.Limits.SharesPerHost; lim > 0 && a.Host.Shares() >= lim {
+			return Result{Status: DeniedNoLocks}
+		}
+	} else {
+		f.RemoveShare(mine) // the same owner changes its reservation
+	}
+	f.AddShare(&dlm.Share{Host: a.Host, OH: bytes.Clone(a.OH), Mode: a.Mode, Access: a.Access, Epoch: a.Epoch})
+	return Result{Status: Granted}
+}
+
+// Unshare handles UNSHARE; removing a share that does not exist is
+// GRANTED, as X/Open asks.
+func (m *Manager) Unshare(f *dlm.File, host *dlm.Host, oh []byte) Result {
+	if s := findShare(f, host, oh); s != nil {
+		f.RemoveShare(s)
+	}
+	return Result{Status: Granted}
+}
+
+// DropHosts removes every lock, blocked request and share of the hosts
+// that match — FREE_ALL, a client's reboot notification, or the release of
+// a virtual server — and grants what became grantable to the others.
+func (m *Manager) DropHosts(f *dlm.File, match func(*dlm.Host) bool) Result {
+	return m.drop(f, func(h *dlm.Host, _ uint64) bool { return match(h) })
+}
+
+// PurgeStale removes what a virtual server's clients did not reclaim: the
+// locks, blocked requests and shares of its hosts stamped with an epoch
+// older than epoch.
+func (m *Manager) PurgeStale(f *dlm.File, vip func(*dlm.Host) bool, epoch uint64) Result {
+	return m.drop(f, func(h *dlm.Host, e uint64) bool { return vip(h) && e < epoch })
+}
+
+func (m *Manager) drop(f *dlm.File, gone func(h *dlm.Host, epoch uint64) bool) Result {
+	var victims []*dlm.Held
+	f.All(func(h *dlm.Held) bool {
+		if gone(h.Owner().Host, h.Epoch()) {
+			victims = append(victims, h)
+		}
+		return true
+	})
+	for _, h := range victims {
+		f.Remove(h)
+	}
+	for _, w := range slices.Clone(f.Waiters()) {
+		if gone(w.Owner.Host, w.Epoch) {
+			f.RemoveWaiter(w)
+		}
+	}
+	for _, s := range slices.Clone(f.Shares()) {
+		if gone(s.Host, s.Epoch) {
+			f.RemoveShare(s)
+		}
+	}
+	if len(victims) == 0 {
+		return Result{Status: Granted}
+	}
+	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// conflict returns the first (lowest-starting) lock of another owner that
+// conflicts with owner locking r.
+func conflict(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Held {
+	var c *dlm.Held
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		if h.Owner() != owner && (exclusive || h.Exclusive()) {
+			c = h
+			return false
+		}
+		return true
+	})
+	return c
+}
+
+// exactLock returns the owner's lock of exactly r and mode, if held.
+func exactLock(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Held {
+	var found *dlm.Held
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		if h.Owner() == owner {
+			if h.Range() == r && h.Exclusive() == exclusive {
+				found = h
+			}
+			return false // the owner's ranges are disjoint: this is the only candidate starting here
+		}
+		return true
+	})
+	return found
+}
+
+func findWaiter(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Waiter {
+	for _, w := range f.Waiters() {
+		if w.Owner == owner && w.Range == r && w.Exclusive == exclusive {
+			return w
+		}
+	}
+	return nil
+}
+
+func findShare(f *dlm.File, host *dlm.Host, oh []byte) *dlm.Share {
+	for _, s := range f.Shares() {
+		if s.Host == host && bytes.Equal(s.OH, oh) {
+			return s
+		}
+	}
+	return nil
+}
+
+// ownLocks collects the owner's locks that overlap r (or, with adjacent,
+// that touch it) into buf.
+func ownLocks(f *dlm.File, owner *dlm.Owner, r dlm.Range, adjacent bool, buf []*dlm.Held) []*dlm.Held {
+	q := r
+	if adjacent {
+		if q.Start > 0 {
+			q.Start--
+		}
+		if q.End != dlm.Inf {
+			q.End++
+		}
+	}
+	f.Overlapping(q, func(h *dlm.Held) bool {
+		if h.Owner() == owner {
+			buf = append(buf, h)
+		}
+		return true
+	})
+	return buf
+}
+
+// apply gives owner the lock r in the given mode: same-mode ranges that
+// overlap or touch it are merged in, other-mode ranges it overlaps are cut
+// back to what lies outside it.
+func apply(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64) {
+	var buf [8]*dlm.Held
+	merged := r
+	for _, h := range ownLocks(f, owner, r, true, buf[:0]) {
+		hr := h.Range()
+		if h.Exclusive() == exclusive {
+			merged.Start = min(merged.Start, hr.Start)
+			merged.End = max(merged.End, hr.End)
+			f.Remove(h)
+			continue
+		}
+		if !hr.Overlaps(r) {
+			continue // adjacent, other mode: stays as it is
+		}
+		f.Remove(h)
+		if hr.Start < r.Start {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: hr.Start, End: r.Start}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		}
+		if hr.End > r.End {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: hr.End}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		}
+	}
+	f.Insert(dlm.Lock{Owner: owner, Range: merged, Exclusive: exclusive, Epoch: epoch})
+}
+
+// growth is how many held ranges apply would add (negative: remove).
+func growth(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) int64 {
+	var buf [8]*dlm.Held
+	d := int64(1)
+	for _, h := range ownLocks(f, owner, r, true, buf[:0]) {
+		hr := h.Range()
+		switch {
+		case h.Exclusive() == exclusive:
+			d--
+		case hr.Overlaps(r):
+			d--
+			if hr.Start < r.Start {
+				d++
+			}
+			if hr.End > r.End {
+				d++
+			}
+		}
+	}
+	return d
+}
+
+// unlockRange releases the owner's locks within r and reports whether
+// anything was held there.
+func unlockRange(f *dlm.File, owner *dlm.Owner, r dlm.Range) bool {
+	var buf [8]*dlm.Held
+	held := ownLocks(f, owner, r, false, buf[:0])
+	for _, h := range held {
+		hr := h.Range()
+		f.Remove(h)
+		if hr.Start < r.Start {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: hr.Start, End: r.Start}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		}
+		if hr.End > r.End {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: hr.End}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		}
+	}
+	return len(held) > 0
+}
+
+// wake grants, in arrival order, every queued request that no longer
+// conflicts with what is held.
+func wake(f *dlm.File) []Grant {
+	ws := f.Waiters()
+	if len(ws) == 0 {
+		return nil
+	}
+	var grants []Grant
+	for _, w := range slices.Clone(ws) {
+		if conflict(f, w.Owner, w.Range, w.Exclusive) != nil {
+			continue
+		}
+		var prev []dlm.Lock
+		var buf [8]*dlm.Held
+		for _, h := range ownLocks(f, w.Owner, w.Range, false, buf[:0]) {
+			prev = append(prev, h.Lock())
+		}
+		f.RemoveWaiter(w)
+		apply(f, w.Owner, w.Range, w.Exclusive, w.Epoch)
+		grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
+	}
+	return grants
+}

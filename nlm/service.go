@@ -1,0 +1,578 @@
+// Package nlm serves the Network Lock Manager protocol (program 100021,
+// versions 1, 3 and 4) keyed by virtual server: every request belongs to
+// the virtual server whose address it was sent to, lock owners are
+// (virtual server, client host, svid), and callbacks leave from that
+// virtual server's address.
+//
+// The lock semantics live in the pure lock manager (nlm/lockmgr); this
+// package decodes requests, finds the virtual server, runs the manager on
+// the file's state through the dlm backend, encodes replies and performs
+// the effects: GRANTED callbacks for blocked requests that became
+// grantable, and *_RES calls answering *_MSG requests.
+package nlm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/sunrpc"
+	"github.com/nlmha/nlmha/sunrpc/xdr"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// FHValidator tells whether a file handle is one the NFS server knows.
+// Valid returns false (and no error) for a stale or unknown handle; an
+// error means it could not tell, and the request goes ahead.
+type FHValidator interface {
+	Valid(ctx context.Context, fh []byte) (bool, error)
+}
+
+// Config configures a Service.
+type Config struct {
+	Backend        dlm.Backend
+	VirtualServers *virtualserver.Registry
+	Limits         lockmgr.Limits
+	// RPC is the server that carries NLM, and Port its NLM port: UDP
+	// callbacks and *_RES calls leave from that socket on the virtual
+	// server's address.
+	RPC  *sunrpc.Server
+	Port uint16
+	// FHValidator, if set, checks file handles (NLM4_STALE_FH for unknown ones).
+	FHValidator FHValidator
+	// Monitor, if set, is called after a monitored request (LOCK, SHARE;
+	// not NM_LOCK) was granted, so the client's reboots get noticed.
+	Monitor func(ctx context.Context, h *dlm.Host)
+	// OnSMNotify, if set, handles statd's private SM_NOTIFY callback
+	// (procedure 16); by default the named host's state is dropped.
+	OnSMNotify func(ctx context.Context, st *SMStatus)
+	Callbacks  CallbackConfig
+	Logger     *slog.Logger
+	// Now is the clock grace periods are judged by (default time.Now).
+	Now func() time.Time
+}
+
+// Service is the NLM service.
+type Service struct {
+	cfg Config
+	mgr lockmgr.Manager
+	log *slog.Logger
+	cb  *callbacks
+	now func() time.Time
+}
+
+// New returns a service; register its Programs with cfg.RPC.
+func New(cfg Config) *Service {
+	s := &Service{cfg: cfg, mgr: lockmgr.Manager{Limits: cfg.Limits}, log: cfg.Logger, now: cfg.Now}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	s.cb = newCallbacks(s)
+	return s
+}
+
+// Close cancels outstanding callbacks and waits for them to stop.
+func (s *Service) Close() { s.cb.close() }
+
+type handler func(s *Service, ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error)
+
+// Programs returns NLM versions 1, 3 and 4 for registration.
+func (s *Service) Programs() []sunrpc.Program {
+	bind := func(name string, h handler, nonIdempotent bool) sunrpc.Proc {
+		return sunrpc.Proc{Name: name, NonIdempotent: nonIdempotent, Handler: func(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+			return h(s, ctx, req, res)
+		}}
+	}
+	procs := make([]sunrpc.Proc, ProcFreeAll+1)
+	procs[ProcNull] = bind("NULL", (*Service).null, false)
+	procs[ProcTest] = bind("TEST", (*Service).handleTest, false)
+	procs[ProcLock] = bind("LOCK", (*Service).handleLock, true)
+	procs[ProcCancel] = bind("CANCEL", (*Service).handleCancel, true)
+	procs[ProcUnlock] = bind("UNLOCK", (*Service).handleUnlock, true)
+	procs[ProcGranted] = bind("GRANTED", (*Service).handleGranted, true)
+	procs[ProcTestMsg] = bind("TEST_MSG", (*Service).handleTestMsg, true)
+	procs[ProcLockMsg] = bind("LOCK_MSG", (*Service).handleLockMsg, true)
+	procs[ProcCancelMsg] = bind("CANCEL_MSG", (*Service).handleCancelMsg, true)
+	procs[ProcUnlockMsg] = bind("UNLOCK_MSG", (*Service).handleUnlockMsg, true)
+	procs[ProcGrantedMsg] = bind("GRANTED_MSG", (*Service).handleGrantedMsg, true)
+	// Results of asynchronous calls a client made of us: we make none,
+	// so there is nothing to match them with (as in Linux lockd).
+	for _, p := range []uint32{ProcTestRes, ProcLockRes, ProcCancelRes, ProcUnlockRes} {
+		procs[p] = bind(fmt.Sprintf("RES_%d", p), (*Service).ignoreRes, false)
+	}
+	procs[ProcGrantedRes] = bind("GRANTED_RES", (*Service).handleGrantedRes, true)
+	procs[ProcSMNotify] = bind("SM_NOTIFY", (*Service).handleSMNotify, true)
+	procs[ProcShare] = bind("SHARE", (*Service).handleShare, true)
+	procs[ProcUnshare] = bind("UNSHARE", (*Service).handleUnshare, true)
+	procs[ProcNMLock] = bind("NM_LOCK", (*Service).handleNMLock, true)
+	procs[ProcFreeAll] = bind("FREE_ALL", (*Service).handleFreeAll, true)
+	return []sunrpc.Program{
+		{Name: "nlockmgr", Prog: Prog, Vers: Vers1, Procs: procs[:ProcSMNotify+1]},
+		{Name: "nlockmgr", Prog: Prog, Vers: Vers3, Procs: procs},
+		{Name: "nlockmgr", Prog: Prog, Vers: Vers4, Procs: procs},
+	}
+}
+
+// decode runs a decoder over the request arguments and turns a failure
+// into GARBAGE_ARGS.
+func decode(req *sunrpc.Request, fn func(d *xdr.Decoder)) error {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	fn(&d)
+	if err := d.Err(); err != nil {
+		return fmt.Errorf("%w: %w", sunrpc.ErrGarbageArgs, err)
+	}
+	return nil
+}
+
+// ---- common steps -------------------------------------------------------
+
+// ToRange converts a wire offset and length to a byte range. Version 4
+// ranges must end by 2^63-1 (NLM4_FBIG beyond); versions 1 and 3 carry
+// unsigned 32-bit values and must end by 2^32. Length 0 means to the end
+// of the file.
+func ToRange(vers uint32, off, n uint64) (dlm.Range, Stat) {
+	limit := uint64(1 << 32)
+	bad := DeniedNoLocks
+	if vers == Vers4 {
+		limit, bad = Offset64Max+1, FBig
+	}
+	if off >= limit || (n > 0 && n > limit-off) {
+		return dlm.Range{}, bad
+	}
+	if n == 0 {
+		return dlm.Range{Start: off, End: dlm.Inf}, Granted
+	}
+	return dlm.Range{Start: off, End: off + n}, Granted
+}
+
+// WireRange converts a byte range to a wire offset and length for vers.
+// A version 1/3 peer cannot see past 4 GiB: ranges reaching beyond are
+// reported as running to the end of the file.
+func WireRange(vers uint32, r dlm.Range) (off, n uint64) {
+	off = r.Start
+	if r.End != dlm.Inf {
+		n = r.End - r.Start
+	}
+	if vers != Vers4 {
+		if off > Offset32Max {
+			off = Offset32Max
+		}
+		if r.End == dlm.Inf || r.End > 1<<32 {
+			n = 0
+		}
+	}
+	return off, n
+}
+
+// target is what the common preparation of a lock request yields.
+type target struct {
+	vs    *virtualserver.Server
+	rng   dlm.Range
+	owner *dlm.Owner
+}
+
+// prepare finds the virtual server, checks the range and the handle, and
+// interns the owner. A status other than Granted is the reply.
+func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock) (target, Stat) {
+	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
+	if !ok {
+		return target{}, Failed
+	}
+	rng, st := ToRange(req.Vers, l.Offset, l.Len)
+	if st != Granted {
+		return target{}, st
+	}
+	if st := s.checkFH(ctx, l.FH); st != Granted {
+		return target{}, st
+	}
+	owner := s.cfg.Backend.Owner(dlm.OwnerKey{
+		HostKey: dlm.HostKey{VIP: vs.Addr(), Name: string(l.CallerName), Addr: req.Remote.Addr()},
+		SVID:    l.SVID,
+	})
+	return target{vs: vs, rng: rng, owner: owner}, Granted
+}
+
+func (s *Service) checkFH(ctx context.Context, fh []byte) Stat {
+	if s.cfg.FHValidator == nil {
+		return Granted
+	}
+	ok, err := s.cfg.FHValidator.Valid(ctx, fh)
+	if err != nil {
+		s.log.Debug("nlm: cannot validate file handle; serving the request", "err", err)
+		return Granted
+	}
+	if !ok {
+		return StaleFH
+	}
+	return Granted
+}
+
+// errNotServing fences a request that raced with the release of its
+// virtual server.
+var errNotServing = errors.New("nlm: virtual server no longer served here")
+
+// update runs a manager operation on one file, fenced by the virtual
+// server still being served, and performs the resulting grants.
+func (s *Service) update(ctx context.Context, vs *virtualserver.Server, fh []byte, op func(f *dlm.File) lockmgr.Result) (lockmgr.Result, Stat) {
+	var res lockmgr.Result
+	err := s.cfg.Backend.Update(ctx, fh, func(f *dlm.File) error {
+		if vs != nil && !vs.Serving() {
+			return errNotServing
+		}
+		res = op(f)
+		return nil
+	})
+	if err != nil {
+		return res, s.backendStat(err)
+	}
+	s.cb.grant(res.Grants)
+	return res, status(res.Status)
+}
+
+// backendStat turns a backend failure into a reply. A virtual server
+// being released answers DENIED_GRACE_PERIOD, which makes clients retry
+// until the address is served again (by the next node).
+func (s *Service) backendStat(err error) Stat {
+	if errors.Is(err, errNotServing) || errors.Is(err, dlm.ErrFenced) {
+		return DeniedGracePeriod
+	}
+	s.log.Warn("nlm: lock backend failed", "err", err)
+	return Failed
+}
+
+func status(st lockmgr.Status) Stat {
+	switch st {
+	case lockmgr.Granted:
+		return Granted
+	case lockmgr.Denied:
+		return Denied
+	case lockmgr.Blocked:
+		return Blocked
+	case lockmgr.DeniedGrace:
+		return DeniedGracePeriod
+	case lockmgr.Deadlock:
+		return Deadlck
+	}
+	return DeniedNoLocks
+}
+
+func holder(vers uint32, l dlm.Lock) Holder {
+	h := Holder{Exclusive: l.Exclusive, SVID: l.Owner.SVID, OH: l.Owner.OH()}
+	h.Offset, h.Len = WireRange(vers, l.Range)
+	return h
+}
+
+// ---- the operations, shared by the synchronous and _MSG procedures -------
+
+func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) TestRes {
+	out := TestRes{Cookie: a.Cookie}
+	t, st := s.prepare(ctx, req, &a.Lock)
+	if st != Granted {
+		out.Stat = st.ForVersion(req.Vers)
+		return out
+	}
+	var res lockmgr.Result
+	inGrace := t.vs.InGrace(s.now())
+	err := s.cfg.Backend.Read(ctx, a.Lock.FH, func(f *dlm.File) {
+		res = s.mgr.Test(f, t.owner, t.rng, a.Exclusive, inGrace)
+	})
+	if err != nil {
+		out.Stat = s.backendStat(err).ForVersion(req.Vers)
+		return out
+	}
+	out.Stat = status(res.Status).ForVersion(req.Vers)
+	if res.HasHolder {
+		out.Holder = holder(req.Vers, res.Holder)
+	}
+	return out
+}
+
+func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, monitor, async bool) Stat {
+	t, st := s.prepare(ctx, req, &a.Lock)
+	if st != Granted {
+		return st.ForVersion(req.Vers)
+	}
+	t.owner.SetOH(a.Lock.OH)
+	args := lockmgr.LockArgs{
+		Owner: t.owner, Range: t.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
+		InGrace: t.vs.InGrace(s.now()), Epoch: t.vs.Epoch(),
+		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
+	}
+	res, st := s.update(ctx, t.vs, a.Lock.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Lock(f, &args) })
+	if monitor && (res.Status == lockmgr.Granted || res.Status == lockmgr.Blocked) && s.cfg.Monitor != nil {
+		s.cfg.Monitor(ctx, t.owner.Host)
+	}
+	return st.ForVersion(req.Vers)
+}
+
+func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs) Stat {
+	t, st := s.prepare(ctx, req, &a.Lock)
+	if st != Granted {
+		return st.ForVersion(req.Vers)
+	}
+	_, st = s.update(ctx, t.vs, a.Lock.FH, func(f *dlm.File) lockmgr.Result {
+		return s.mgr.Cancel(f, t.owner, t.rng, a.Exclusive)
+	})
+	return st.ForVersion(req.Vers)
+}
+
+func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs) Stat {
+	t, st := s.prepare(ctx, req, &a.Lock)
+	if st != Granted {
+		return st.ForVersion(req.Vers)
+	}
+	// An unlock is never fenced: releasing state is always safe, and a
+	// client must be able to let go of a lock while its virtual server moves.
+	_, st = s.update(ctx, nil, a.Lock.FH, func(f *dlm.File) lockmgr.Result {
+		return s.mgr.Unlock(f, t.owner, t.rng)
+	})
+	return st.ForVersion(req.Vers)
+}
+
+// ---- procedure handlers -------------------------------------------------
+
+func (s *Service) null(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte, error) {
+	return res, nil
+}
+
+func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a TestArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := s.test(ctx, req, &a)
+	return r.Append(res, req.Vers), nil
+}
+
+func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a LockArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, false)}
+	return r.Append(res), nil
+}
+
+// handleNMLock is LOCK for clients without a status monitor: the host is
+// not monitored.
+func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a LockArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, false, false)}
+	return r.Append(res), nil
+}
+
+func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a CancelArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
+	return r.Append(res), nil
+}
+
+func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a UnlockArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
+	return r.Append(res), nil
+}
+
+// handleGranted: GRANTED is a server-to-client call. We are the server
+// and hold no blocked client-side requests, so nothing matches it.
+func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a TestArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: Denied}
+	return r.Append(res), nil
+}
+
+// The _MSG procedures do what their synchronous twins do, answer the call
+// with a void reply, and send the result back as the matching _RES call
+// from the virtual server's NLM port.
+
+func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a TestArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := s.test(ctx, req, &a)
+	s.cb.respond(req, ProcTestRes, r.Append(nil, req.Vers))
+	return res, nil
+}
+
+func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a LockArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, true)}
+	s.cb.respond(req, ProcLockRes, r.Append(nil))
+	return res, nil
+}
+
+func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a CancelArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
+	s.cb.respond(req, ProcCancelRes, r.Append(nil))
+	return res, nil
+}
+
+func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a UnlockArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
+	s.cb.respond(req, ProcUnlockRes, r.Append(nil))
+	return res, nil
+}
+
+func (s *Service) handleGrantedMsg(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a TestArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+		return nil, err
+	}
+	r := Res{Cookie: a.Cookie, Stat: Denied}
+	s.cb.respond(req, ProcGrantedRes, r.Append(nil))
+	return res, nil
+}
+
+func (s *Service) ignoreRes(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	return res, nil
+}
+
+// handleGrantedRes matches a client's answer to our GRANTED_MSG by the
+// cookie we generated.
+func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a Res
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+		return nil, err
+	}
+	s.cb.grantedRes(req.Remote.Addr(), a.Cookie, a.Stat)
+	return res, nil
+}
+
+// handleSMNotify is the private callback a local statd makes when a
+// monitored host reboots. Like Linux lockd, only loopback callers count.
+func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a SMStatus
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+		return nil, err
+	}
+	if a := req.Remote.Addr(); a.IsValid() && !a.IsLoopback() {
+		s.log.Warn("nlm: rejected SM_NOTIFY callback from a remote host", "remote", req.Remote)
+		return res, nil
+	}
+	if s.cfg.OnSMNotify != nil {
+		s.cfg.OnSMNotify(ctx, &a)
+		return res, nil
+	}
+	name := string(a.MonName)
+	s.log.Info("nlm: client rebooted; dropping its locks", "mon_name", name, "state", a.State)
+	if err := s.DropHosts(ctx, func(h *dlm.Host) bool { return h.Name == name || h.Addr.String() == name }); err != nil {
+		s.log.Warn("nlm: dropping a rebooted client's locks failed", "mon_name", name, "err", err)
+	}
+	return res, nil
+}
+
+func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a ShareArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+		return nil, err
+	}
+	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, false)}
+	return r.Append(res), nil
+}
+
+func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a ShareArgs
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+		return nil, err
+	}
+	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, true)}
+	return r.Append(res), nil
+}
+
+func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, unshare bool) Stat {
+	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
+	if !ok {
+		return Failed.ForVersion(req.Vers)
+	}
+	if st := s.checkFH(ctx, a.Share.FH); st != Granted {
+		return st.ForVersion(req.Vers)
+	}
+	host := s.cfg.Backend.Host(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
+	if unshare {
+		_, st := s.update(ctx, nil, a.Share.FH, func(f *dlm.File) lockmgr.Result {
+			return s.mgr.Unshare(f, host, a.Share.OH)
+		})
+		return st.ForVersion(req.Vers)
+	}
+	args := lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
+		Reclaim: a.Reclaim, InGrace: vs.InGrace(s.now()), Epoch: vs.Epoch()}
+	res, st := s.update(ctx, vs, a.Share.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Share(f, &args) })
+	if res.Status == lockmgr.Granted && s.cfg.Monitor != nil {
+		s.cfg.Monitor(ctx, host)
+	}
+	return st.ForVersion(req.Vers)
+}
+
+// handleFreeAll drops everything of a client host that says it rebooted:
+// its locks, blocked requests and shares through this virtual server, from
+// the address it calls from (as Linux does, so that one client cannot
+// free another's locks by naming it).
+func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a Notify
+	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+		return nil, err
+	}
+	vip, name, addr := req.Local.Addr(), string(a.Name), req.Remote.Addr()
+	if err := s.DropHosts(ctx, func(h *dlm.Host) bool { return h.VIP == vip && h.Name == name && h.Addr == addr }); err != nil {
+		s.log.Warn("nlm: FREE_ALL failed", "name", name, "err", err)
+	}
+	return res, nil
+}
+
+// DropHosts removes every lock, blocked request and share of the hosts
+// that match, cancels the callbacks outstanding to them, and grants what
+// that makes grantable to others. It serves FREE_ALL, reboot
+// notifications and the release of a virtual server.
+func (s *Service) DropHosts(ctx context.Context, match func(*dlm.Host) bool) error {
+	s.cb.cancelHosts(match)
+	var grants []lockmgr.Grant
+	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
+		res := s.mgr.DropHosts(f, match)
+		grants = append(grants, res.Grants...)
+		return nil
+	})
+	s.cb.grant(grants)
+	return err
+}
+
+// hostVS finds the virtual server a host belongs to.
+func (s *Service) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
+	return s.cfg.VirtualServers.Lookup(h.VIP)
+}
+
+// ungrant takes back a grant the client refused.
+func (s *Service) ungrant(ctx context.Context, g lockmgr.Grant) {
+	s.update(ctx, nil, []byte(g.FH), func(f *dlm.File) lockmgr.Result { return s.mgr.Ungrant(f, &g) })
+}
