@@ -8,7 +8,11 @@ BENCHTIME  ?= 2s
 STATICCHECK = honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests start for real: rpcbind/rpcinfo for the
 # portmapper interop, iproute2 and util-linux for private network namespaces.
+# The peer tools beside the repository install what they need themselves
+# (nlmpeer: libnfs, Ganesha, nfs-common; kernel-client: QEMU and friends).
 TEST_DEBS   = rpcbind iproute2 util-linux
+SHARED     ?= $(abspath ../shared)
+NLMPEER     = $(SHARED)/tools/nlmpeer
 
 .PHONY: all build run test deps lint unit bench fuzz clean
 
@@ -17,11 +21,16 @@ all: build
 build:
 	$(GO) build -o bin/ ./cmd/...
 
+# On loopback: the system rpcbind if one runs, else nlmd's own portmapper
+# (port 111 needs root; without it nlmd serves and says so).
 run: build
-	bin/nlmd
+	bin/nlmd --listen 127.0.0.1 $(RUN_ARGS)
 
 deps:
 	scripts/deps.sh $(TEST_DEBS)
+	@test -d $(NLMPEER) || { echo "peer tools not found at $(SHARED)/tools (set SHARED=)"; exit 1; }
+	@if [ -x $(NLMPEER)/cache/bin/nlmprobe ] && command -v ganesha.nfsd >/dev/null; then :; \
+	 else $(if $(filter 0,$(shell id -u)),,sudo) $(NLMPEER)/setup.sh; fi
 
 lint:
 	@unformatted=$$(gofmt -l $$(find . -name '*.go' -not -path './cache/*')); \
@@ -30,7 +39,7 @@ lint:
 	$(GO) run $(STATICCHECK) ./...
 
 test: deps lint
-	scripts/test.sh
+	NLMHA_SHARED_TOOLS=$(SHARED)/tools scripts/test.sh
 
 unit:
 	$(GO) test -race -short ./...

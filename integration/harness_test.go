@@ -90,31 +90,44 @@ func inNetns(t *testing.T, programs ...string) bool {
 	return false
 }
 
+// proc is a daemon started by a test.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // exit status, once done is closed
+	out  bytes.Buffer
+}
+
+// stop sends sig and waits for the process to exit (SIGKILL after wait).
+func (p *proc) stop(sig syscall.Signal, wait time.Duration) error {
+	p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+		return p.err
+	case <-time.After(wait):
+		p.cmd.Process.Kill()
+		<-p.done
+		return fmt.Errorf("still running %v after %v", wait, sig)
+	}
+}
+
 // startDaemon starts a program in the foreground and stops it (SIGTERM,
 // then SIGKILL) when the test ends.
-func startDaemon(t *testing.T, name string, args ...string) *exec.Cmd {
+func startDaemon(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(name, args...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
+	p := &proc{cmd: exec.Command(name, args...), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.out
+	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("starting %s: %v", name, err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		if out.Len() > 0 {
-			t.Logf("%s output:\n%s", name, out.String())
+		p.stop(syscall.SIGTERM, 5*time.Second)
+		if t.Failed() && p.out.Len() > 0 {
+			t.Logf("%s output:\n%s", name, p.out.String())
 		}
 	})
-	return cmd
+	return p
 }
 
 // waitPortmapper waits until a portmapper answers NULL at addr.

@@ -21,7 +21,10 @@ const (
 	v2Prog      = 0x20000079
 )
 
-var loopback = netip.MustParseAddr("127.0.0.1")
+var (
+	loopback     = netip.MustParseAddr("127.0.0.1")
+	loopbackPmap = netip.AddrPortFrom(loopback, 111)
+)
 
 // serveTestProgram serves testProg versions 1 and 3 (NULL only) on TCP and
 // UDP on one free port of all IPv4 addresses in the namespace.

@@ -190,7 +190,7 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock) (ta
 	if st != Granted {
 		return target{}, st
 	}
-	if st := s.checkFH(ctx, l.FH); st != Granted {
+	if st := s.checkFH(ctx, req.Vers, l.FH); st != Granted {
 		return target{}, st
 	}
 	owner := s.cfg.Backend.Owner(dlm.OwnerKey{
@@ -200,8 +200,10 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock) (ta
 	return target{vs: vs, rng: rng, owner: owner}, Granted
 }
 
-func (s *Service) checkFH(ctx context.Context, fh []byte) Stat {
-	if s.cfg.FHValidator == nil {
+// checkFH asks the validator about a version 4 handle (NFSv3's NLM); the
+// older versions go with NFSv2 handles, which are not checked.
+func (s *Service) checkFH(ctx context.Context, vers uint32, fh []byte) Stat {
+	if s.cfg.FHValidator == nil || vers != Vers4 {
 		return Granted
 	}
 	ok, err := s.cfg.FHValidator.Valid(ctx, fh)
@@ -516,7 +518,7 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 	if !ok {
 		return Failed.ForVersion(req.Vers)
 	}
-	if st := s.checkFH(ctx, a.Share.FH); st != Granted {
+	if st := s.checkFH(ctx, req.Vers, a.Share.FH); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
 	host := s.cfg.Backend.Host(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (make test). Tests that need real
-# peers fail rather than skip when NLMHA_REQUIRE_PEERS=1, so nothing is
-# silently left out. Namespaces and port 111 need root: without it, the
-# go test run goes through sudo.
+# The whole test suite, as CI runs it (make test):
+#   1. go test -race ./... — unit tests, and integration tests against real
+#      peers (rpcbind, rpcinfo, Ganesha, the nlmpeer probe) that run in
+#      private network namespaces. NLMHA_REQUIRE_PEERS=1 turns a missing peer
+#      into a failure rather than a skip, so nothing is silently left out.
+#   2. the real Linux kernel client (QEMU) against nlmd.
+# Namespaces, port 111 and QEMU networking need root: without it, the runs
+# go through sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NLMHA_REQUIRE_PEERS=1
+export NLMHA_SHARED_TOOLS=${NLMHA_SHARED_TOOLS:-$(cd .. && pwd)/shared/tools}
 sudo=()
 if [ "$(id -u)" -ne 0 ]; then
-	sudo=(sudo --preserve-env=NLMHA_REQUIRE_PEERS,GOPATH,GOCACHE,GOMODCACHE,GOFLAGS,HOME env "PATH=$PATH")
+	sudo=(sudo --preserve-env=NLMHA_REQUIRE_PEERS,NLMHA_SHARED_TOOLS,GOPATH,GOCACHE,GOMODCACHE,GOFLAGS,HOME env "PATH=$PATH")
 fi
-"${sudo[@]}" go test -race -count=1 -timeout 20m ./...
+echo "== go test -race ./..."
+"${sudo[@]}" go test -race -count=1 -timeout 30m ./...
+echo "== kernel client scenarios"
+go build -o bin/ ./cmd/...
+"${sudo[@]}" integration/kernelclient/run.sh ${KERNEL_SCENARIOS:-basic procs twoclients}

@@ -230,15 +230,20 @@ func (p *Portmapper) unset(_ context.Context, req *Request, res []byte) ([]byte,
 	return xdr.AppendBool(res, p.Unset(e.Prog, e.Vers, e.NetID)), nil
 }
 
-// getAddr answers GETADDR and GETVERSADDR. A wildcard registration is
-// answered with the address the caller reached us on, as rpcbind's
-// mergeaddr does, so the caller gets an address it can actually use.
+// getAddr answers GETADDR and GETVERSADDR as rpcbind does: for the network
+// id of the transport the call came over (r_netid is ignored), and with a
+// wildcard registration answered by the address the caller reached us on
+// (rpcbind's mergeaddr), so the caller gets an address it can use.
 func (p *Portmapper) getAddr(_ context.Context, req *Request, res []byte) ([]byte, error) {
 	e, err := decodeArgs(req.Args, decodeRPCB)
 	if err != nil {
 		return nil, err
 	}
-	ua, ok := p.lookup(e.Prog, e.Vers, e.NetID)
+	netid := e.NetID
+	if req.Transport != 0 {
+		netid = NetID(req.Transport, req.Local.IsValid() && !req.Local.Addr().Is4())
+	}
+	ua, ok := p.lookup(e.Prog, e.Vers, netid)
 	if !ok {
 		return xdr.AppendString(res, ""), nil
 	}

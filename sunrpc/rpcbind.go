@@ -218,7 +218,8 @@ func (r Rpcbind) Unset(ctx context.Context, vers uint32, e RPCB) (bool, error) {
 }
 
 // GetAddr is RPCBPROC_GETADDR of version vers (3 or 4); "" means not
-// registered.
+// registered. rpcbind answers for the network id of the transport the call
+// travels on, not e.NetID.
 func (r Rpcbind) GetAddr(ctx context.Context, vers uint32, e RPCB) (string, error) {
 	res, err := r.C.Call(ctx, PmapProg, vers, RpcbProcGetAddr, appendRPCB(nil, e))
 	if err != nil {
@@ -243,11 +244,13 @@ var ErrNotRegistered = errors.New("sunrpc: program not registered")
 
 // LookupPort asks the portmapper of host which port serves (prog, vers) on
 // transport t, the way a callback finds a client's lockd or statd. The
-// query goes over UDP from local (zero lets the kernel choose); opts tune
-// the client.
+// query itself travels over t: rpcbind answers GETADDR for the network id
+// of the transport the query arrived on, whatever the request names (the
+// Linux kernel's rpcbind client queries the same way). local is the source
+// address (zero lets the kernel choose); opts tune the client.
 func LookupPort(ctx context.Context, host, local netip.Addr, prog, vers uint32, t Transport, opts ClientOptions) (uint16, error) {
 	opts.Local = local
-	c, err := Dial(ctx, UDP, netip.AddrPortFrom(host, PmapPort), opts)
+	c, err := Dial(ctx, t, netip.AddrPortFrom(host, PmapPort), opts)
 	if err != nil {
 		return 0, err
 	}
@@ -255,18 +258,24 @@ func LookupPort(ctx context.Context, host, local netip.Addr, prog, vers uint32, 
 	return Rpcbind{C: c}.Lookup(ctx, prog, vers, t, !host.Unmap().Is4())
 }
 
-// Lookup finds the port of (prog, vers) on transport t: rpcbind v4
-// GETADDR, then v3, then portmap v2 GETPORT for a portmapper too old for
-// either (BSD and macOS clients answer v3/v4; ancient ones only v2).
+// Lookup finds the port of (prog, vers) on transport t, which must be the
+// transport of r.C for the rpcbind versions to answer for it: rpcbind v4
+// GETVERSADDR (this version exactly), then v3 GETADDR, then portmap v2
+// GETPORT for a portmapper too old for either.
 func (r Rpcbind) Lookup(ctx context.Context, prog, vers uint32, t Transport, v6 bool) (uint16, error) {
 	netid := NetID(t, v6)
-	for _, v := range []uint32{RpcbVers4, RpcbVers3} {
-		ua, err := r.GetAddr(ctx, v, RPCB{Prog: prog, Vers: vers, NetID: netid})
+	for _, q := range []struct{ vers, proc uint32 }{{RpcbVers4, RpcbProcGetVersAddr}, {RpcbVers3, RpcbProcGetAddr}} {
+		res, err := r.C.Call(ctx, PmapProg, q.vers, q.proc, appendRPCB(nil, RPCB{Prog: prog, Vers: vers, NetID: netid}))
 		if errors.Is(err, ErrProgMismatch) || errors.Is(err, ErrProcUnavail) {
-			continue
+			continue // an older portmapper
 		}
 		if err != nil {
 			return 0, err
+		}
+		d := xdr.NewDecoder(res)
+		ua := d.String(maxRpcbString)
+		if d.Err() != nil {
+			return 0, d.Err()
 		}
 		if ua == "" {
 			return 0, fmt.Errorf("%w: %d v%d %s at %v", ErrNotRegistered, prog, vers, netid, r.C.Remote())

@@ -125,8 +125,14 @@ func TestPortmapperV3V4(t *testing.T) {
 		if ua, err := rb.GetAddr(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "udp"}); ua != "127.0.0.1.15.160" || err != nil {
 			t.Fatalf("v%d GETADDR = %q, %v", vers, ua, err)
 		}
-		if ua, _ := rb.GetAddr(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "tcp"}); ua != "" {
-			t.Fatalf("GETADDR of an unregistered netid = %q", ua)
+		// Like rpcbind, the answer is for the transport the query came on:
+		// asking for "tcp" over UDP gets the UDP registration.
+		if ua, _ := rb.GetAddr(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "tcp"}); ua != "127.0.0.1.15.160" {
+			t.Fatalf("GETADDR over UDP naming tcp = %q", ua)
+		}
+		tcp := Rpcbind{C: dial(t, TCP, addr, ClientOptions{})}
+		if ua, _ := tcp.GetAddr(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "udp"}); ua != "" {
+			t.Fatalf("GETADDR over TCP (nothing registered for tcp) = %q", ua)
 		}
 		table, err := rb.Dump(ctx, vers)
 		if err != nil || !slices.Contains(table, e) {
@@ -136,8 +142,10 @@ func TestPortmapperV3V4(t *testing.T) {
 		if ok, _ := rb.Unset(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "udp"}); !ok {
 			t.Fatal("UNSET failed")
 		}
-		if ua, _ := rb.GetAddr(ctx, vers, RPCB{Prog: 300002, Vers: vers, NetID: "tcp6"}); ua != "::.15.161" {
-			t.Fatalf("UNSET of udp removed tcp6 (%q)", ua)
+		after, _ := rb.Dump(ctx, vers)
+		if !slices.ContainsFunc(after, func(x RPCB) bool { return x.Prog == 300002 && x.NetID == "tcp6" }) ||
+			slices.ContainsFunc(after, func(x RPCB) bool { return x.Prog == 300002 && x.NetID == "udp" }) {
+			t.Fatalf("UNSET of udp must remove exactly udp: %v", after)
 		}
 		res, err := rb.C.Call(ctx, PmapProg, vers, RpcbProcGetTime, nil)
 		if err != nil || len(res) != 4 || res[0] != 0x65 {
@@ -243,16 +251,18 @@ func TestLookupPort(t *testing.T) {
 		pm.Set(RPCB{Prog: 300006, Vers: 4, NetID: "udp", Addr: "0.0.0.0.3.232"})
 		pm.Set(RPCB{Prog: 300006, Vers: 4, NetID: "tcp", Addr: "0.0.0.0.3.233"})
 		ctx := callCtx(t)
-		rb := Rpcbind{C: dial(t, UDP, addr, ClientOptions{Local: netip.MustParseAddr("127.0.0.5")})}
-		p, err := rb.Lookup(ctx, 300006, 4, UDP, false)
-		if err != nil || p != 1000 {
-			t.Fatalf("versions %v: udp port %d, %v", versions, p, err)
-		}
-		if p, _ := rb.Lookup(ctx, 300006, 4, TCP, false); p != 1001 {
-			t.Fatalf("versions %v: tcp port %d", versions, p)
-		}
-		if _, err := rb.Lookup(ctx, 300006, 3, UDP, false); !errors.Is(err, ErrNotRegistered) {
-			t.Fatalf("versions %v: unregistered: %v", versions, err)
+		for _, tr := range []Transport{UDP, TCP} {
+			rb := Rpcbind{C: dial(t, tr, addr, ClientOptions{Local: netip.MustParseAddr("127.0.0.5")})}
+			want := uint16(1000)
+			if tr == TCP {
+				want = 1001
+			}
+			if p, err := rb.Lookup(ctx, 300006, 4, tr, false); err != nil || p != want {
+				t.Fatalf("versions %v: %v port %d, %v; want %d", versions, tr, p, err, want)
+			}
+			if _, err := rb.Lookup(ctx, 300006, 3, tr, false); !errors.Is(err, ErrNotRegistered) {
+				t.Fatalf("versions %v: unregistered: %v", versions, err)
+			}
 		}
 	}
 }

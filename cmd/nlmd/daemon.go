@@ -1,0 +1,295 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	logrusslog "github.com/sirupsen/logrus/hooks/slog"
+
+	"github.com/nlmha/nlmha/dlm/memdlm"
+	"github.com/nlmha/nlmha/nlm"
+	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/sunrpc"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// slogFor bridges the packages' log/slog output into logrus.
+func slogFor(l *logrus.Logger) *slog.Logger {
+	return slog.New(logrusslog.NewHandler(l, nil))
+}
+
+// daemon is a running nlmd.
+type daemon struct {
+	o         *options
+	log       *slog.Logger
+	rpc       *sunrpc.Server
+	pm        *sunrpc.Server // embedded portmapper, if running
+	registrar *sunrpc.Registrar
+	regs      []sunrpc.Registration
+	backend   *memdlm.Backend
+	svc       *nlm.Service
+	validator *nlm.NFSValidator
+	serving   sync.WaitGroup
+	stop      chan struct{}
+}
+
+func parseVIPs(specs []string) ([]virtualserver.Spec, error) {
+	var out []virtualserver.Spec
+	for _, s := range specs {
+		addr, name, _ := strings.Cut(s, "=")
+		a, err := netip.ParseAddr(addr)
+		if err != nil {
+			return nil, fmt.Errorf("--vip %q: %w", s, err)
+		}
+		out = append(out, virtualserver.Spec{Addr: a, Name: name})
+	}
+	return out, nil
+}
+
+func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
+	vips, err := parseVIPs(o.vips)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{})}
+	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord}
+	registry := virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, Start: time.Now()})
+	cfg := nlm.Config{
+		Backend:        d.backend,
+		VirtualServers: registry,
+		Limits:         lockmgr.Limits{LocksPerHost: o.locksPerHost, BlockedPerHost: o.blockedPerHst, SharesPerHost: o.sharesPerHost},
+		RPC:            d.rpc,
+		Port:           o.nlmPort,
+		Logger:         log,
+	}
+	if o.nfsServer != "" {
+		ap, err := parseHostPort(o.nfsServer)
+		if err != nil {
+			return nil, fmt.Errorf("--nfs-server: %w", err)
+		}
+		d.validator = &nlm.NFSValidator{Addr: ap}
+		cfg.FHValidator = d.validator
+	}
+	d.svc = nlm.New(cfg)
+	for _, p := range d.svc.Programs() {
+		if err := d.rpc.Register(p); err != nil {
+			return nil, err
+		}
+	}
+	families, err := d.listen(d.rpc, o.nlmPort)
+	if err != nil {
+		d.abort()
+		return nil, err
+	}
+	for _, fam := range families {
+		for _, v := range []uint32{nlm.Vers1, nlm.Vers3, nlm.Vers4} {
+			for _, t := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
+				d.regs = append(d.regs, sunrpc.Registration{Prog: nlm.Prog, Vers: v, Transport: t, V6: fam, Port: o.nlmPort})
+			}
+		}
+	}
+	if err := d.register(ctx, families); err != nil {
+		d.abort()
+		return nil, err
+	}
+	d.serving.Go(d.sweep)
+	log.Info("nlmd: serving NLM v1, v3, v4", "port", o.nlmPort, "listen", strings.Join(o.listen, ","),
+		"rpcbind", d.rpcbindMode(), "grace", o.grace, "virtual_servers", len(vips), "serve_unknown", o.serveUnknown)
+	return d, nil
+}
+
+func parseHostPort(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q is neither ADDRESS nor ADDRESS:PORT", s)
+	}
+	return netip.AddrPortFrom(a, 0), nil
+}
+
+// listen opens TCP and UDP on port for every --listen address and serves
+// them; it returns the address families served (false = IPv4, true = IPv6).
+func (d *daemon) listen(srv *sunrpc.Server, port uint16) ([]bool, error) {
+	var fams []bool
+	for _, s := range d.o.listen {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("--listen %q: %w", s, err)
+		}
+		v6 := !a.Is4()
+		tcp, udp := "tcp4", "udp4"
+		if v6 {
+			tcp, udp = "tcp6", "udp6"
+		}
+		addr := netip.AddrPortFrom(a, port).String()
+		l, err := net.Listen(tcp, addr)
+		if err != nil && v6 && a.IsUnspecified() {
+			d.log.Warn("nlmd: IPv6 unavailable; serving IPv4 only", "err", err)
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listening on %s/tcp: %w", addr, err)
+		}
+		pc, err := net.ListenPacket(udp, addr)
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("listening on %s/udp: %w", addr, err)
+		}
+		d.serving.Go(func() { logServeErr(d.log, srv.Serve(l)) })
+		d.serving.Go(func() { logServeErr(d.log, srv.ServePacket(pc)) })
+		if len(fams) == 0 || fams[len(fams)-1] != v6 {
+			fams = append(fams, v6)
+		}
+	}
+	if len(fams) == 0 {
+		return nil, errors.New("nothing to listen on")
+	}
+	return fams, nil
+}
+
+func logServeErr(log *slog.Logger, err error) {
+	if err != nil && !errors.Is(err, sunrpc.ErrServerClosed) {
+		log.Error("nlmd: serving stopped", "err", err)
+	}
+}
+
+// register publishes the NLM ports with the system rpcbind or the embedded
+// portmapper.
+func (d *daemon) register(ctx context.Context, families []bool) error {
+	mode := d.o.rpcbind
+	if mode == "auto" {
+		mode = "embedded"
+		if systemRpcbind(ctx) {
+			mode = "system"
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	switch mode {
+	case "system":
+		d.registrar = &sunrpc.Registrar{Owner: "nlmd"}
+		if err := d.registrar.Register(ctx, d.regs...); err != nil {
+			d.registrar = nil
+			if errors.Is(err, sunrpc.ErrRegisteredElsewhere) {
+				return fmt.Errorf("%w (is the kernel's lockd, or another nlmd on another port, running?)", err)
+			}
+			return fmt.Errorf("registering with rpcbind: %w", err)
+		}
+	case "embedded":
+		pm := &sunrpc.Portmapper{}
+		d.pm = &sunrpc.Server{Logger: d.log}
+		for _, p := range pm.Programs() {
+			d.pm.Register(p)
+		}
+		if _, err := d.listen(d.pm, d.o.portmapPort); err != nil {
+			d.pm = nil
+			if d.o.rpcbind == "auto" {
+				d.log.Warn("nlmd: no rpcbind and no embedded portmapper: clients must be told the NLM port", "err", err)
+				return nil
+			}
+			return fmt.Errorf("starting the embedded portmapper: %w", err)
+		}
+		pm.RegisterSelf(d.o.portmapPort, len(families) > 1 || families[0])
+		for _, r := range d.regs {
+			pm.Set(sunrpc.RPCB{Prog: r.Prog, Vers: r.Vers, NetID: r.NetID(), Addr: sunrpc.FormatUaddr(netip.AddrPortFrom(unspecified(r.V6), r.Port)), Owner: "nlmd"})
+		}
+	}
+	return nil
+}
+
+func unspecified(v6 bool) netip.Addr {
+	if v6 {
+		return netip.IPv6Unspecified()
+	}
+	return netip.IPv4Unspecified()
+}
+
+func (d *daemon) rpcbindMode() string {
+	switch {
+	case d.registrar != nil:
+		return "system"
+	case d.pm != nil:
+		return "embedded"
+	}
+	return "none"
+}
+
+// systemRpcbind reports whether a portmapper answers locally.
+func systemRpcbind(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	var c *sunrpc.Client
+	var err error
+	if _, serr := os.Stat(sunrpc.DefaultRpcbindSocket); serr == nil {
+		c, err = sunrpc.DialUnix(ctx, sunrpc.DefaultRpcbindSocket, sunrpc.ClientOptions{})
+	} else {
+		c, err = sunrpc.Dial(ctx, sunrpc.UDP, netip.MustParseAddrPort("127.0.0.1:111"), sunrpc.ClientOptions{Retransmit: 100 * time.Millisecond})
+	}
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_, err = c.Call(ctx, sunrpc.PmapProg, sunrpc.PmapVers2, sunrpc.PmapProcNull, nil)
+	return err == nil
+}
+
+// sweep lets the backend forget idle hosts and owners once a minute.
+func (d *daemon) sweep() {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.stop:
+			return
+		case <-t.C:
+			d.backend.Sweep()
+		}
+	}
+}
+
+// shutdown stops serving (calls in progress finish), withdraws the rpcbind
+// registrations and releases everything.
+func (d *daemon) shutdown() error {
+	ctx, cancel := context.WithTimeout(context.Background(), d.o.shutdownWait)
+	defer cancel()
+	err := d.rpc.Shutdown(ctx)
+	if d.registrar != nil {
+		uctx, ucancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if uerr := d.registrar.Unregister(uctx, d.regs...); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("unregistering from rpcbind: %w", uerr))
+		}
+		ucancel()
+	}
+	d.abort()
+	return err
+}
+
+// abort stops everything without waiting for calls in progress.
+func (d *daemon) abort() {
+	d.rpc.Close()
+	if d.pm != nil {
+		d.pm.Close()
+	}
+	select {
+	case <-d.stop:
+	default:
+		close(d.stop)
+	}
+	d.serving.Wait()
+	d.svc.Close()
+	if d.validator != nil {
+		d.validator.Close()
+	}
+	d.backend.Close()
+}

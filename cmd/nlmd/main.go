@@ -1,0 +1,129 @@
+// Command nlmd is the nlmha lock daemon: NLM (and, with later issues, NSM)
+// for NFSv3 clients, keyed by virtual server — the address each request was
+// sent to — so that one floating IP can move between nodes without
+// disturbing the others.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	flag "github.com/spf13/pflag"
+)
+
+// options are nlmd's settings.
+type options struct {
+	listen        []string
+	nlmPort       uint16
+	rpcbind       string
+	portmapPort   uint16
+	logFormat     string
+	logLevel      string
+	grace         time.Duration
+	vips          []string
+	serveUnknown  bool
+	nfsServer     string
+	locksPerHost  int64
+	blockedPerHst int64
+	sharesPerHost int64
+	maxRecord     int
+	shutdownWait  time.Duration
+}
+
+func parseFlags(args []string) (*options, *flag.FlagSet, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("nlmd", flag.ContinueOnError)
+	fs.SortFlags = false
+	fs.StringSliceVar(&o.listen, "listen", []string{"0.0.0.0", "::"},
+		"addresses to listen on (TCP and UDP). A wildcard address serves every local address and tells virtual servers apart by each request's destination")
+	fs.Uint16Var(&o.nlmPort, "nlm-port", 4045, "NLM port; use the same on every node so that clients' cached ports survive a failover")
+	fs.StringVar(&o.rpcbind, "rpcbind", "auto",
+		"portmapper to register with: auto (the system rpcbind if one answers, else an embedded portmapper), system, embedded, none")
+	fs.Uint16Var(&o.portmapPort, "portmap-port", 111, "port of the embedded portmapper")
+	fs.StringSliceVar(&o.vips, "vip", nil, "a virtual server this node serves, as ADDRESS or ADDRESS=NAME (repeatable); NAME is used in callbacks")
+	fs.BoolVar(&o.serveUnknown, "serve-unknown", true, "serve requests to addresses not given with --vip, each address as a virtual server of its own; false refuses them")
+	fs.DurationVar(&o.grace, "grace-period", 0, "grace period at start-up: only lock reclaims are served until it ends")
+	fs.StringVar(&o.nfsServer, "nfs-server", "", "NFS server to check NLMv4 file handles with (HOST or HOST:PORT); unknown handles get NLM4_STALE_FH. Empty: handles are not checked")
+	fs.Int64Var(&o.locksPerHost, "max-locks-per-host", 1_000_000, "lock ranges one client host may hold (0: no limit); beyond it LOCK is DENIED_NOLOCKS")
+	fs.Int64Var(&o.blockedPerHst, "max-blocked-per-host", 10_000, "blocked lock requests one client host may have queued (0: no limit)")
+	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", 100_000, "share reservations one client host may hold (0: no limit)")
+	fs.IntVar(&o.maxRecord, "max-request-size", 16<<10, "largest RPC request accepted, in bytes (a TCP record or a UDP datagram)")
+	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", 5*time.Second, "how long SIGTERM waits for calls in progress")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nlmd [flags]\n\nnlmd serves NFS lock management (NLM v1, v3, v4) keyed by virtual server.\n\nFlags:\n%s", fs.FlagUsages())
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, fs, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fs, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	switch o.rpcbind {
+	case "auto", "system", "embedded", "none":
+	default:
+		return nil, fs, fmt.Errorf("--rpcbind %q: want auto, system, embedded or none", o.rpcbind)
+	}
+	switch o.logFormat {
+	case "text", "json":
+	default:
+		return nil, fs, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
+	}
+	return o, fs, nil
+}
+
+func newLogger(o *options) (*logrus.Logger, error) {
+	l := logrus.New()
+	l.SetOutput(os.Stderr)
+	level, err := logrus.ParseLevel(o.logLevel)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	l.SetLevel(level)
+	if o.logFormat == "json" {
+		l.SetFormatter(&logrus.JSONFormatter{})
+	} else {
+		l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	}
+	return l, nil
+}
+
+func main() {
+	o, _, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nlmd:", err)
+		os.Exit(2)
+	}
+	lr, err := newLogger(o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nlmd:", err)
+		os.Exit(2)
+	}
+	log := slogFor(lr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	d, err := start(ctx, o, log)
+	if err != nil {
+		log.Error("nlmd: cannot start", "err", err)
+		os.Exit(1)
+	}
+	<-ctx.Done()
+	log.Info("nlmd: shutting down")
+	if err := d.shutdown(); err != nil {
+		log.Error("nlmd: shutdown", "err", err)
+		os.Exit(1)
+	}
+	log.Info("nlmd: stopped")
+}
+
