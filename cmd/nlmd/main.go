@@ -126,4 +126,3 @@ func main() {
 	}
 	log.Info("nlmd: stopped")
 }
-
