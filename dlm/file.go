@@ -5,8 +5,10 @@ import (
 	"slices"
 )
 
-// File is the lock state of one file: held locks in an interval tree,
-// blocked requests in arrival order, and DOS shares.
+// State is the stored lock state of one file: held locks in an interval
+// tree, blocked requests in arrival order, and DOS shares. Backends keep
+// States; the lock manager works on a File, a view of one State during an
+// Update that records what changes.
 //
 // Held locks are kept in a treap ordered by (start, host, svid) and
 // augmented with the largest end in each subtree, so finding the locks
@@ -14,15 +16,40 @@ import (
 // results, and inserting or removing one costs O(log n). The lock manager
 // keeps each owner's ranges disjoint, which makes that order total.
 //
-// A File is not safe for concurrent use: a backend gives it to one Update
-// at a time.
-type File struct {
+// A State is 32 bytes: a file with one lock costs that, its handle, its
+// map entry in the backend, and one 64-byte tree node.
+type State struct {
 	fh   string
 	root *Held
-	n    int32
 	more *fileMore // blocked requests and shares, allocated when needed
+}
+
+// NewState returns the empty state of the file with handle fh.
+func NewState(fh string) *State { return &State{fh: fh} }
+
+// FH is the file handle.
+func (s *State) FH() string { return s.fh }
+
+// Empty reports whether the file has no locks, blocked requests or shares.
+func (s *State) Empty() bool {
+	return s.root == nil && (s.more == nil || len(s.more.waiters) == 0 && len(s.more.shares) == 0)
+}
+
+// File is the lock manager's handle on one file's State during an Update:
+// reads and edits go to the state, and every edit is recorded in the Edit
+// the backend attached. A File is not safe for concurrent use: a backend
+// gives one to one Update at a time.
+type File struct {
+	*State
 	edit *Edit
 }
+
+// NewFile returns a File on a new, empty State, with no Edit attached.
+func NewFile(fh string) *File { return &File{State: NewState(fh)} }
+
+// Bind points f at state s with edit e (nil for a read-only view); backends
+// reuse one File per lock domain this way.
+func (f *File) Bind(s *State, e *Edit) { f.State, f.edit = s, e }
 
 type fileMore struct {
 	waiters []*Waiter
@@ -56,18 +83,11 @@ func (h *Held) Lock() Lock {
 	return Lock{Owner: h.owner, Range: h.Range(), Exclusive: h.Exclusive(), Epoch: h.epoch}
 }
 
-// NewFile returns the empty state of the file with handle fh.
-func NewFile(fh string) *File { return &File{fh: fh} }
-
-// FH is the file handle.
-func (f *File) FH() string { return f.fh }
-
-// Len is the number of held lock ranges.
-func (f *File) Len() int { return int(f.n) }
-
-// Empty reports whether the file has no locks, blocked requests or shares.
-func (f *File) Empty() bool {
-	return f.root == nil && (f.more == nil || len(f.more.waiters) == 0 && len(f.more.shares) == 0)
+// Len is the number of held lock ranges (it walks the tree).
+func (s *State) Len() int {
+	n := 0
+	visit(s.root, Range{0, Inf}, func(*Held) bool { n++; return true })
+	return n
 }
 
 // Overlapping calls fn for each held lock that overlaps r, in ascending
@@ -84,7 +104,7 @@ func (f *File) All(fn func(*Held) bool) { visit(f.root, Range{0, Inf}, fn) }
 
 func visit(t *Held, r Range, fn func(*Held) bool) bool {
 	for t != nil && t.maxEnd > r.Start {
-		if !visit(t.left, r, fn) {
+		if l := t.left; l != nil && l.maxEnd > r.Start && !visit(l, r, fn) {
 			return false
 		}
 		if t.start >= r.End {
@@ -101,27 +121,27 @@ func visit(t *Held, r Range, fn func(*Held) bool) bool {
 // Insert adds a held lock. The caller (the lock manager) guarantees that the
 // owner holds nothing else overlapping l.Range.
 func (f *File) Insert(l Lock) {
-	n := &Held{start: l.Range.Start, end: l.Range.End, epoch: l.Epoch, owner: l.Owner}
+	n := f.edit.node()
+	*n = Held{start: l.Range.Start, end: l.Range.End, epoch: l.Epoch, owner: l.Owner}
 	n.bits = f.priority(n) << 1
 	if l.Exclusive {
 		n.bits |= 1
 	}
 	f.root = insert(f.root, n)
-	f.n++
 	f.note(l.Owner, l.Owner.Host, 1, 0, 0)
 	f.fence(l.Owner.Host.VIP, l.Epoch)
 }
 
-// Remove removes a held lock.
+// Remove removes a held lock. The caller must not use h afterwards: its
+// node may be recycled by the next Insert of the same Update domain.
 func (f *File) Remove(h *Held) {
 	var found bool
 	f.root, found = remove(f.root, h)
 	if !found {
 		return
 	}
-	h.left, h.right = nil, nil
-	f.n--
 	f.note(h.owner, h.owner.Host, -1, 0, 0)
+	f.edit.recycle(h)
 }
 
 // Restamp sets the epoch of a held lock (a reclaim in a new epoch).
@@ -312,14 +332,41 @@ func (f *File) compact() {
 // Edit records what an Update changed, for the backend to commit: counter
 // deltas per owner and host, and the virtual-server epochs written (which an
 // optimistic backend checks at commit to fence off a node that lost the
-// virtual server). Backends own Edits and attach one with SetEdit for the
-// duration of an Update.
+// virtual server). Backends own Edits and attach one with File.Bind for
+// the duration of an Update.
 type Edit struct {
 	// Seed mixes the treap priorities (set once by the backend).
 	Seed    uint64
 	Deltas  []Delta
 	Fences  []Fence
 	Changed bool
+	// free recycles removed tree nodes into later inserts: a file that is
+	// locked and unlocked over and over allocates nothing. A backend whose
+	// Updates may re-run on a fresh copy of the state must use a new Edit
+	// per copy (or none) so that no node of a discarded copy is reused
+	// while still referenced.
+	free []*Held
+}
+
+const maxFree = 64
+
+// node returns a recycled node, or a new one.
+func (e *Edit) node() *Held {
+	if e != nil {
+		if n := len(e.free); n > 0 {
+			h := e.free[n-1]
+			e.free = e.free[:n-1]
+			return h
+		}
+	}
+	return new(Held)
+}
+
+func (e *Edit) recycle(h *Held) {
+	if e != nil && len(e.free) < maxFree {
+		*h = Held{}
+		e.free = append(e.free, h)
+	}
 }
 
 // Delta is a change of counters. Owner is nil for share changes.
@@ -345,17 +392,22 @@ func (e *Edit) Reset() {
 // Apply adds the deltas to the owners' and hosts' counters.
 func (e *Edit) Apply() {
 	for _, d := range e.Deltas {
-		if d.Owner != nil {
-			d.Owner.held.Add(d.Locks + d.Blocked)
+		// Atomic adds cost: skip the counters an edit did not move (a lock
+		// and its unlock in one file, for instance, net to zero).
+		if n := d.Locks + d.Blocked; d.Owner != nil && n != 0 {
+			d.Owner.held.Add(n)
 		}
-		d.Host.locks.Add(d.Locks)
-		d.Host.blocked.Add(d.Blocked)
-		d.Host.shares.Add(d.Shares)
+		if d.Locks != 0 {
+			d.Host.locks.Add(d.Locks)
+		}
+		if d.Blocked != 0 {
+			d.Host.blocked.Add(d.Blocked)
+		}
+		if d.Shares != 0 {
+			d.Host.shares.Add(d.Shares)
+		}
 	}
 }
-
-// SetEdit attaches e to f (nil detaches).
-func (f *File) SetEdit(e *Edit) { f.edit = e }
 
 func (f *File) changed() {
 	if f.edit != nil {

@@ -24,7 +24,7 @@ func TestTreapAgainstSlice(t *testing.T) {
 	for round := range 50 {
 		f := NewFile("f")
 		e := &Edit{Seed: uint64(round)}
-		f.SetEdit(e)
+		f.Bind(f.State, e)
 		var want []Lock
 		for range 400 {
 			o := owners[rng.IntN(len(owners))]
@@ -106,7 +106,7 @@ func TestEditRecordsDeltasAndFences(t *testing.T) {
 	owners := testOwners(2)
 	f := NewFile("f")
 	e := &Edit{}
-	f.SetEdit(e)
+	f.Bind(f.State, e)
 	f.Insert(Lock{Owner: owners[0], Range: Range{0, 10}, Epoch: 3})
 	w := &Waiter{Owner: owners[1], Range: Range{0, 10}, Epoch: 3}
 	f.AddWaiter(w)

@@ -92,33 +92,6 @@ func waitRegistered(t *testing.T, prog, vers uint32) uint16 {
 	}
 }
 
-const ganeshaConf = `NFS_CORE_PARAM {
-	Protocols = 3;
-	Enable_NLM = false;
-	Enable_RQUOTA = false;
-	NFS_Port = 2049;
-	MNT_Port = 20048;
-	Bind_addr = 0.0.0.0;
-}
-NFSV4 {
-	Graceless = true;
-	RecoveryBackend = fs;
-	RecoveryRoot = "@DIR@/recov";
-}
-NFS_KRB5 { Active_krb5 = false; }
-EXPORT {
-	Export_Id = 1;
-	Path = "@EXPORT@";
-	Pseudo = /export;
-	Access_Type = RW;
-	Squash = No_Root_Squash;
-	Protocols = 3;
-	Transports = TCP, UDP;
-	SecType = sys;
-	FSAL { Name = VFS; }
-}
-LOG { Default_Log_Level = EVENT; }
-`
 
 // startGanesha serves export over NFSv3 with NLM disabled, so that the
 // lock service is ours.
@@ -130,7 +103,11 @@ func startGanesha(t *testing.T, export string) {
 		t.Fatalf("ip addr add: %v: %s", err, out)
 	}
 	dir := t.TempDir()
-	conf := strings.NewReplacer("@DIR@", dir, "@EXPORT@", export).Replace(ganeshaConf)
+	tmpl, err := os.ReadFile("testdata/ganesha-nonlm.conf.in")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := strings.NewReplacer("@DIR@", dir, "@EXPORT@", export).Replace(string(tmpl))
 	if err := os.WriteFile(dir+"/ganesha.conf", []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}

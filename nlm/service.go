@@ -282,7 +282,7 @@ func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) Te
 		return out
 	}
 	var res lockmgr.Result
-	inGrace := t.vs.InGrace(s.now())
+	inGrace := t.vs.InGraceNow(s.now)
 	err := s.cfg.Backend.Read(ctx, a.Lock.FH, func(f *dlm.File) {
 		res = s.mgr.Test(f, t.owner, t.rng, a.Exclusive, inGrace)
 	})
@@ -305,7 +305,7 @@ func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, mo
 	t.owner.SetOH(a.Lock.OH)
 	args := lockmgr.LockArgs{
 		Owner: t.owner, Range: t.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
-		InGrace: t.vs.InGrace(s.now()), Epoch: t.vs.Epoch(),
+		InGrace: t.vs.InGraceNow(s.now), Epoch: t.vs.Epoch(),
 		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
 	}
 	res, st := s.update(ctx, t.vs, a.Lock.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Lock(f, &args) })
@@ -529,7 +529,7 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 		return st.ForVersion(req.Vers)
 	}
 	args := lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
-		Reclaim: a.Reclaim, InGrace: vs.InGrace(s.now()), Epoch: vs.Epoch()}
+		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
 	res, st := s.update(ctx, vs, a.Share.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Share(f, &args) })
 	if res.Status == lockmgr.Granted && s.cfg.Monitor != nil {
 		s.cfg.Monitor(ctx, host)

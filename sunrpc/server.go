@@ -174,6 +174,9 @@ type Server struct {
 	// only during the call.
 	OnReply func(local, remote netip.AddrPort, msg []byte)
 
+	now        atomic.Int64 // coarse clock for the TCP timeouts
+	reaperOnce sync.Once
+
 	replyMu sync.Mutex
 	replies map[replyKey]func([]byte)
 

@@ -21,6 +21,7 @@ func (s *Server) Serve(l net.Listener) error {
 		l.Close()
 		return ErrServerClosed
 	}
+	s.startReaper()
 	defer s.trackListener(&l, false)
 	var tempDelay time.Duration
 	for {
@@ -101,6 +102,13 @@ type serverConn struct {
 	busy     atomic.Int32
 	draining atomic.Bool
 	closed   atomic.Bool
+
+	// Timestamps on the server's coarse clock, for the reaper: the last
+	// completed record or reply, the start of a record still arriving, the
+	// start of a reply still being written (0: none).
+	lastActive  atomic.Int64
+	recordStart atomic.Int64
+	writeStart  atomic.Int64
 }
 
 func newServerConn(s *Server, c net.Conn) *serverConn {
@@ -142,35 +150,29 @@ func (sc *serverConn) serve() {
 		sc.inflight.Wait()
 		sc.abort()
 	}()
-	idle := orDefault(s.IdleTimeout, DefaultIdleTimeout)
-	recordTimeout := orDefault(s.RecordTimeout, DefaultRecordTimeout)
+	sc.lastActive.Store(s.clock())
 	br := bufio.NewReaderSize(sc.c, 4096)
 	rr := RecordReader{R: br, MaxSize: orDefault(s.MaxRecordSize, DefaultMaxRecordSize), MaxFragments: s.MaxFragments}
 	sem := make(chan struct{}, orDefault(s.MaxInFlight, DefaultMaxInFlight))
 	for {
-		// Wait for the first byte of a record under the idle timeout, then
-		// give the whole record RecordTimeout to arrive, so a peer that
-		// sends half a record and stalls is cut off.
-		// Each deadline is set before draining is checked: stopReading sets
-		// draining before its own deadline, so one of the two always wins.
+		// No per-call deadlines (each costs timer updates and clock reads):
+		// the server's reaper closes a connection that idles too long, that
+		// starts a record and stalls, or whose peer stops taking replies.
 		if br.Buffered() == 0 {
-			sc.c.SetReadDeadline(time.Now().Add(idle))
 			if sc.draining.Load() {
 				return
 			}
 			if _, err := br.Peek(1); err != nil {
-				if isTimeout(err) && !sc.draining.Load() && !sc.closed.Load() && sc.busy.Load() > 0 {
-					continue // idle only counts while nothing is in progress
-				}
 				return
 			}
 		}
-		sc.c.SetReadDeadline(time.Now().Add(recordTimeout))
+		sc.recordStart.Store(s.clock())
 		if sc.draining.Load() {
 			return
 		}
 		bp := getBuf()
 		rec, err := rr.Next(*bp)
+		sc.recordStart.Store(0)
 		if err != nil {
 			putBuf(bp)
 			if errors.Is(err, ErrRecordTooLarge) || errors.Is(err, ErrTooManyFragments) {
@@ -179,7 +181,19 @@ func (sc *serverConn) serve() {
 			}
 			return
 		}
+		sc.lastActive.Store(s.clock())
 		*bp = rec
+		// Serve the call on this goroutine unless the client has already
+		// sent more behind it. A new goroutine per call would pay for a
+		// fresh stack grown through the whole handler path, and a hand-off
+		// to the scheduler, on every call; the reader's stack is warm.
+		// Under pipelining the calls run concurrently, bounded by sem.
+		if br.Buffered() == 0 && len(sem) == 0 {
+			sc.busy.Add(1)
+			sc.handle(bp)
+			sc.busy.Add(-1)
+			continue
+		}
 		sem <- struct{}{}
 		sc.inflight.Add(1)
 		sc.busy.Add(1)
@@ -193,6 +207,23 @@ func (sc *serverConn) serve() {
 		}()
 	}
 }
+
+// reap closes the connection if it broke a timeout at now (coarse clock).
+func (sc *serverConn) reap(now int64, idle, record, write time.Duration) {
+	switch {
+	case started(sc.recordStart.Load(), now, record):
+		sc.s.logger().Debug("sunrpc: closing a connection stalled inside a record", "remote", sc.remote)
+	case started(sc.writeStart.Load(), now, write):
+		sc.s.logger().Debug("sunrpc: closing a connection that does not take its replies", "remote", sc.remote)
+	case sc.busy.Load() == 0 && sc.recordStart.Load() == 0 && now-sc.lastActive.Load() > int64(idle):
+		sc.s.logger().Debug("sunrpc: closing an idle connection", "remote", sc.remote)
+	default:
+		return
+	}
+	sc.abort()
+}
+
+func started(at, now int64, limit time.Duration) bool { return at != 0 && now-at > int64(limit) }
 
 func isTimeout(err error) bool {
 	var ne net.Error
@@ -222,8 +253,10 @@ func (sc *serverConn) handle(bp *[]byte) {
 	}
 	putRecordMark(reply)
 	sc.wmu.Lock()
-	sc.c.SetWriteDeadline(time.Now().Add(orDefault(s.WriteTimeout, DefaultWriteTimeout)))
+	sc.writeStart.Store(s.clock())
 	_, err := sc.c.Write(reply)
+	sc.writeStart.Store(0)
+	sc.lastActive.Store(s.clock())
 	sc.wmu.Unlock()
 	if err != nil {
 		s.logger().Debug("sunrpc: reply write failed; closing", "remote", sc.remote, "err", err)
@@ -233,3 +266,36 @@ func (sc *serverConn) handle(bp *[]byte) {
 
 // ctx is the context handlers run under; it ends when the server closes.
 func (s *Server) ctx() context.Context { return s.baseCtx }
+
+// The reaper keeps the server's coarse clock and enforces the TCP
+// timeouts, so that serving a call reads no clock and sets no deadline.
+func (s *Server) startReaper() {
+	s.reaperOnce.Do(func() {
+		s.now.Store(time.Now().UnixNano())
+		idle := orDefault(s.IdleTimeout, DefaultIdleTimeout)
+		record := orDefault(s.RecordTimeout, DefaultRecordTimeout)
+		write := orDefault(s.WriteTimeout, DefaultWriteTimeout)
+		tick := min(max(min(idle, record, write)/4, 10*time.Millisecond), time.Second)
+		go func() {
+			t := time.NewTicker(tick)
+			defer t.Stop()
+			for {
+				select {
+				case <-s.baseCtx.Done():
+					return
+				case now := <-t.C:
+					n := now.UnixNano()
+					s.now.Store(n)
+					s.mu.Lock()
+					for c := range s.conns {
+						c.reap(n, idle, record, write)
+					}
+					s.mu.Unlock()
+				}
+			}
+		}()
+	})
+}
+
+// clock is the coarse time, in Unix nanoseconds, updated by the reaper.
+func (s *Server) clock() int64 { return s.now.Load() }

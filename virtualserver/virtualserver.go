@@ -36,6 +36,13 @@ func (v *Server) InGrace(now time.Time) bool {
 	return end != 0 && now.UnixNano() < end
 }
 
+// InGraceNow is InGrace with the clock read only when a grace period is
+// set at all (the common case, out of grace, reads no clock).
+func (v *Server) InGraceNow(clock func() time.Time) bool {
+	end := v.graceEnd.Load()
+	return end != 0 && clock().UnixNano() < end
+}
+
 // Serving reports whether the virtual server is served here. Services
 // check it inside their backend updates: once a release has begun, a
 // request still in flight must not add state.

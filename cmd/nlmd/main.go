@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -35,6 +36,7 @@ type options struct {
 	sharesPerHost int64
 	maxRecord     int
 	shutdownWait  time.Duration
+	cpuProfile    string
 }
 
 func parseFlags(args []string) (*options, *flag.FlagSet, error) {
@@ -56,6 +58,7 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", 100_000, "share reservations one client host may hold (0: no limit)")
 	fs.IntVar(&o.maxRecord, "max-request-size", 16<<10, "largest RPC request accepted, in bytes (a TCP record or a UDP datagram)")
 	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", 5*time.Second, "how long SIGTERM waits for calls in progress")
+	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to this file, for performance work")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.Usage = func() {
@@ -111,6 +114,17 @@ func main() {
 		os.Exit(2)
 	}
 	log := slogFor(lr)
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			log.Error("nlmd: --cpu-profile", "err", err)
+			os.Exit(2)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	d, err := start(ctx, o, log)
@@ -122,7 +136,6 @@ func main() {
 	log.Info("nlmd: shutting down")
 	if err := d.shutdown(); err != nil {
 		log.Error("nlmd: shutdown", "err", err)
-		os.Exit(1)
 	}
 	log.Info("nlmd: stopped")
 }

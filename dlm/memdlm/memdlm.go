@@ -26,15 +26,27 @@ type Backend struct {
 	*dlm.Registry
 	seed   maphash.Seed
 	shards [nShards]shard
-	empty  dlm.File // what Read shows for a file with no state
+	empty  dlm.State // what Read shows for a file with no state
 	closed atomic.Bool
 }
 
 type shard struct {
 	mu    sync.Mutex
-	files map[string]*dlm.File
+	files fileTable
 	edit  dlm.Edit
+	view  dlm.File // the File handed to fn, reused (the shard lock is held)
+	// idle holds recently emptied files, left in the map so that a file
+	// locked and unlocked over and over costs no map insert and delete and
+	// no allocation; the oldest is dropped when the ring is full.
+	idle []idleFile
 }
+
+type idleFile struct {
+	h  uint64
+	st *dlm.State
+}
+
+const maxIdle = 8
 
 var _ dlm.Backend = (*Backend)(nil)
 
@@ -43,14 +55,16 @@ func New() *Backend {
 	b := &Backend{Registry: dlm.NewRegistry(), seed: maphash.MakeSeed()}
 	treapSeed := rand.Uint64()
 	for i := range b.shards {
-		b.shards[i].files = map[string]*dlm.File{}
 		b.shards[i].edit.Seed = treapSeed
 	}
 	return b
 }
 
-func (b *Backend) shard(fh []byte) *shard {
-	return &b.shards[maphash.Bytes(b.seed, fh)%nShards]
+// shard hashes fh once: the top bits choose the shard, the low bits the
+// slot in its table.
+func (b *Backend) shard(fh []byte) (*shard, uint64) {
+	h := maphash.Bytes(b.seed, fh)
+	return &b.shards[h>>(64-8)], h
 }
 
 func (b *Backend) check(ctx context.Context) error {
@@ -65,35 +79,61 @@ func (b *Backend) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) er
 	if err := b.check(ctx); err != nil {
 		return err
 	}
-	s := b.shard(fh)
+	s, h := b.shard(fh)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	f, stored := s.files[string(fh)]
-	if !stored {
-		f = dlm.NewFile(string(fh))
+	st := s.files.get(h, fh)
+	if st == nil {
+		st = dlm.NewState(string(fh))
 	}
-	return s.run(f, stored, fn)
+	return s.run(h, st, fn)
 }
 
-// run applies fn to f and keeps the shard's map and the counters in step.
-// The shard lock is held.
-func (s *shard) run(f *dlm.File, stored bool, fn func(f *dlm.File) error) error {
+// run applies fn to st and keeps the shard's map, idle ring and the
+// counters in step. The shard lock is held.
+func (s *shard) run(h uint64, st *dlm.State, fn func(f *dlm.File) error) error {
+	wasEmpty := st.Empty()
 	s.edit.Reset()
-	f.SetEdit(&s.edit)
-	err := fn(f)
-	f.SetEdit(nil)
+	s.view.Bind(st, &s.edit)
+	err := fn(&s.view)
+	s.view.Bind(nil, nil)
 	// fn must not edit before failing; if it did anyway, the edit stands
 	// (it was made in place) and the counters must follow it.
 	if s.edit.Changed {
 		s.edit.Apply()
 	}
-	switch {
-	case !stored && !f.Empty():
-		s.files[f.FH()] = f
-	case stored && f.Empty():
-		delete(s.files, f.FH())
+	switch empty := st.Empty(); {
+	case wasEmpty && !empty:
+		if !s.unidle(st) {
+			s.files.put(h, st)
+		}
+	case !wasEmpty && empty:
+		s.retire(h, st)
 	}
 	return err
+}
+
+// retire parks an emptied file in the idle ring, dropping the oldest.
+func (s *shard) retire(h uint64, st *dlm.State) {
+	if len(s.idle) == maxIdle {
+		old := s.idle[0]
+		copy(s.idle, s.idle[1:])
+		s.idle = s.idle[:maxIdle-1]
+		s.files.del(old.h, old.st)
+	}
+	s.idle = append(s.idle, idleFile{h: h, st: st})
+}
+
+// unidle takes st out of the idle ring, reporting whether it was there
+// (and so still in the table).
+func (s *shard) unidle(st *dlm.State) bool {
+	for i, x := range s.idle {
+		if x.st == st {
+			s.idle = append(s.idle[:i], s.idle[i+1:]...)
+			return true
+		}
+	}
+	return false
 }
 
 // UpdateAll runs fn on every file where a matching host has state.
@@ -104,12 +144,21 @@ func (b *Backend) UpdateAll(ctx context.Context, match func(*dlm.Host) bool, fn 
 		}
 		s := &b.shards[i]
 		s.mu.Lock()
-		var err error
-		for _, f := range s.files {
-			if !involves(f, match) {
-				continue
+		// Collect first: running fn may retire files, which moves entries
+		// of the table.
+		type entry struct {
+			h  uint64
+			st *dlm.State
+		}
+		var todo []entry
+		for i := range s.files.slots {
+			if e := s.files.slots[i]; e.st != nil && !e.st.Empty() && involves(e.st, match) {
+				todo = append(todo, entry{e.h, e.st})
 			}
-			if err = s.run(f, true, fn); err != nil {
+		}
+		var err error
+		for _, e := range todo {
+			if err = s.run(e.h, e.st, fn); err != nil {
 				break
 			}
 		}
@@ -121,8 +170,9 @@ func (b *Backend) UpdateAll(ctx context.Context, match func(*dlm.Host) bool, fn 
 	return nil
 }
 
-// involves reports whether a matching host holds, waits for or shares f.
-func involves(f *dlm.File, match func(*dlm.Host) bool) bool {
+// involves reports whether a matching host holds, waits for or shares st.
+func involves(st *dlm.State, match func(*dlm.Host) bool) bool {
+	f := dlm.File{State: st}
 	found := false
 	f.All(func(h *dlm.Held) bool {
 		found = match(h.Owner().Host)
@@ -149,14 +199,16 @@ func (b *Backend) Read(ctx context.Context, fh []byte, fn func(f *dlm.File)) err
 	if err := b.check(ctx); err != nil {
 		return err
 	}
-	s := b.shard(fh)
+	s, h := b.shard(fh)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	f := s.files[string(fh)]
-	if f == nil {
-		f = &b.empty
+	st := s.files.get(h, fh)
+	if st == nil {
+		st = &b.empty
 	}
-	fn(f)
+	s.view.Bind(st, nil)
+	fn(&s.view)
+	s.view.Bind(nil, nil)
 	return nil
 }
 
@@ -169,11 +221,15 @@ func (b *Backend) View(ctx context.Context, fn func(f *dlm.File) bool) error {
 		s := &b.shards[i]
 		s.mu.Lock()
 		cont := true
-		for _, f := range s.files {
-			if cont = fn(f); !cont {
-				break
+		s.files.each(func(st *dlm.State) bool {
+			if st.Empty() {
+				return true
 			}
-		}
+			s.view.Bind(st, nil)
+			cont = fn(&s.view)
+			s.view.Bind(nil, nil)
+			return cont
+		})
 		s.mu.Unlock()
 		if !cont {
 			return nil
@@ -188,7 +244,7 @@ func (b *Backend) Files() int {
 	for i := range b.shards {
 		s := &b.shards[i]
 		s.mu.Lock()
-		n += len(s.files)
+		n += s.files.n - len(s.idle)
 		s.mu.Unlock()
 	}
 	return n

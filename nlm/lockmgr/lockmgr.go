@@ -101,17 +101,22 @@ type Grant struct {
 
 // Lock handles LOCK and NM_LOCK.
 func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
+	if a.InGrace && !a.Reclaim {
+		return Result{Status: DeniedGrace}
+	}
+	// One walk over the locks that overlap or touch the range answers every
+	// question below: conflict, retransmission, and the owner's own ranges.
+	var buf [8]*dlm.Held
+	near := touching(f, a.Range, buf[:0])
+	exact, conflicts := scan(near, a.Owner, a.Range, a.Exclusive)
 	if a.Reclaim && !a.InGrace {
-		if h := exactLock(f, a.Owner, a.Range, a.Exclusive); h != nil {
-			f.Restamp(h, a.Epoch)
+		if exact != nil {
+			f.Restamp(exact, a.Epoch)
 			return Result{Status: Granted}
 		}
 		return Result{Status: DeniedGrace}
 	}
-	if a.InGrace && !a.Reclaim {
-		return Result{Status: DeniedGrace}
-	}
-	if c := conflict(f, a.Owner, a.Range, a.Exclusive); c != nil {
+	if conflicts {
 		if !a.Block {
 			return Result{Status: Denied}
 		}
@@ -127,15 +132,19 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 		})
 		return Result{Status: Blocked}
 	}
-	if h := exactLock(f, a.Owner, a.Range, a.Exclusive); h != nil {
-		f.Restamp(h, a.Epoch) // a retransmission, or a reclaim in grace
+	downgrade := false
+	if exact != nil {
+		f.Restamp(exact, a.Epoch) // a retransmission, or a reclaim in grace
 	} else {
 		if lim := m.Limits.LocksPerHost; lim > 0 {
-			if d := growth(f, a.Owner, a.Range, a.Exclusive); d > 0 && a.Owner.Host.Locks()+d > lim {
+			if d := growth(near, a.Owner, a.Range, a.Exclusive); d > 0 && a.Owner.Host.Locks()+d > lim {
 				return Result{Status: DeniedNoLocks}
 			}
 		}
-		apply(f, a.Owner, a.Range, a.Exclusive, a.Epoch)
+		downgrade = applyNear(f, a.Owner, a.Range, a.Exclusive, a.Epoch, near)
+	}
+	if len(f.Waiters()) == 0 {
+		return Result{Status: Granted}
 	}
 	// A request of this very lock may still be queued (the client resent
 	// it non-blocking); it is satisfied now, so it must not be granted
@@ -143,8 +152,26 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 	if w := findWaiter(f, a.Owner, a.Range, a.Exclusive); w != nil {
 		f.RemoveWaiter(w)
 	}
+	if !downgrade {
+		return Result{Status: Granted}
+	}
 	// A downgrade (exclusive to shared) may let shared waiters in.
 	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// scan finds, among the locks near a request, the owner's lock of exactly
+// the range and mode, and whether another owner's lock conflicts.
+func scan(near []*dlm.Held, owner *dlm.Owner, r dlm.Range, exclusive bool) (exact *dlm.Held, conflicts bool) {
+	for _, h := range near {
+		if h.Owner() == owner {
+			if h.Range() == r && h.Exclusive() == exclusive {
+				exact = h
+			}
+		} else if !conflicts && (exclusive || h.Exclusive()) && h.Range().Overlaps(r) {
+			conflicts = true
+		}
+	}
+	return exact, conflicts
 }
 
 // Test handles TEST: the first conflicting lock, if any.
@@ -162,7 +189,7 @@ func (m *Manager) Test(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive, in
 // ranges that stick out) and grants what became grantable. Unlocking what
 // is not held is GRANTED.
 func (m *Manager) Unlock(f *dlm.File, owner *dlm.Owner, r dlm.Range) Result {
-	if unlockRange(f, owner, r) {
+	if unlockRange(f, owner, r) && len(f.Waiters()) > 0 {
 		return Result{Status: Granted, Grants: wake(f)}
 	}
 	return Result{Status: Granted}
@@ -305,17 +332,9 @@ func conflict(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.H
 
 // exactLock returns the owner's lock of exactly r and mode, if held.
 func exactLock(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Held {
-	var found *dlm.Held
-	f.Overlapping(r, func(h *dlm.Held) bool {
-		if h.Owner() == owner {
-			if h.Range() == r && h.Exclusive() == exclusive {
-				found = h
-			}
-			return false // the owner's ranges are disjoint: this is the only candidate starting here
-		}
-		return true
-	})
-	return found
+	var buf [8]*dlm.Held
+	exact, _ := scan(touching(f, r, buf[:0]), owner, r, exclusive)
+	return exact
 }
 
 func findWaiter(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Waiter {
@@ -336,60 +355,70 @@ func findShare(f *dlm.File, host *dlm.Host, oh []byte) *dlm.Share {
 	return nil
 }
 
-// ownLocks collects the owner's locks that overlap r (or, with adjacent,
-// that touch it) into buf.
-func ownLocks(f *dlm.File, owner *dlm.Owner, r dlm.Range, adjacent bool, buf []*dlm.Held) []*dlm.Held {
-	q := r
-	if adjacent {
-		if q.Start > 0 {
-			q.Start--
-		}
-		if q.End != dlm.Inf {
-			q.End++
-		}
+// touching collects the locks, of any owner, that overlap r or are adjacent
+// to it, in ascending order of start.
+func touching(f *dlm.File, r dlm.Range, buf []*dlm.Held) []*dlm.Held {
+	if r.Start > 0 {
+		r.Start--
 	}
-	f.Overlapping(q, func(h *dlm.Held) bool {
-		if h.Owner() == owner {
-			buf = append(buf, h)
-		}
+	if r.End != dlm.Inf {
+		r.End++
+	}
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		buf = append(buf, h)
 		return true
 	})
 	return buf
 }
 
-// apply gives owner the lock r in the given mode: same-mode ranges that
-// overlap or touch it are merged in, other-mode ranges it overlaps are cut
-// back to what lies outside it.
+// apply gives owner the lock r in the given mode (see applyNear).
 func apply(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64) {
 	var buf [8]*dlm.Held
+	applyNear(f, owner, r, exclusive, epoch, touching(f, r, buf[:0]))
+}
+
+// applyNear gives owner the lock r in the given mode, near being the locks
+// that touch r: same-mode ranges of the owner that overlap or touch it are
+// merged in, other-mode ranges it overlaps are cut back to what lies
+// outside it. It reports whether an exclusive range became shared (which
+// may let others in). Values are read before a node is removed: removed
+// nodes are recycled.
+func applyNear(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64, near []*dlm.Held) (downgrade bool) {
 	merged := r
-	for _, h := range ownLocks(f, owner, r, true, buf[:0]) {
-		hr := h.Range()
-		if h.Exclusive() == exclusive {
-			merged.Start = min(merged.Start, hr.Start)
-			merged.End = max(merged.End, hr.End)
+	for _, h := range near {
+		if h.Owner() != owner {
+			continue
+		}
+		l := h.Lock()
+		if l.Exclusive == exclusive {
+			merged.Start = min(merged.Start, l.Range.Start)
+			merged.End = max(merged.End, l.Range.End)
 			f.Remove(h)
 			continue
 		}
-		if !hr.Overlaps(r) {
+		if !l.Range.Overlaps(r) {
 			continue // adjacent, other mode: stays as it is
 		}
+		downgrade = downgrade || l.Exclusive
 		f.Remove(h)
-		if hr.Start < r.Start {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: hr.Start, End: r.Start}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		if l.Range.Start < r.Start {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Epoch: l.Epoch})
 		}
-		if hr.End > r.End {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: hr.End}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		if l.Range.End > r.End {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Epoch: l.Epoch})
 		}
 	}
 	f.Insert(dlm.Lock{Owner: owner, Range: merged, Exclusive: exclusive, Epoch: epoch})
+	return downgrade
 }
 
-// growth is how many held ranges apply would add (negative: remove).
-func growth(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) int64 {
-	var buf [8]*dlm.Held
+// growth is how many held ranges applyNear would add (negative: remove).
+func growth(near []*dlm.Held, owner *dlm.Owner, r dlm.Range, exclusive bool) int64 {
 	d := int64(1)
-	for _, h := range ownLocks(f, owner, r, true, buf[:0]) {
+	for _, h := range near {
+		if h.Owner() != owner {
+			continue
+		}
 		hr := h.Range()
 		switch {
 		case h.Exclusive() == exclusive:
@@ -411,15 +440,21 @@ func growth(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) int64 {
 // anything was held there.
 func unlockRange(f *dlm.File, owner *dlm.Owner, r dlm.Range) bool {
 	var buf [8]*dlm.Held
-	held := ownLocks(f, owner, r, false, buf[:0])
-	for _, h := range held {
-		hr := h.Range()
-		f.Remove(h)
-		if hr.Start < r.Start {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: hr.Start, End: r.Start}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+	var held []*dlm.Held = buf[:0]
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		if h.Owner() == owner {
+			held = append(held, h)
 		}
-		if hr.End > r.End {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: hr.End}, Exclusive: h.Exclusive(), Epoch: h.Epoch()})
+		return true
+	})
+	for _, h := range held {
+		l := h.Lock()
+		f.Remove(h)
+		if l.Range.Start < r.Start {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Epoch: l.Epoch})
+		}
+		if l.Range.End > r.End {
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Epoch: l.Epoch})
 		}
 	}
 	return len(held) > 0
@@ -438,10 +473,12 @@ func wake(f *dlm.File) []Grant {
 			continue
 		}
 		var prev []dlm.Lock
-		var buf [8]*dlm.Held
-		for _, h := range ownLocks(f, w.Owner, w.Range, false, buf[:0]) {
-			prev = append(prev, h.Lock())
-		}
+		f.Overlapping(w.Range, func(h *dlm.Held) bool {
+			if h.Owner() == w.Owner {
+				prev = append(prev, h.Lock())
+			}
+			return true
+		})
 		f.RemoveWaiter(w)
 		apply(f, w.Owner, w.Range, w.Exclusive, w.Epoch)
 		grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
