@@ -92,7 +92,6 @@ func waitRegistered(t *testing.T, prog, vers uint32) uint16 {
 	}
 }
 
-
 // startGanesha serves export over NFSv3 with NLM disabled, so that the
 // lock service is ours.
 func startGanesha(t *testing.T, export string) {
