@@ -103,6 +103,12 @@ type serverConn struct {
 	draining atomic.Bool
 	closed   atomic.Bool
 
+	// Calls go to a few persistent workers (see dispatchCall).
+	work    chan *[]byte
+	done    chan struct{}
+	slots   chan struct{}
+	workers atomic.Int32
+
 	// Timestamps on the server's coarse clock, for the reaper: the last
 	// completed record or reply, the start of a record still arriving, the
 	// start of a reply still being written (0: none).
@@ -112,7 +118,8 @@ type serverConn struct {
 }
 
 func newServerConn(s *Server, c net.Conn) *serverConn {
-	return &serverConn{s: s, c: c, local: addrPortOf(c.LocalAddr()), remote: addrPortOf(c.RemoteAddr())}
+	return &serverConn{s: s, c: c, local: addrPortOf(c.LocalAddr()), remote: addrPortOf(c.RemoteAddr()),
+		work: make(chan *[]byte), done: make(chan struct{})}
 }
 
 // addrPortOf converts a net.Addr to an unmapped netip.AddrPort.
@@ -147,13 +154,14 @@ func (sc *serverConn) serve() {
 	s := sc.s
 	defer s.trackConn(sc, false)
 	defer func() {
+		close(sc.done) // idle workers leave; busy ones finish their call
 		sc.inflight.Wait()
 		sc.abort()
 	}()
 	sc.lastActive.Store(s.clock())
 	br := bufio.NewReaderSize(sc.c, 4096)
 	rr := RecordReader{R: br, MaxSize: orDefault(s.MaxRecordSize, DefaultMaxRecordSize), MaxFragments: s.MaxFragments}
-	sem := make(chan struct{}, orDefault(s.MaxInFlight, DefaultMaxInFlight))
+	sc.slots = make(chan struct{}, orDefault(s.MaxInFlight, DefaultMaxInFlight))
 	for {
 		// No per-call deadlines (each costs timer updates and clock reads):
 		// the server's reaper closes a connection that idles too long, that
@@ -183,28 +191,67 @@ func (sc *serverConn) serve() {
 		}
 		sc.lastActive.Store(s.clock())
 		*bp = rec
-		// Serve the call on this goroutine unless the client has already
-		// sent more behind it. A new goroutine per call would pay for a
-		// fresh stack grown through the whole handler path, and a hand-off
-		// to the scheduler, on every call; the reader's stack is warm.
-		// Under pipelining the calls run concurrently, bounded by sem.
-		if br.Buffered() == 0 && len(sem) == 0 {
-			sc.busy.Add(1)
-			sc.handle(bp)
-			sc.busy.Add(-1)
-			continue
-		}
-		sem <- struct{}{}
+		sc.dispatchCall(bp)
+	}
+}
+
+// dispatchCall hands a call to an idle worker of the connection, or starts
+// a worker while fewer than MaxInFlight run, or waits for one to be free.
+// Workers persist (for workerIdle) so a call runs on a warm stack: a fresh
+// goroutine per call would grow a new stack through the whole handler path
+// every time. A handler that blocks holds up only its own worker.
+func (sc *serverConn) dispatchCall(bp *[]byte) {
+	select {
+	case sc.work <- bp:
+		return
+	default:
+	}
+	if sc.workers.Load() < int32(cap(sc.slots)) {
+		sc.slots <- struct{}{}
+		sc.workers.Add(1)
 		sc.inflight.Add(1)
+		go sc.worker(bp)
+		return
+	}
+	sc.work <- bp
+}
+
+// workerIdle is how long a connection's extra worker waits for work; the
+// first worker stays for the connection's life.
+const workerIdle = 2 * time.Second
+
+func (sc *serverConn) worker(bp *[]byte) {
+	defer func() {
+		sc.workers.Add(-1)
+		<-sc.slots
+		sc.inflight.Done()
+	}()
+	first := sc.workers.Load() == 1
+	var idle *time.Timer
+	for {
 		sc.busy.Add(1)
-		go func() {
-			defer func() {
-				sc.busy.Add(-1)
-				sc.inflight.Done()
-				<-sem
-			}()
-			sc.handle(bp)
-		}()
+		sc.handle(bp)
+		sc.busy.Add(-1)
+		if first {
+			select {
+			case bp = <-sc.work:
+				continue
+			case <-sc.done:
+				return
+			}
+		}
+		if idle == nil {
+			idle = time.NewTimer(workerIdle)
+		} else {
+			idle.Reset(workerIdle)
+		}
+		select {
+		case bp = <-sc.work:
+		case <-idle.C:
+			return
+		case <-sc.done:
+			return
+		}
 	}
 }
 
