@@ -183,6 +183,9 @@ type Backend interface {
 	Host(key HostKey) *Host
 	// Owner returns the interned owner for key.
 	Owner(key OwnerKey) *Owner
+	// OwnerOf is Owner for a request's decoded caller_name, without the
+	// allocation of a key.
+	OwnerOf(vip, addr netip.Addr, name []byte, svid int32) *Owner
 	// Hosts calls fn for every known host until fn returns false.
 	Hosts(fn func(*Host) bool)
 	// Sweep forgets idle hosts and owners not looked up since the previous

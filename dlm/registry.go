@@ -1,7 +1,9 @@
 package dlm
 
 import (
+	"encoding/binary"
 	"hash/maphash"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 )
@@ -24,9 +26,12 @@ type hostShard struct {
 	_  [40]byte // keep shards on separate cache lines
 }
 
+// ownerShard keys owners by a hash of their identity, so that a request can
+// find its owner from the caller_name bytes it decoded without building a
+// string; colliding owners share a bucket.
 type ownerShard struct {
 	mu sync.Mutex
-	m  map[OwnerKey]*Owner
+	m  map[uint64][]*Owner
 	_  [40]byte
 }
 
@@ -38,7 +43,7 @@ func NewRegistry() *Registry {
 		r.hosts[i].m = map[HostKey]*Host{}
 	}
 	for i := range r.owners {
-		r.owners[i].m = map[OwnerKey]*Owner{}
+		r.owners[i].m = map[uint64][]*Owner{}
 	}
 	return r
 }
@@ -63,26 +68,59 @@ func (r *Registry) Host(key HostKey) *Host {
 	return h
 }
 
+// ownerHash mixes the parts of an owner's identity; nameHash is the hash of
+// the caller_name.
+func ownerHash(nameHash uint64, vip, addr netip.Addr, svid int32) uint64 {
+	v, a := vip.As16(), addr.As16()
+	h := nameHash ^ uint64(uint32(svid))*0x9e3779b97f4a7c15
+	h ^= binary.LittleEndian.Uint64(v[8:])*0xbf58476d1ce4e5b9 ^ binary.LittleEndian.Uint64(v[:8])
+	h ^= binary.LittleEndian.Uint64(a[8:])*0x94d049bb133111eb ^ binary.LittleEndian.Uint64(a[:8])*0xff51afd7ed558ccd
+	return h
+}
+
+func (o *Owner) is(vip, addr netip.Addr, name []byte, svid int32) bool {
+	return o.SVID == svid && o.Host.VIP == vip && o.Host.Addr == addr && o.Host.Name == string(name)
+}
+
 // Owner returns the interned owner for key.
 func (r *Registry) Owner(key OwnerKey) *Owner {
 	key.VIP, key.Addr = key.VIP.Unmap(), key.Addr.Unmap()
-	s := &r.owners[(maphash.String(r.seed, key.Name)^uint64(uint32(key.SVID))*0x9e3779b97f4a7c15)%uint64(len(r.owners))]
+	return r.owner(maphash.String(r.seed, key.Name), key.VIP, key.Addr, []byte(key.Name), key.SVID)
+}
+
+// OwnerOf returns the interned owner of a request, from the caller_name
+// bytes it decoded: no allocation once the owner exists.
+func (r *Registry) OwnerOf(vip, addr netip.Addr, name []byte, svid int32) *Owner {
+	return r.owner(maphash.Bytes(r.seed, name), vip.Unmap(), addr.Unmap(), name, svid)
+}
+
+func (r *Registry) owner(nameHash uint64, vip, addr netip.Addr, name []byte, svid int32) *Owner {
+	h := ownerHash(nameHash, vip, addr, svid)
+	s := &r.owners[h%uint64(len(r.owners))]
 	gen := r.gen.Load()
 	s.mu.Lock()
-	o := s.m[key]
-	if o == nil {
-		s.mu.Unlock()
-		h := r.Host(key.HostKey) // outside the owner shard: lock order hosts → none
-		s.mu.Lock()
-		if o = s.m[key]; o == nil {
-			o = &Owner{Host: h, SVID: key.SVID}
-			h.owners.Add(1)
-			s.m[key] = o
+	for _, o := range s.m[h] {
+		if o.is(vip, addr, name, svid) {
+			o.used.Store(gen)
+			o.Host.used.Store(gen)
+			s.mu.Unlock()
+			return o
 		}
 	}
-	o.used.Store(gen)
-	o.Host.used.Store(gen)
 	s.mu.Unlock()
+	host := r.Host(HostKey{VIP: vip, Name: string(name), Addr: addr}) // lock order: never an owner shard, then a host shard
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, o := range s.m[h] {
+		if o.is(vip, addr, name, svid) {
+			o.used.Store(gen)
+			return o
+		}
+	}
+	o := &Owner{Host: host, SVID: svid}
+	o.used.Store(gen)
+	host.owners.Add(1)
+	s.m[h] = append(s.m[h], o)
 	return o
 }
 
@@ -112,10 +150,20 @@ func (r *Registry) Sweep() {
 	for i := range r.owners {
 		s := &r.owners[i]
 		s.mu.Lock()
-		for k, o := range s.m {
-			if o.held.Load() == 0 && stale(o.used.Load()) {
-				delete(s.m, k)
-				o.Host.owners.Add(-1)
+		for h, bucket := range s.m {
+			keep := bucket[:0]
+			for _, o := range bucket {
+				if o.held.Load() == 0 && stale(o.used.Load()) {
+					o.Host.owners.Add(-1)
+					continue
+				}
+				keep = append(keep, o)
+			}
+			if len(keep) == 0 {
+				delete(s.m, h)
+			} else {
+				clear(bucket[len(keep):])
+				s.m[h] = keep
 			}
 		}
 		s.mu.Unlock()
@@ -141,7 +189,9 @@ func (r *Registry) Len() (hosts, owners int) {
 	}
 	for i := range r.owners {
 		r.owners[i].mu.Lock()
-		owners += len(r.owners[i].m)
+		for _, b := range r.owners[i].m {
+			owners += len(b)
+		}
 		r.owners[i].mu.Unlock()
 	}
 	return hosts, owners

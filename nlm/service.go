@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/nlmha/nlmha/dlm"
@@ -63,6 +64,7 @@ type Service struct {
 	log *slog.Logger
 	cb  *callbacks
 	now func() time.Time
+	ops sync.Pool // *op
 }
 
 // New returns a service; register its Programs with cfg.RPC.
@@ -120,12 +122,9 @@ func (s *Service) Programs() []sunrpc.Program {
 	}
 }
 
-// decode runs a decoder over the request arguments and turns a failure
-// into GARBAGE_ARGS.
-func decode(req *sunrpc.Request, fn func(d *xdr.Decoder)) error {
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	fn(&d)
+// garbage turns a decoding failure into GARBAGE_ARGS. Handlers decode with
+// a Decoder on their own stack: no allocation per call.
+func garbage(d *xdr.Decoder) error {
 	if err := d.Err(); err != nil {
 		return fmt.Errorf("%w: %w", sunrpc.ErrGarbageArgs, err)
 	}
@@ -172,32 +171,95 @@ func WireRange(vers uint32, r dlm.Range) (off, n uint64) {
 	return off, n
 }
 
-// target is what the common preparation of a lock request yields.
-type target struct {
-	vs    *virtualserver.Server
-	rng   dlm.Range
-	owner *dlm.Owner
+// op carries one request through the backend. Its functions are bound
+// once, when the op is made, and ops are pooled: a request allocates no
+// closure (Backend.Update is an interface call, so a closure built per
+// request would escape to the heap).
+type op struct {
+	s       *Service
+	vs      *virtualserver.Server // the fence; nil for unfenced operations
+	kind    opKind
+	lock    lockmgr.LockArgs
+	share   lockmgr.ShareArgs
+	grant   lockmgr.Grant
+	owner   *dlm.Owner
+	host    *dlm.Host
+	oh      []byte
+	rng     dlm.Range
+	excl    bool
+	inGrace bool
+	res     lockmgr.Result
+	update  func(*dlm.File) error
+	read    func(*dlm.File)
 }
 
+type opKind uint8
+
+const (
+	opLock opKind = iota
+	opUnlock
+	opCancel
+	opShare
+	opUnshare
+	opUngrant
+)
+
+func (s *Service) getOp() *op {
+	if o, ok := s.ops.Get().(*op); ok {
+		return o
+	}
+	o := &op{s: s}
+	o.update, o.read = o.apply, o.test
+	return o
+}
+
+func (s *Service) putOp(o *op) {
+	update, read := o.update, o.read
+	*o = op{s: s, update: update, read: read}
+	s.ops.Put(o)
+}
+
+func (o *op) apply(f *dlm.File) error {
+	if o.vs != nil && !o.vs.Serving() {
+		return errNotServing
+	}
+	m := &o.s.mgr
+	switch o.kind {
+	case opLock:
+		o.res = m.Lock(f, &o.lock)
+	case opUnlock:
+		o.res = m.Unlock(f, o.owner, o.rng)
+	case opCancel:
+		o.res = m.Cancel(f, o.owner, o.rng, o.excl)
+	case opShare:
+		o.res = m.Share(f, &o.share)
+	case opUnshare:
+		o.res = m.Unshare(f, o.host, o.oh)
+	case opUngrant:
+		o.res = m.Ungrant(f, &o.grant)
+	}
+	return nil
+}
+
+func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace) }
+
 // prepare finds the virtual server, checks the range and the handle, and
-// interns the owner. A status other than Granted is the reply.
-func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock) (target, Stat) {
+// interns the owner into o. A status other than Granted is the reply.
+func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *op) Stat {
 	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
 	if !ok {
-		return target{}, Failed
+		return Failed
 	}
 	rng, st := ToRange(req.Vers, l.Offset, l.Len)
 	if st != Granted {
-		return target{}, st
+		return st
 	}
 	if st := s.checkFH(ctx, req.Vers, l.FH); st != Granted {
-		return target{}, st
+		return st
 	}
-	owner := s.cfg.Backend.Owner(dlm.OwnerKey{
-		HostKey: dlm.HostKey{VIP: vs.Addr(), Name: string(l.CallerName), Addr: req.Remote.Addr()},
-		SVID:    l.SVID,
-	})
-	return target{vs: vs, rng: rng, owner: owner}, Granted
+	o.vs, o.rng = vs, rng
+	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), req.Remote.Addr(), l.CallerName, l.SVID)
+	return Granted
 }
 
 // checkFH asks the validator about a version 4 handle (NFSv3's NLM); the
@@ -221,22 +283,14 @@ func (s *Service) checkFH(ctx context.Context, vers uint32, fh []byte) Stat {
 // virtual server.
 var errNotServing = errors.New("nlm: virtual server no longer served here")
 
-// update runs a manager operation on one file, fenced by the virtual
-// server still being served, and performs the resulting grants.
-func (s *Service) update(ctx context.Context, vs *virtualserver.Server, fh []byte, op func(f *dlm.File) lockmgr.Result) (lockmgr.Result, Stat) {
-	var res lockmgr.Result
-	err := s.cfg.Backend.Update(ctx, fh, func(f *dlm.File) error {
-		if vs != nil && !vs.Serving() {
-			return errNotServing
-		}
-		res = op(f)
-		return nil
-	})
-	if err != nil {
-		return res, s.backendStat(err)
+// update runs o on one file, fenced by o.vs still being served (when set),
+// and performs the resulting grants.
+func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
+	if err := s.cfg.Backend.Update(ctx, fh, o.update); err != nil {
+		return s.backendStat(err)
 	}
-	s.cb.grant(res.Grants)
-	return res, status(res.Status)
+	s.cb.grant(o.res.Grants)
+	return status(o.res.Status)
 }
 
 // backendStat turns a backend failure into a reply. A virtual server
@@ -276,67 +330,64 @@ func holder(vers uint32, l dlm.Lock) Holder {
 
 func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) TestRes {
 	out := TestRes{Cookie: a.Cookie}
-	t, st := s.prepare(ctx, req, &a.Lock)
-	if st != Granted {
+	o := s.getOp()
+	defer s.putOp(o)
+	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		out.Stat = st.ForVersion(req.Vers)
 		return out
 	}
-	var res lockmgr.Result
-	inGrace := t.vs.InGraceNow(s.now)
-	err := s.cfg.Backend.Read(ctx, a.Lock.FH, func(f *dlm.File) {
-		res = s.mgr.Test(f, t.owner, t.rng, a.Exclusive, inGrace)
-	})
-	if err != nil {
+	o.excl, o.inGrace = a.Exclusive, o.vs.InGraceNow(s.now)
+	if err := s.cfg.Backend.Read(ctx, a.Lock.FH, o.read); err != nil {
 		out.Stat = s.backendStat(err).ForVersion(req.Vers)
 		return out
 	}
-	out.Stat = status(res.Status).ForVersion(req.Vers)
-	if res.HasHolder {
-		out.Holder = holder(req.Vers, res.Holder)
+	out.Stat = status(o.res.Status).ForVersion(req.Vers)
+	if o.res.HasHolder {
+		out.Holder = holder(req.Vers, o.res.Holder)
 	}
 	return out
 }
 
 func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, monitor, async bool) Stat {
-	t, st := s.prepare(ctx, req, &a.Lock)
-	if st != Granted {
+	o := s.getOp()
+	defer s.putOp(o)
+	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
-	t.owner.SetOH(a.Lock.OH)
-	args := lockmgr.LockArgs{
-		Owner: t.owner, Range: t.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
-		InGrace: t.vs.InGraceNow(s.now), Epoch: t.vs.Epoch(),
+	o.owner.SetOH(a.Lock.OH)
+	o.kind = opLock
+	o.lock = lockmgr.LockArgs{
+		Owner: o.owner, Range: o.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
+		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(),
 		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
 	}
-	res, st := s.update(ctx, t.vs, a.Lock.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Lock(f, &args) })
-	if monitor && (res.Status == lockmgr.Granted || res.Status == lockmgr.Blocked) && s.cfg.Monitor != nil {
-		s.cfg.Monitor(ctx, t.owner.Host)
+	st := s.update(ctx, o, a.Lock.FH)
+	if monitor && (o.res.Status == lockmgr.Granted || o.res.Status == lockmgr.Blocked) && s.cfg.Monitor != nil {
+		s.cfg.Monitor(ctx, o.owner.Host)
 	}
 	return st.ForVersion(req.Vers)
 }
 
 func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs) Stat {
-	t, st := s.prepare(ctx, req, &a.Lock)
-	if st != Granted {
+	o := s.getOp()
+	defer s.putOp(o)
+	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
-	_, st = s.update(ctx, t.vs, a.Lock.FH, func(f *dlm.File) lockmgr.Result {
-		return s.mgr.Cancel(f, t.owner, t.rng, a.Exclusive)
-	})
-	return st.ForVersion(req.Vers)
+	o.kind, o.excl = opCancel, a.Exclusive
+	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
 }
 
 func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs) Stat {
-	t, st := s.prepare(ctx, req, &a.Lock)
-	if st != Granted {
+	o := s.getOp()
+	defer s.putOp(o)
+	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
 	// An unlock is never fenced: releasing state is always safe, and a
 	// client must be able to let go of a lock while its virtual server moves.
-	_, st = s.update(ctx, nil, a.Lock.FH, func(f *dlm.File) lockmgr.Result {
-		return s.mgr.Unlock(f, t.owner, t.rng)
-	})
-	return st.ForVersion(req.Vers)
+	o.kind, o.vs = opUnlock, nil
+	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
 }
 
 // ---- procedure handlers -------------------------------------------------
@@ -347,7 +398,10 @@ func (s *Service) null(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte
 
 func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
@@ -356,7 +410,10 @@ func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byt
 
 func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, false)}
@@ -367,7 +424,10 @@ func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byt
 // not monitored.
 func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, false, false)}
@@ -376,7 +436,10 @@ func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []b
 
 func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a CancelArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
@@ -385,7 +448,10 @@ func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []b
 
 func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a UnlockArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
@@ -396,7 +462,10 @@ func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []b
 // and hold no blocked client-side requests, so nothing matches it.
 func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: Denied}
@@ -409,7 +478,10 @@ func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []by
 
 func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
@@ -419,7 +491,10 @@ func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []
 
 func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, true)}
@@ -429,7 +504,10 @@ func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []
 
 func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a CancelArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
@@ -439,7 +517,10 @@ func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res 
 
 func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a UnlockArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
@@ -449,7 +530,10 @@ func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res 
 
 func (s *Service) handleGrantedMsg(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d, req.Vers)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: Denied}
@@ -465,7 +549,10 @@ func (s *Service) ignoreRes(_ context.Context, req *sunrpc.Request, res []byte) 
 // cookie we generated.
 func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Res
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	s.cb.grantedRes(req.Remote.Addr(), a.Cookie, a.Stat)
@@ -476,7 +563,10 @@ func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res [
 // monitored host reboots. Like Linux lockd, only loopback callers count.
 func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a SMStatus
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	if a := req.Remote.Addr(); a.IsValid() && !a.IsLoopback() {
@@ -497,7 +587,10 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 
 func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a ShareArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, false)}
@@ -506,7 +599,10 @@ func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []by
 
 func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a ShareArgs
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, true)}
@@ -521,17 +617,18 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 	if st := s.checkFH(ctx, req.Vers, a.Share.FH); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
+	o := s.getOp()
+	defer s.putOp(o)
 	host := s.cfg.Backend.Host(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
 	if unshare {
-		_, st := s.update(ctx, nil, a.Share.FH, func(f *dlm.File) lockmgr.Result {
-			return s.mgr.Unshare(f, host, a.Share.OH)
-		})
-		return st.ForVersion(req.Vers)
+		o.kind, o.host, o.oh = opUnshare, host, a.Share.OH
+		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
 	}
-	args := lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
+	o.kind, o.vs = opShare, vs
+	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
-	res, st := s.update(ctx, vs, a.Share.FH, func(f *dlm.File) lockmgr.Result { return s.mgr.Share(f, &args) })
-	if res.Status == lockmgr.Granted && s.cfg.Monitor != nil {
+	st := s.update(ctx, o, a.Share.FH)
+	if o.res.Status == lockmgr.Granted && s.cfg.Monitor != nil {
 		s.cfg.Monitor(ctx, host)
 	}
 	return st.ForVersion(req.Vers)
@@ -543,7 +640,10 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 // free another's locks by naming it).
 func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Notify
-	if err := decode(req, func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
 		return nil, err
 	}
 	vip, name, addr := req.Local.Addr(), string(a.Name), req.Remote.Addr()
@@ -576,5 +676,8 @@ func (s *Service) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
 
 // ungrant takes back a grant the client refused.
 func (s *Service) ungrant(ctx context.Context, g lockmgr.Grant) {
-	s.update(ctx, nil, []byte(g.FH), func(f *dlm.File) lockmgr.Result { return s.mgr.Ungrant(f, &g) })
+	o := s.getOp()
+	defer s.putOp(o)
+	o.kind, o.grant = opUngrant, g
+	s.update(ctx, o, []byte(g.FH))
 }

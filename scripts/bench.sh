@@ -88,7 +88,9 @@ inner_nlmd() {
 		bin/nlmbench --transport tcp --clients 16 --duration "${DURATION}s" --mode "$m" | grep RESULT | tee -a "$OUT/nlmbench.txt"
 	done
 	load_matrix nlmd "$nlmd" "$dir/export"
-	kill "$nlmd" "$gan" "$rpcb"
+	kill "$nlmd"
+	wait "$nlmd" || true
+	kill "$gan" "$rpcb"
 	wait || true
 	rm -rf "$dir"
 }

@@ -61,7 +61,8 @@ func TestCheckAuth(t *testing.T) {
 		{"none with body", OpaqueAuth{Flavor: AuthNone, Body: []byte{1, 2, 3, 4}}, none, AuthBadCred, false},
 		{"sys", sys, none, AuthOK, true},
 		{"sys bad body", OpaqueAuth{Flavor: AuthSys, Body: []byte{0, 0, 0, 1}}, none, AuthBadCred, false},
-		{"sys with sys verifier", sys, sys, AuthBadVerf, false},
+		{"sys trailing bytes", OpaqueAuth{Flavor: AuthSys, Body: append(append([]byte{}, sys.Body...), 0, 0, 0, 0)}, none, AuthBadCred, false},
+		{"sys with sys verifier", sys, sys, AuthBadVerf, true}, // the call is denied; the credential itself parses
 		{"none with dh verifier", none, OpaqueAuth{Flavor: AuthDH}, AuthBadVerf, false},
 		{"short", OpaqueAuth{Flavor: AuthShort, Body: []byte{1, 2, 3, 4}}, none, AuthRejectedCred, false},
 		{"dh", OpaqueAuth{Flavor: AuthDH}, none, AuthBadCred, false},
@@ -70,9 +71,12 @@ func TestCheckAuth(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := CallHeader{Cred: tt.cred, Verf: tt.verf}
-			c, stat := checkAuth(&h)
-			if stat != tt.want || (c != nil) != tt.sys {
-				t.Fatalf("checkAuth = %v, %v; want %v, sys=%v", c, stat, tt.want, tt.sys)
+			if stat := checkAuth(&h); stat != tt.want {
+				t.Fatalf("checkAuth = %v; want %v", stat, tt.want)
+			}
+			req := Request{Cred: tt.cred}
+			if c, ok := req.AuthSys(); ok != tt.sys || (ok && string(c.MachineName) != "c") {
+				t.Fatalf("AuthSys() = %v, %v; want sys=%v", c, ok, tt.sys)
 			}
 		})
 	}

@@ -91,10 +91,11 @@ func BenchmarkDispatch(b *testing.B) {
 	s := newTestServer()
 	h := CallHeader{XID: 1, RPCVers: 2, Prog: testProg, Vers: 1, Proc: procNull, Cred: NewAuthSys(&AuthSysCred{MachineName: "client"})}
 	msg := AppendCall(nil, &h)
-	ci := callInfo{transport: TCP, local: netip.MustParseAddrPort("127.0.0.2:1"), remote: netip.MustParseAddrPort("127.0.0.1:2")}
+	req := &Request{}
 	out := make([]byte, 0, 256)
 	b.ReportAllocs()
 	for b.Loop() {
-		out, _ = s.dispatch(context.Background(), &ci, msg, out[:0])
+		*req = Request{Transport: TCP, Local: netip.MustParseAddrPort("127.0.0.2:1"), Remote: netip.MustParseAddrPort("127.0.0.1:2")}
+		out, _ = s.dispatch(context.Background(), req, msg, out[:0])
 	}
 }

@@ -131,9 +131,9 @@ func FuzzDispatch(f *testing.F) {
 	f.Add(AppendCall(nil, &h))
 	f.Add(AppendCall(nil, &CallHeader{XID: 7, RPCVers: 2, Prog: testProg, Vers: 1, Cred: OpaqueAuth{Flavor: AuthSys, Body: []byte{1}}}))
 	s := newTestServer()
-	ci := callInfo{transport: UDP, local: netip.MustParseAddrPort("127.0.0.2:1"), remote: netip.MustParseAddrPort("127.0.0.9:2")}
 	f.Fuzz(func(t *testing.T, msg []byte) {
-		out, act := s.dispatch(context.Background(), &ci, msg, nil)
+		req := &Request{Transport: UDP, Local: netip.MustParseAddrPort("127.0.0.2:1"), Remote: netip.MustParseAddrPort("127.0.0.9:2")}
+		out, act := s.dispatch(context.Background(), req, msg, nil)
 		if act != actReply {
 			return
 		}

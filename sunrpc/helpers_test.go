@@ -51,8 +51,8 @@ func (ts *testService) programs() []Program {
 			res = xdr.AppendString(res, r.Local.String())
 			res = xdr.AppendString(res, r.Remote.String())
 			name := ""
-			if r.AuthSys != nil {
-				name = r.AuthSys.MachineName
+			if c, ok := r.AuthSys(); ok {
+				name = c.MachineName
 			}
 			return xdr.AppendString(res, name), nil
 		}},

@@ -69,11 +69,25 @@ type Request struct {
 	Remote netip.AddrPort
 	Cred   OpaqueAuth
 	Verf   OpaqueAuth
-	// AuthSys is the parsed credential when Cred.Flavor is AuthSys.
-	AuthSys *AuthSysCred
-	// Args are the encoded procedure arguments. They alias the receive
-	// buffer and are valid only until the handler returns.
+	// Args are the encoded procedure arguments.
 	Args []byte
+}
+
+// A Request and everything it refers to (Args, Cred) are valid only until
+// the handler returns: the server reuses them for the next call.
+
+// AuthSys parses the AUTH_SYS credential of the call. The server has
+// already checked that the credential is well formed; it parses it only
+// for handlers that ask, so that calls cost no allocation otherwise.
+func (r *Request) AuthSys() (*AuthSysCred, bool) {
+	if r.Cred.Flavor != AuthSys {
+		return nil, false
+	}
+	c, err := ParseAuthSys(r.Cred.Body)
+	if err != nil {
+		return nil, false
+	}
+	return &c, true
 }
 
 // Handler serves one procedure: it decodes req.Args, appends the encoded
@@ -405,15 +419,10 @@ const (
 	actClose               // send nothing; on a stream, close the connection
 )
 
-// callInfo is what the transport knows about a call before parsing it.
-type callInfo struct {
-	transport     Transport
-	local, remote netip.AddrPort
-}
-
 // dispatch parses msg, runs the handler and appends the reply to out. The
-// reply starts at len(out) as passed in.
-func (s *Server) dispatch(ctx context.Context, ci *callInfo, msg, out []byte) ([]byte, action) {
+// transport has set req.Transport, Local and Remote; req is the caller's
+// (reused call after call). The reply starts at len(out) as passed in.
+func (s *Server) dispatch(ctx context.Context, req *Request, msg, out []byte) ([]byte, action) {
 	start := len(out)
 	h, args, err := ParseCall(msg)
 	if err != nil {
@@ -426,14 +435,13 @@ func (s *Server) dispatch(ctx context.Context, ci *callInfo, msg, out []byte) ([
 			return AppendAuthError(out, h.XID, AuthBadVerf), actReply
 		}
 		s.stats.malformed.Add(1)
-		s.logger().Debug("sunrpc: dropping malformed message", "transport", ci.transport, "remote", ci.remote, "err", err)
+		s.logger().Debug("sunrpc: dropping malformed message", "transport", req.Transport, "remote", req.Remote, "err", err)
 		// Like Linux's svc_process: a header that cannot be parsed means we
 		// lost framing or the peer is broken; drop it, and on a stream
 		// close the connection.
 		return out, actClose
 	}
-	as, stat := checkAuth(&h)
-	if stat != AuthOK {
+	if stat := checkAuth(&h); stat != AuthOK {
 		return AppendAuthError(out, h.XID, stat), actReply
 	}
 	pv := (*s.progs.Load())[h.Prog]
@@ -449,13 +457,10 @@ func (s *Server) dispatch(ctx context.Context, ci *callInfo, msg, out []byte) ([
 	}
 	proc := &prog.Procs[h.Proc]
 	s.stats.calls.Add(1)
-	req := Request{
-		XID: h.XID, Prog: h.Prog, Vers: h.Vers, Proc: h.Proc,
-		Transport: ci.transport, Local: ci.local, Remote: ci.remote,
-		Cred: h.Cred, Verf: h.Verf, AuthSys: as, Args: args,
-	}
+	req.XID, req.Prog, req.Vers, req.Proc = h.XID, h.Prog, h.Vers, h.Proc
+	req.Cred, req.Verf, req.Args = h.Cred, h.Verf, args
 	out = AppendAcceptedReply(out, h.XID, Success)
-	res, err := s.call(ctx, proc, &req, out)
+	res, err := s.call(ctx, proc, req, out)
 	if err == nil {
 		return res, actReply
 	}
@@ -467,12 +472,12 @@ func (s *Server) dispatch(ctx context.Context, ci *callInfo, msg, out []byte) ([
 	case errors.As(err, &ae):
 		return AppendAuthError(out, h.XID, AuthStat(ae)), actReply
 	case errors.Is(err, ErrGarbageArgs):
-		s.logger().Debug("sunrpc: garbage arguments", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", ci.remote, "err", err)
+		s.logger().Debug("sunrpc: garbage arguments", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", req.Remote, "err", err)
 		return AppendAcceptedReply(out, h.XID, GarbageArgs), actReply
 	case errors.Is(err, ErrProcUnavail):
 		return AppendAcceptedReply(out, h.XID, ProcUnavail), actReply
 	case !errors.Is(err, ErrSystemErr):
-		s.logger().Warn("sunrpc: handler failed", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", ci.remote, "err", err)
+		s.logger().Warn("sunrpc: handler failed", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", req.Remote, "err", err)
 	}
 	return AppendAcceptedReply(out, h.XID, SystemErr), actReply
 }

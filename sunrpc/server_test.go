@@ -522,7 +522,7 @@ func TestRegisterUnregister(t *testing.T) {
 	}
 	p.Vers = 5
 	s.Register(p)
-	ci := &callInfo{transport: UDP}
+	ci := &Request{Transport: UDP}
 	out, _ := s.dispatch(context.Background(), ci, rawCall(1, 2, 7, 3, 0, nil), nil)
 	if h, _, _ := ParseReply(out); h.AcceptStat != ProgMismatch || h.Low != 2 || h.High != 5 {
 		t.Fatalf("%+v", h)

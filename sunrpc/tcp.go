@@ -221,6 +221,7 @@ func (sc *serverConn) dispatchCall(bp *[]byte) {
 const workerIdle = 2 * time.Second
 
 func (sc *serverConn) worker(bp *[]byte) {
+	req := &Request{} // reused for every call of this worker
 	defer func() {
 		sc.workers.Add(-1)
 		<-sc.slots
@@ -230,7 +231,7 @@ func (sc *serverConn) worker(bp *[]byte) {
 	var idle *time.Timer
 	for {
 		sc.busy.Add(1)
-		sc.handle(bp)
+		sc.handle(req, bp)
 		sc.busy.Add(-1)
 		if first {
 			select {
@@ -278,7 +279,7 @@ func isTimeout(err error) bool {
 }
 
 // handle serves one record and writes its reply.
-func (sc *serverConn) handle(bp *[]byte) {
+func (sc *serverConn) handle(req *Request, bp *[]byte) {
 	s := sc.s
 	defer putBuf(bp)
 	if s.isStopped(sc.local.Addr()) {
@@ -288,8 +289,8 @@ func (sc *serverConn) handle(bp *[]byte) {
 	}
 	out := getBuf()
 	defer putBuf(out)
-	ci := callInfo{transport: TCP, local: sc.local, remote: sc.remote}
-	reply, act := s.dispatch(s.ctx(), &ci, *bp, append((*out)[:0], 0, 0, 0, 0))
+	*req = Request{Transport: TCP, Local: sc.local, Remote: sc.remote}
+	reply, act := s.dispatch(s.ctx(), req, *bp, append((*out)[:0], 0, 0, 0, 0))
 	*out = reply
 	switch act {
 	case actClose:

@@ -216,20 +216,21 @@ func (u *udpServer) send(msg []byte, src netip.Addr, dst netip.AddrPort) error {
 }
 
 func (u *udpServer) work() {
+	req := &Request{} // reused for every call of this worker
 	for j := range u.jobs {
-		u.serve(j)
+		u.serve(req, j)
 		putBuf(j.buf)
 	}
 }
 
-func (u *udpServer) serve(j udpJob) {
+func (u *udpServer) serve(req *Request, j udpJob) {
 	s := u.s
 	msg := *j.buf
-	ci := callInfo{transport: UDP, local: netip.AddrPortFrom(j.dst, u.port), remote: j.src}
+	*req = Request{Transport: UDP, Local: netip.AddrPortFrom(j.dst, u.port), Remote: j.src}
 	var key drcKey
 	cached := false
 	if xid, prog, vers, proc, ok := peekCall(msg); ok && s.isNonIdempotent(prog, vers, proc) {
-		key = drcKey{local: ci.local, remote: ci.remote, xid: xid, prog: prog, vers: vers, proc: proc, sum: crc32.ChecksumIEEE(msg[4:])}
+		key = drcKey{local: req.Local, remote: req.Remote, xid: xid, prog: prog, vers: vers, proc: proc, sum: crc32.ChecksumIEEE(msg[4:])}
 		reply, state := s.drc.begin(key)
 		switch state {
 		case drcDone:
@@ -246,7 +247,7 @@ func (u *udpServer) serve(j udpJob) {
 	}
 	out := getBuf()
 	defer putBuf(out)
-	reply, act := s.dispatch(s.ctx(), &ci, msg, (*out)[:0])
+	reply, act := s.dispatch(s.ctx(), req, msg, (*out)[:0])
 	*out = reply
 	if act != actReply {
 		reply = nil
