@@ -4,7 +4,7 @@
 # private network and mount namespace of its own.
 #
 #   scripts/bench.sh            everything (needs root for the namespaces)
-#   COUNT=5 DURATION=10 scripts/bench.sh
+#   COUNT=5 DURATION=10 REPEAT=3 scripts/bench.sh   (summary: medians)
 #   SKIP_GO=1 / SKIP_LOAD=1     leave out one half
 #
 # Results go to cache/bench/: go.txt (benchmarks), nlmbench.txt, load.txt
@@ -17,6 +17,7 @@ TOOLS=${NLMHA_SHARED_TOOLS:-$(cd .. && pwd)/shared/tools}
 NLMPEER=$TOOLS/nlmpeer
 DURATION=${DURATION:-10}
 COUNT=${COUNT:-5}
+REPEAT=${REPEAT:-1}
 HZ=$(getconf CLK_TCK)
 
 proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime+stime, ticks
@@ -56,6 +57,13 @@ load() {
 }
 
 load_matrix() { # SERVER PID EXPORT
+	local r
+	for r in $(seq 1 "$REPEAT"); do
+		load_shapes "$@"
+	done
+}
+
+load_shapes() { # SERVER PID EXPORT
 	for c in 1 16 64; do
 		load "$@" --mode files --conns "$c" --anchor
 	done
@@ -115,7 +123,7 @@ fi
 [ -n "${SKIP_LOAD:-}" ] && exit 0
 
 sudo=()
-[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,BENCH_OUT env "PATH=$PATH")
+[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT env "PATH=$PATH")
 [ -x "$NLMPEER/cache/bin/nlmload" ] || "${sudo[@]}" "$NLMPEER/setup.sh"
 go build -o bin/ ./cmd/...
 : >"$OUT/load.txt"
@@ -125,26 +133,35 @@ echo "== nlmd (Ganesha serving NFS without NLM, nlmd serving NLM)"
 echo "== NFS-Ganesha 4.3 with its own NLM (the baseline)"
 "${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-ganesha
 
-# Side by side: nlmd against Ganesha for each shape both ran.
+# Side by side: nlmd against Ganesha for each shape both ran, medians over
+# the repetitions.
 awk '
 function get(line, key,   n, f, i, kv) {
 	n = split(line, f, " ")
 	for (i = 1; i <= n; i++) { split(f[i], kv, "="); if (kv[1] == key) return kv[2] }
 	return ""
 }
+function median(s,   n, a, i, j, t) {
+	n = split(substr(s, 2), a, ",")
+	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
 /^RESULT/ {
-	k = get($0, "mode") " " get($0, "conns") " " get($0, "proto")
-	row[get($0, "server"), k] = $0
+	k = get($0, "mode") " " get($0, "conns") " " get($0, "proto"); sv = get($0, "server")
+	pairs[sv, k] = pairs[sv, k] "," get($0, "pairs_per_s")
+	cpu[sv, k] = cpu[sv, k] "," get($0, "server_cpu_us_per_call")
+	p99[sv, k] = p99[sv, k] "," get($0, "lock_p99_us")
 	if (!(k in seen)) { seen[k] = 1; order[++n] = k }
 }
 END {
+	printf "medians of the runs in load.txt\n"
 	printf "%-18s %12s %12s %7s %12s %12s %7s %10s %10s %7s\n", "shape", "nlmd pairs/s", "ganesha", "ratio", "nlmd us/call", "ganesha", "ratio", "nlmd p99", "ganesha", "ratio"
 	for (i = 1; i <= n; i++) {
-		k = order[i]; a = row["nlmd", k]; b = row["ganesha", k]
-		if (a == "" || b == "") continue
-		pa = get(a, "pairs_per_s"); pb = get(b, "pairs_per_s")
-		ca = get(a, "server_cpu_us_per_call"); cb = get(b, "server_cpu_us_per_call")
-		la = get(a, "lock_p99_us"); lb = get(b, "lock_p99_us")
-		printf "%-18s %12.0f %12.0f %6.2fx %12.2f %12.2f %6.2fx %10.0f %10.0f %6.2fx\n", k, pa, pb, pa / pb, ca, cb, (cb > 0 ? ca / cb : 0), la, lb, (lb > 0 ? la / lb : 0)
+		k = order[i]
+		if (!(("nlmd", k) in pairs) || !(("ganesha", k) in pairs)) continue
+		pa = median(pairs["nlmd", k]); pb = median(pairs["ganesha", k])
+		ca = median(cpu["nlmd", k]); cb = median(cpu["ganesha", k])
+		la = median(p99["nlmd", k]); lb = median(p99["ganesha", k])
+		printf "%-18s %12.0f %12.0f %6.2fx %12.2f %12.2f %6.2fx %10.0f %10.0f %6.2fx\n", k, pa, pb, pa / pb, ca, cb, ca / cb, la, lb, la / lb
 	}
 }' "$OUT/load.txt" | tee "$OUT/summary.txt"

@@ -16,7 +16,7 @@ import (
 	"github.com/nlmha/nlmha/dlm/memdlm"
 )
 
-// The scripts in testdata/ drive the manager through the in-memory
+// The scripts in testdata/scripts/ drive the manager through the in-memory
 // backend. Commands (arguments in brackets are optional):
 //
 //	set [grace=true|false] [epoch=N] [vip=ADDR] [limit-locks=N] [limit-blocked=N] [limit-shares=N]
@@ -260,7 +260,7 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 }
 
 func TestScripts(t *testing.T) {
-	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
+	datadriven.Walk(t, "testdata/scripts", func(t *testing.T, path string) {
 		h := newHarness()
 		datadriven.RunTest(t, path, h.run)
 	})
