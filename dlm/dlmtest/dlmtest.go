@@ -142,8 +142,9 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 	})
 	t.Run("Interning", func(t *testing.T) {
 		b := newBackend(t)
-		if owner(b, vipA, "c", 1) != owner(b, vipA, "c", 1) {
-			t.Fatal("owners not interned")
+		first, again := owner(b, vipA, "c", 1), owner(b, vipA, "c", 1)
+		if first != again || first == owner(b, vipA, "c", 2) {
+			t.Fatal("owners not interned by identity")
 		}
 		b.Sweep()
 	})

@@ -146,14 +146,10 @@ func (b *Backend) UpdateAll(ctx context.Context, match func(*dlm.Host) bool, fn 
 		s.mu.Lock()
 		// Collect first: running fn may retire files, which moves entries
 		// of the table.
-		type entry struct {
-			h  uint64
-			st *dlm.State
-		}
-		var todo []entry
-		for i := range s.files.slots {
-			if e := s.files.slots[i]; e.st != nil && !e.st.Empty() && involves(e.st, match) {
-				todo = append(todo, entry{e.h, e.st})
+		var todo []slot
+		for _, e := range s.files.slots {
+			if e.st != nil && !e.st.Empty() && involves(e.st, match) {
+				todo = append(todo, e)
 			}
 		}
 		var err error

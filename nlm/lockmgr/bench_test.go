@@ -25,7 +25,6 @@ type table struct {
 	b      *memdlm.Backend
 	m      Manager
 	owners []*dlm.Owner
-	fhs    [][]byte
 }
 
 func newTable(owners int) *table {
