@@ -4,7 +4,9 @@
 
 GO         ?= go
 FUZZTIME   ?= 10s
-BENCHTIME  ?= 2s
+COUNT      ?= 5
+REPEAT     ?= 1
+DURATION   ?= 10
 STATICCHECK = honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests start for real: rpcbind/rpcinfo for the
 # portmapper interop, iproute2 and util-linux for private network namespaces.
@@ -44,8 +46,10 @@ test: deps lint
 unit:
 	$(GO) test -race -short ./...
 
+# Go benchmarks, then nlmbench and the peer load generator against nlmd and
+# the NFS-Ganesha baseline side by side (needs root; results in cache/bench).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...
+	NLMHA_SHARED_TOOLS=$(SHARED)/tools COUNT=$(COUNT) REPEAT=$(REPEAT) DURATION=$(DURATION) scripts/bench.sh
 
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
