@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nlmha/nlmha/nlm"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/sunrpc"
 )
 
@@ -32,11 +33,14 @@ func TestNlmdLifecycle(t *testing.T) {
 		before := rpcinfoP(t)
 		cmd := startNlmd(t, nlmd)
 		got := rpcinfoP(t)
-		for _, v := range []uint32{1, 3, 4} {
-			for _, p := range []string{"tcp", "udp"} {
+		for _, p := range []string{"tcp", "udp"} {
+			for _, v := range []uint32{1, 3, 4} {
 				if !got[key(nlm.Prog, v, p, nlmPort)] {
 					t.Fatalf("rpcinfo lacks NLM v%d %s: %v", v, p, got)
 				}
+			}
+			if !got[key(nsm.Prog, nsm.Vers, p, 662)] {
+				t.Fatalf("rpcinfo lacks NSM %s: %v", p, got)
 			}
 		}
 		if out := run(t, "rpcinfo", "127.0.0.1"); !strings.Contains(out, "tcp6") {
@@ -62,7 +66,7 @@ func TestNlmdLifecycle(t *testing.T) {
 		if err := other.Register(ctx, foreign); err != nil {
 			t.Fatal(err)
 		}
-		out, err := runCmd(10*time.Second, nlmd, "--nlm-port", "4045")
+		out, err := runCmd(10*time.Second, nlmd, "--nlm-port", "4045", "--state-dir", t.TempDir())
 		if err == nil || !strings.Contains(out, "another process") {
 			t.Fatalf("nlmd started over another process's registration: %v\n%s", err, out)
 		}
@@ -74,7 +78,7 @@ func TestNlmdLifecycle(t *testing.T) {
 
 func startNlmd(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
-	p := startDaemon(t, bin, append([]string{"--nlm-port", "4045", "--log-level", "debug"}, args...)...)
+	p := startDaemon(t, bin, append([]string{"--nlm-port", "4045", "--state-dir", t.TempDir(), "--log-level", "debug"}, args...)...)
 	waitRegistered(t, nlm.Prog, 4)
 	return p
 }

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -45,9 +46,10 @@ type Config struct {
 	Port uint16
 	// FHValidator, if set, checks file handles (NLM4_STALE_FH for unknown ones).
 	FHValidator FHValidator
-	// Monitor, if set, is called after a monitored request (LOCK, SHARE;
-	// not NM_LOCK) was granted, so the client's reboots get noticed.
-	Monitor func(ctx context.Context, h *dlm.Host)
+	// Monitor, if set, monitors the client host of every monitored request
+	// (LOCK, SHARE; not NM_LOCK) before it is served, so that the client's
+	// reboots are noticed and it is told of ours.
+	Monitor Monitor
 	// OnSMNotify, if set, handles statd's private SM_NOTIFY callback
 	// (procedure 16); by default the named host's state is dropped.
 	OnSMNotify func(ctx context.Context, st *SMStatus)
@@ -55,6 +57,18 @@ type Config struct {
 	Logger     *slog.Logger
 	// Now is the clock grace periods are judged by (default time.Now).
 	Now func() time.Time
+}
+
+// Monitor is the status monitor (NSM) as the lock manager uses it.
+type Monitor interface {
+	// Monitor makes sure the client (caller, addr) of the virtual server
+	// vip is monitored; it returns once that is durable. An error fails the
+	// request with DENIED_NOLOCKS, as Linux lockd does when statd cannot
+	// monitor.
+	Monitor(ctx context.Context, vip netip.Addr, caller string, addr netip.Addr) error
+	// Generation changes whenever monitoring ends for some client; a host
+	// seen monitored under the current generation still is.
+	Generation() uint64
 }
 
 // Service is the NLM service.
@@ -361,11 +375,12 @@ func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, mo
 		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(),
 		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
 	}
-	st := s.update(ctx, o, a.Lock.FH)
-	if monitor && (o.res.Status == lockmgr.Granted || o.res.Status == lockmgr.Blocked) && s.cfg.Monitor != nil {
-		s.cfg.Monitor(ctx, o.owner.Host)
+	if monitor {
+		if st := s.monitor(ctx, o.owner.Host); st != Granted {
+			return st.ForVersion(req.Vers)
+		}
 	}
-	return st.ForVersion(req.Vers)
+	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
 }
 
 func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs) Stat {
@@ -624,14 +639,13 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 		o.kind, o.host, o.oh = opUnshare, host, a.Share.OH
 		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
 	}
+	if st := s.monitor(ctx, host); st != Granted {
+		return st.ForVersion(req.Vers)
+	}
 	o.kind, o.vs = opShare, vs
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
-	st := s.update(ctx, o, a.Share.FH)
-	if o.res.Status == lockmgr.Granted && s.cfg.Monitor != nil {
-		s.cfg.Monitor(ctx, host)
-	}
-	return st.ForVersion(req.Vers)
+	return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
 }
 
 // handleFreeAll drops everything of a client host that says it rebooted:
@@ -667,6 +681,26 @@ func (s *Service) DropHosts(ctx context.Context, match func(*dlm.Host) bool) err
 	})
 	s.cb.grant(grants)
 	return err
+}
+
+// monitor has the NSM service monitor h unless it already did under the
+// current generation: after the first lock of a client this costs two
+// atomic loads.
+func (s *Service) monitor(ctx context.Context, h *dlm.Host) Stat {
+	m := s.cfg.Monitor
+	if m == nil {
+		return Granted
+	}
+	gen := m.Generation()
+	if h.Monitored.Load() == gen {
+		return Granted
+	}
+	if err := m.Monitor(ctx, h.VIP, h.Name, h.Addr); err != nil {
+		s.log.Warn("nlm: cannot monitor the client; refusing its lock", "host", h.HostKey, "err", err)
+		return DeniedNoLocks
+	}
+	h.Monitored.Store(gen)
+	return Granted
 }
 
 // hostVS finds the virtual server a host belongs to.

@@ -411,3 +411,73 @@ func TestReleasedVirtualServerFences(t *testing.T) {
 		t.Fatal("counters moved")
 	}
 }
+
+// recordingMonitor stands in for the NSM service at its interface.
+type recordingMonitor struct {
+	mu    sync.Mutex
+	gen   uint64
+	calls []string
+	fail  bool
+}
+
+func (m *recordingMonitor) Monitor(_ context.Context, vip netip.Addr, caller string, addr netip.Addr) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.calls = append(m.calls, fmt.Sprintf("%s@%s via %s", caller, addr, vip))
+	if m.fail {
+		return errors.New("disk full")
+	}
+	return nil
+}
+
+func (m *recordingMonitor) Generation() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.gen
+}
+
+func (m *recordingMonitor) set(gen uint64, fail bool) {
+	m.mu.Lock()
+	m.gen, m.fail = gen, fail
+	m.mu.Unlock()
+}
+
+func (m *recordingMonitor) count() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.calls)
+}
+
+// A client is monitored before its first monitored lock is served, once
+// per monitor generation; NM_LOCK is not monitored; a client that cannot
+// be monitored gets DENIED_NOLOCKS and no lock.
+func TestMonitorBeforeLock(t *testing.T) {
+	m := &recordingMonitor{gen: 1}
+	e := newEnv(t, func(c *Config, _ *virtualserver.Config) { c.Monitor = m })
+	c := e.client(t, "127.0.0.5", "127.0.0.2", sunrpc.TCP, Vers4)
+	mustLock(t, c, lk("host-a", 1, 0, 10), true, false, Granted)
+	mustLock(t, c, lk("host-a", 2, 20, 10), true, false, Granted)
+	if m.count() != 1 || m.calls[0] != "host-a@127.0.0.5 via 127.0.0.2" {
+		t.Fatalf("monitor calls: %v", m.calls)
+	}
+	if r, err := c.NMLock(ctx(t), &LockArgs{Cookie: []byte("n"), Exclusive: true, Lock: lk("host-b", 1, 40, 1)}); err != nil || r.Stat != Granted {
+		t.Fatalf("NM_LOCK: %v %v", r.Stat, err)
+	}
+	if m.count() != 1 {
+		t.Fatal("NM_LOCK was monitored")
+	}
+	m.set(2, false) // monitoring ended somewhere: every host checks in again
+	mustLock(t, c, lk("host-a", 3, 60, 1), true, false, Granted)
+	if m.count() != 2 {
+		t.Fatalf("monitor calls after a generation change: %v", m.calls)
+	}
+	m.set(3, true)
+	mustLock(t, c, lk("host-a", 4, 80, 1), true, false, DeniedNoLocks)
+	other := e.client(t, "127.0.0.6", "127.0.0.2", sunrpc.TCP, Vers4)
+	if r := mustTest(t, other, lk("host-c", 1, 80, 1), true); r.Stat != Granted {
+		t.Fatalf("the refused lock was granted anyway: TEST says %v", r.Stat)
+	}
+	if r, err := c.Share(ctx(t), &ShareArgs{Cookie: []byte("s"), Share: Share{CallerName: []byte("host-a"), FH: fh1, OH: []byte("o"), Mode: 1, Access: 1}}); err != nil || r.Stat != DeniedNoLocks {
+		t.Fatalf("SHARE of an unmonitorable host: %v %v", r.Stat, err)
+	}
+}

@@ -185,16 +185,52 @@ func (r Rpcbind) UnsetV2(ctx context.Context, m Mapping) (bool, error) {
 
 // GetPort is PMAPPROC_GETPORT; 0 means not registered.
 func (r Rpcbind) GetPort(ctx context.Context, prog, vers uint32, t Transport) (uint16, error) {
-	res, err := r.C.Call(ctx, PmapProg, PmapVers2, PmapProcGetPort, appendMapping(nil, Mapping{Prog: prog, Vers: vers, Prot: t.Proto()}))
+	res, err := r.C.Call(ctx, PmapProg, PmapVers2, PmapProcGetPort, AppendGetPortArgs(nil, prog, vers, t))
 	if err != nil {
 		return 0, err
 	}
+	return ParseGetPortResult(res)
+}
+
+// AppendGetPortArgs encodes the arguments of PMAPPROC_GETPORT, for callers
+// that send the call themselves.
+func AppendGetPortArgs(b []byte, prog, vers uint32, t Transport) []byte {
+	return appendMapping(b, Mapping{Prog: prog, Vers: vers, Prot: t.Proto()})
+}
+
+// ParseGetPortResult decodes the result of PMAPPROC_GETPORT (0: not
+// registered).
+func ParseGetPortResult(res []byte) (uint16, error) {
 	d := xdr.NewDecoder(res)
 	p := d.Uint32()
 	if d.Err() == nil && p > 0xffff {
 		return 0, fmt.Errorf("%w: port %d", xdr.ErrBadEnum, p)
 	}
 	return uint16(p), d.Err()
+}
+
+// AppendGetAddrArgs encodes the arguments of RPCBPROC_GETADDR (versions 3
+// and 4) for (prog, vers) on netid.
+func AppendGetAddrArgs(b []byte, prog, vers uint32, netid string) []byte {
+	return appendRPCB(b, RPCB{Prog: prog, Vers: vers, NetID: netid})
+}
+
+// ParseGetAddrResult decodes the result of RPCBPROC_GETADDR: the port of
+// the universal address, 0 when the program is not registered.
+func ParseGetAddrResult(res []byte) (uint16, error) {
+	d := xdr.NewDecoder(res)
+	ua := d.String(maxRpcbString)
+	if d.Err() != nil {
+		return 0, d.Err()
+	}
+	if ua == "" {
+		return 0, nil
+	}
+	ap, err := ParseUaddr(ua)
+	if err != nil {
+		return 0, err
+	}
+	return ap.Port(), nil
 }
 
 // DumpV2 is PMAPPROC_DUMP.

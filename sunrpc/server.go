@@ -244,6 +244,22 @@ func (s *Server) forgetReply(k replyKey) {
 	s.replyMu.Unlock()
 }
 
+// ExpectReply routes the reply to a call sent with SendPacket — the reply
+// datagram from peer carrying xid, reaching one of the server's UDP
+// sockets — to deliver, until ForgetReply. deliver runs on the socket's
+// reader and must not block; it gets its own copy of the message. It is
+// the asynchronous form of PacketClient, for callers that keep many calls
+// in flight without a goroutine each.
+func (s *Server) ExpectReply(peer netip.AddrPort, xid uint32, deliver func(msg []byte)) {
+	s.init()
+	s.expectReply(replyKey{peer: unmapPeer(peer), xid: xid}, deliver)
+}
+
+// ForgetReply stops routing the replies ExpectReply asked for.
+func (s *Server) ForgetReply(peer netip.AddrPort, xid uint32) {
+	s.forgetReply(replyKey{peer: unmapPeer(peer), xid: xid})
+}
+
 // routeReply hands a reply datagram to the PacketClient call waiting for it.
 func (s *Server) routeReply(remote netip.AddrPort, xid uint32, msg []byte) bool {
 	s.replyMu.Lock()
@@ -573,3 +589,7 @@ func putBuf(b *[]byte) {
 }
 
 func defaultUDPWorkers() int { return 2 * runtime.GOMAXPROCS(0) }
+
+func unmapPeer(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

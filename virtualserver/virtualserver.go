@@ -75,6 +75,10 @@ type Config struct {
 	// from Start (the daemon's start).
 	Grace time.Duration
 	Start time.Time
+	// OnNew, if set, is called once for each virtual server ServeUnknown
+	// creates, before the Lookup that created it returns (the NSM service
+	// starts its monitor there: state number, notifications, grace).
+	OnNew func(*Server)
 }
 
 // Registry is the set of virtual servers of this node.
@@ -123,9 +127,13 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 		return nil, false
 	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	created := false
 	if v = r.servers[a]; v == nil {
-		v = r.add(Spec{Addr: a})
+		v, created = r.add(Spec{Addr: a}), true
+	}
+	r.mu.Unlock()
+	if created && r.cfg.OnNew != nil {
+		r.cfg.OnNew(v)
 	}
 	return v, true
 }

@@ -15,9 +15,11 @@ import (
 	"github.com/sirupsen/logrus"
 	logrusslog "github.com/sirupsen/logrus/hooks/slog"
 
+	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/virtualserver"
 )
@@ -37,6 +39,8 @@ type daemon struct {
 	regs      []sunrpc.Registration
 	backend   *memdlm.Backend
 	svc       *nlm.Service
+	nsmRPC    *sunrpc.Server
+	nsm       *nsm.Service
 	validator *nlm.NFSValidator
 	serving   sync.WaitGroup
 	stop      chan struct{}
@@ -62,18 +66,37 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	}
 	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{})}
 	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord}
-	registry := virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, Start: time.Now()})
+	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord}
+	registry := virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, Start: time.Now(),
+		// A served address seen for the first time starts its monitor.
+		OnNew: func(vs *virtualserver.Server) { d.nsm.Attach(vs) }})
+	d.nsm, err = nsm.New(nsm.Config{
+		VirtualServers: registry,
+		StateDir:       o.stateDir,
+		RPC:            d.nsmRPC,
+		Port:           o.nsmPort,
+		Notify:         nsm.NotifyConfig{Disabled: o.noNotify, GiveUp: o.notifyGiveUp, Window: o.notifyWindow},
+		HACallout:      o.haCallout,
+		CalloutTimeout: o.calloutWait,
+		OnReboot:       d.dropClients,
+		Logger:         log,
+	})
+	if err != nil {
+		return nil, err
+	}
 	cfg := nlm.Config{
 		Backend:        d.backend,
 		VirtualServers: registry,
 		Limits:         lockmgr.Limits{LocksPerHost: o.locksPerHost, BlockedPerHost: o.blockedPerHst, SharesPerHost: o.sharesPerHost},
 		RPC:            d.rpc,
 		Port:           o.nlmPort,
+		Monitor:        d.nsm,
 		Logger:         log,
 	}
 	if o.nfsServer != "" {
 		ap, err := parseHostPort(o.nfsServer)
 		if err != nil {
+			d.nsm.Close()
 			return nil, fmt.Errorf("--nfs-server: %w", err)
 		}
 		d.validator = &nlm.NFSValidator{Addr: ap}
@@ -85,26 +108,52 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 			return nil, err
 		}
 	}
+	for _, p := range d.nsm.Programs() {
+		if err := d.nsmRPC.Register(p); err != nil {
+			return nil, err
+		}
+	}
 	families, err := d.listen(d.rpc, o.nlmPort)
+	if err == nil {
+		_, err = d.listen(d.nsmRPC, o.nsmPort)
+	}
 	if err != nil {
 		d.abort()
 		return nil, err
 	}
 	for _, fam := range families {
-		for _, v := range []uint32{nlm.Vers1, nlm.Vers3, nlm.Vers4} {
-			for _, t := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
+		for _, t := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
+			for _, v := range []uint32{nlm.Vers1, nlm.Vers3, nlm.Vers4} {
 				d.regs = append(d.regs, sunrpc.Registration{Prog: nlm.Prog, Vers: v, Transport: t, V6: fam, Port: o.nlmPort})
 			}
+			d.regs = append(d.regs, sunrpc.Registration{Prog: nsm.Prog, Vers: nsm.Vers, Transport: t, V6: fam, Port: o.nsmPort})
 		}
 	}
 	if err := d.register(ctx, families); err != nil {
 		d.abort()
 		return nil, err
 	}
+	// Now that NSM listens (replies to SM_NOTIFY reach its socket): new
+	// state numbers, and notifications to the clients of every virtual
+	// server this node serves.
+	if err := d.nsm.StartAll(); err != nil {
+		log.Error("nlmd: starting the status monitor of some virtual servers failed", "err", err)
+	}
 	d.serving.Go(d.sweep)
-	log.Info("nlmd: serving NLM v1, v3, v4", "port", o.nlmPort, "listen", strings.Join(o.listen, ","),
-		"rpcbind", d.rpcbindMode(), "grace", o.grace, "virtual_servers", len(vips), "serve_unknown", o.serveUnknown)
+	log.Info("nlmd: serving NLM v1, v3, v4 and NSM v1", "nlm_port", o.nlmPort, "nsm_port", o.nsmPort, "listen", strings.Join(o.listen, ","),
+		"rpcbind", d.rpcbindMode(), "grace", o.grace, "virtual_servers", len(vips), "serve_unknown", o.serveUnknown,
+		"state_dir", o.stateDir, "notify", !o.noNotify)
 	return d, nil
+}
+
+// dropClients drops the state of clients whose reboot the NSM service
+// learnt of, on every virtual server they used.
+func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
+	keys := make(map[dlm.HostKey]bool, len(clients))
+	for _, c := range clients {
+		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
+	}
+	return d.svc.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
 }
 
 func parseHostPort(s string) (netip.AddrPort, error) {
@@ -182,7 +231,7 @@ func (d *daemon) register(ctx context.Context, families []bool) error {
 		if err := d.registrar.Register(ctx, d.regs...); err != nil {
 			d.registrar = nil
 			if errors.Is(err, sunrpc.ErrRegisteredElsewhere) {
-				return fmt.Errorf("%w (is the kernel's lockd, or another nlmd on another port, running?)", err)
+				return fmt.Errorf("%w (nlmd serves NLM and NSM itself: are the kernel's lockd, rpc.statd or another nlmd on other ports running?)", err)
 			}
 			return fmt.Errorf("registering with rpcbind: %w", err)
 		}
@@ -244,7 +293,8 @@ func systemRpcbind(ctx context.Context) bool {
 	return err == nil
 }
 
-// sweep lets the backend forget idle hosts and owners once a minute.
+// sweep lets the backend forget idle hosts and owners once a minute, and
+// the status monitor stop monitoring clients that hold nothing any more.
 func (d *daemon) sweep() {
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
@@ -254,6 +304,16 @@ func (d *daemon) sweep() {
 			return
 		case <-t.C:
 			d.backend.Sweep()
+			busy := map[dlm.HostKey]bool{}
+			d.backend.Hosts(func(h *dlm.Host) bool {
+				if !h.Idle() {
+					busy[h.HostKey] = true
+				}
+				return true
+			})
+			if n := d.nsm.Prune(func(c nsm.Client) bool { return busy[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] }); n > 0 {
+				d.log.Debug("nlmd: stopped monitoring idle clients", "count", n)
+			}
 		}
 	}
 }
@@ -263,7 +323,7 @@ func (d *daemon) sweep() {
 func (d *daemon) shutdown() error {
 	ctx, cancel := context.WithTimeout(context.Background(), d.o.shutdownWait)
 	defer cancel()
-	err := d.rpc.Shutdown(ctx)
+	err := errors.Join(d.rpc.Shutdown(ctx), d.nsmRPC.Shutdown(ctx))
 	if d.registrar != nil {
 		uctx, ucancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if uerr := d.registrar.Unregister(uctx, d.regs...); uerr != nil {
@@ -277,7 +337,9 @@ func (d *daemon) shutdown() error {
 
 // abort stops everything without waiting for calls in progress.
 func (d *daemon) abort() {
+	d.nsm.Close() // notifications first: they send through nsmRPC
 	d.rpc.Close()
+	d.nsmRPC.Close()
 	if d.pm != nil {
 		d.pm.Close()
 	}

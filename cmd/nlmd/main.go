@@ -1,5 +1,5 @@
-// Command nlmd is the nlmha lock daemon: NLM (and, with later issues, NSM)
-// for NFSv3 clients, keyed by virtual server — the address each request was
+// Command nlmd is the nlmha lock daemon: NLM and NSM (statd) for NFSv3
+// clients, keyed by virtual server — the address each request was
 // sent to — so that one floating IP can move between nodes without
 // disturbing the others.
 package main
@@ -39,6 +39,13 @@ type options struct {
 	shutdownWait  time.Duration
 	cpuProfile    string
 	procs         int
+	nsmPort       uint16
+	stateDir      string
+	noNotify      bool
+	notifyGiveUp  time.Duration
+	notifyWindow  int
+	haCallout     string
+	calloutWait   time.Duration
 }
 
 func parseFlags(args []string) (*options, *flag.FlagSet, error) {
@@ -48,6 +55,13 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringSliceVar(&o.listen, "listen", []string{"0.0.0.0", "::"},
 		"addresses to listen on (TCP and UDP). A wildcard address serves every local address and tells virtual servers apart by each request's destination")
 	fs.Uint16Var(&o.nlmPort, "nlm-port", 4045, "NLM port; use the same on every node so that clients' cached ports survive a failover")
+	fs.Uint16Var(&o.nsmPort, "nsm-port", 662, "NSM (statd) port; SM_NOTIFY to clients leaves from it. Use the same on every node")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/nlmha", "directory of the persistent state: one directory per virtual server (NSM state number, monitor records)")
+	fs.BoolVar(&o.noNotify, "no-notify", false, "do not send SM_NOTIFY to clients when a virtual server starts (for setups that notify otherwise, e.g. sm-notify on an exported list)")
+	fs.DurationVar(&o.notifyGiveUp, "notify-timeout", 15*time.Minute, "how long to keep notifying a client that does not answer (negative: forever)")
+	fs.IntVar(&o.notifyWindow, "notify-window", 256, "clients notified at once (those awaiting a first answer; ones that do not answer within 2 s stop counting)")
+	fs.StringVar(&o.haCallout, "ha-callout", "", "program run like rpc.statd's --ha-callout: add-client MON_NAME MY_NAME, del-client MON_NAME MY_NAME, sm-notify MON_NAME SENDER STATE")
+	fs.DurationVar(&o.calloutWait, "ha-callout-timeout", 10*time.Second, "how long one HA callout may run before it is killed")
 	fs.StringVar(&o.rpcbind, "rpcbind", "auto",
 		"portmapper to register with: auto (the system rpcbind if one answers, else an embedded portmapper), system, embedded, none")
 	fs.Uint16Var(&o.portmapPort, "portmap-port", 111, "port of the embedded portmapper")
@@ -66,7 +80,7 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nlmd [flags]\n\nnlmd serves NFS lock management (NLM v1, v3, v4) keyed by virtual server.\n\nFlags:\n%s", fs.FlagUsages())
+		fmt.Fprintf(fs.Output(), "Usage: nlmd [flags]\n\nnlmd serves NFS lock management (NLM v1, v3, v4) and status monitoring (NSM v1) keyed by virtual server.\n\nFlags:\n%s", fs.FlagUsages())
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, fs, err

@@ -1,0 +1,438 @@
+package nsm
+
+import (
+	"container/heap"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nlmha/nlmha/sunrpc"
+)
+
+// NotifyConfig tunes the notifier: what sm-notify does at boot, per
+// virtual server. The zero value gives sm-notify's schedule.
+type NotifyConfig struct {
+	// Disabled leaves notification to someone else (the records stay in
+	// the notify list, for an export to nfs-utils' format).
+	Disabled bool
+	// Window is how many peers may await their first answer at once
+	// (default 256). A peer that has not answered within its first timeout
+	// stops counting, so dead peers never hold up live ones.
+	Window int
+	// Timeout is the first retransmission timeout (default 2 s); it doubles
+	// up to MaxTimeout (default 120 s).
+	Timeout    time.Duration
+	MaxTimeout time.Duration
+	// GiveUp ends the notification of a peer that never answered (default
+	// 15 min, as sm-notify; negative: never). Its record stays in the notify
+	// list for the next start.
+	GiveUp time.Duration
+	// Requery is how many times SM_NOTIFY is sent before the peer's
+	// portmapper is asked again for its statd's port (default 4).
+	Requery int
+	// PortmapPort is the peers' portmapper port (default 111; tests).
+	PortmapPort uint16
+}
+
+func (c NotifyConfig) withDefaults() NotifyConfig {
+	if c.Window <= 0 {
+		c.Window = 256
+	}
+	if c.Timeout <= 0 {
+		c.Timeout = 2 * time.Second
+	}
+	if c.MaxTimeout <= 0 {
+		c.MaxTimeout = 120 * time.Second
+	}
+	c.MaxTimeout = max(c.MaxTimeout, c.Timeout)
+	if c.GiveUp == 0 {
+		c.GiveUp = 15 * time.Minute
+	}
+	if c.Requery <= 0 {
+		c.Requery = 4
+	}
+	if c.PortmapPort == 0 {
+		c.PortmapPort = sunrpc.PmapPort
+	}
+	return c
+}
+
+// Progress is how far the notification of a virtual server's peers got.
+type Progress struct {
+	VIP   netip.Addr
+	State int32 // the state number being announced
+	// Total peers; Done answered; Failed were given up (or cannot be
+	// reached from the virtual server's address).
+	Total, Done, Failed int
+	Started             time.Time
+	Finished            time.Time // zero while running
+}
+
+// Pending is the number of peers still being notified.
+func (p Progress) Pending() int { return p.Total - p.Done - p.Failed }
+
+// target is one peer being notified.
+type target struct {
+	file    string
+	rec     *Record
+	addr    netip.Addr
+	port    uint16 // the peer's statd; 0: ask its portmapper
+	lookup  bool   // the call in flight asks the portmapper
+	xid     uint32 // 0: no call in flight
+	peer    netip.AddrPort
+	timeout time.Duration
+	due     time.Time
+	sends   int
+	fresh   bool // counts against the window
+	idx     int  // in the heap; -1 when not queued
+	over    bool
+}
+
+// targetHeap orders targets by due time.
+type targetHeap []*target
+
+func (h targetHeap) Len() int           { return len(h) }
+func (h targetHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h targetHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i]; h[i].idx = i; h[j].idx = j }
+func (h *targetHeap) Push(x any)        { t := x.(*target); t.idx = len(*h); *h = append(*h, t) }
+func (h *targetHeap) Pop() any {
+	old := *h
+	t := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	t.idx = -1
+	return t
+}
+
+type delivery struct {
+	t   *target
+	xid uint32
+	msg []byte
+}
+
+// job notifies one virtual server's peers: a single goroutine, an event
+// loop over a heap of retransmission deadlines, so that ten thousand
+// peers cost ten thousand small structs rather than goroutines, and each
+// reply is matched by the RPC server's socket reader.
+type job struct {
+	cfg     NotifyConfig
+	rpc     *sunrpc.Server
+	from    netip.AddrPort
+	args    []byte // the encoded stat_chge, the same for every peer
+	targets []*target
+	queue   targetHeap
+	inbox   chan delivery
+	xid     uint32
+	fresh   int
+	left    int
+	remove  func(file string)
+	logf    func(msg string, args ...any)
+
+	mu   sync.Mutex
+	prog Progress
+}
+
+func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName string, state int32, recs []loaded, now time.Time) *job {
+	c := StatChge{MonName: monName, State: state}
+	j := &job{
+		cfg: cfg, rpc: rpc, from: from, args: c.Append(nil),
+		inbox: make(chan delivery, 4*cfg.Window+16),
+		xid:   rand.Uint32(),
+		prog:  Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
+	}
+	for _, l := range recs {
+		j.targets = append(j.targets, &target{file: l.file, rec: l.rec, idx: -1})
+	}
+	return j
+}
+
+func (j *job) progress() Progress {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.prog
+}
+
+func (j *job) nextXID() uint32 {
+	j.xid++
+	if j.xid == 0 {
+		j.xid++
+	}
+	return j.xid
+}
+
+// run notifies every target until each answered or was given up, or ctx
+// ends. It returns when the last one is settled.
+func (j *job) run(ctx context.Context) {
+	defer j.finish()
+	j.left = len(j.targets)
+	start := time.Now()
+	var deadline time.Time
+	if j.cfg.GiveUp > 0 {
+		deadline = start.Add(j.cfg.GiveUp)
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	next := 0
+	for {
+		now := time.Now()
+		for j.fresh < j.cfg.Window && next < len(j.targets) {
+			j.begin(j.targets[next], now)
+			next++
+		}
+		if j.left == 0 {
+			return
+		}
+		if !deadline.IsZero() && !now.Before(deadline) {
+			for _, t := range j.targets {
+				j.fail(t, "gave up")
+			}
+			return
+		}
+		wake := deadline
+		if len(j.queue) > 0 && (wake.IsZero() || j.queue[0].due.Before(wake)) {
+			wake = j.queue[0].due
+		}
+		timer.Reset(max(0, wake.Sub(now)))
+		select {
+		case d := <-j.inbox:
+			j.handle(d, time.Now())
+			for more := true; more; {
+				select {
+				case d := <-j.inbox:
+					j.handle(d, time.Now())
+				default:
+					more = false
+				}
+			}
+		case <-timer.C:
+		case <-ctx.Done():
+			return
+		}
+		now = time.Now()
+		for len(j.queue) > 0 && !j.queue[0].due.After(now) {
+			j.expire(heap.Pop(&j.queue).(*target), now)
+		}
+	}
+}
+
+// finish withdraws the reply routes of the calls still in flight and
+// stamps the progress.
+func (j *job) finish() {
+	for _, t := range j.targets {
+		if t.xid != 0 {
+			j.rpc.ForgetReply(t.peer, t.xid)
+			t.xid = 0
+		}
+	}
+	j.mu.Lock()
+	j.prog.Finished = time.Now()
+	j.mu.Unlock()
+}
+
+func (j *job) begin(t *target, now time.Time) {
+	t.timeout = j.cfg.Timeout
+	switch {
+	case len(t.rec.Addrs) == 0:
+		j.fail(t, "no address")
+		return
+	case t.rec.Addrs[0].Unmap().Is4() != j.from.Addr().Is4():
+		j.fail(t, "address family differs from the virtual server's")
+		return
+	}
+	t.addr = t.rec.Addrs[0].Unmap()
+	t.lookup = true
+	t.fresh = true
+	j.fresh++
+	j.send(t, now)
+}
+
+// send (re)transmits the target's call and queues its retransmission.
+// A retransmission reuses the XID, so a late answer to an earlier copy
+// still counts.
+func (j *job) send(t *target, now time.Time) {
+	prog, vers, proc := uint32(Prog), uint32(Vers), uint32(ProcNotify)
+	if t.lookup {
+		prog, vers, proc = sunrpc.PmapProg, sunrpc.PmapVers2, sunrpc.PmapProcGetPort
+		if t.addr.Is6() {
+			vers, proc = sunrpc.RpcbVers3, sunrpc.RpcbProcGetAddr
+		}
+	}
+	if t.xid == 0 {
+		t.xid = j.nextXID()
+		t.peer = netip.AddrPortFrom(t.addr, t.port)
+		if t.lookup {
+			t.peer = netip.AddrPortFrom(t.addr, j.cfg.PortmapPort)
+		}
+		xid := t.xid
+		j.rpc.ExpectReply(t.peer, xid, func(msg []byte) {
+			select {
+			case j.inbox <- delivery{t: t, xid: xid, msg: msg}:
+			default: // the loop is behind; the retransmission will ask again
+			}
+		})
+	}
+	h := sunrpc.CallHeader{XID: t.xid, RPCVers: sunrpc.RPCVersion, Prog: prog, Vers: vers, Proc: proc}
+	msg := sunrpc.AppendCall(make([]byte, 0, 128), &h)
+	switch {
+	case !t.lookup:
+		msg = append(msg, j.args...)
+	case t.addr.Is6():
+		msg = sunrpc.AppendGetAddrArgs(msg, Prog, Vers, sunrpc.NetID(sunrpc.UDP, true))
+	default:
+		msg = sunrpc.AppendGetPortArgs(msg, Prog, Vers, sunrpc.UDP)
+	}
+	if err := j.rpc.SendPacket(j.from, t.peer, msg); err != nil {
+		if errors.Is(err, sunrpc.ErrNoSocket) {
+			j.fail(t, "no socket serves the virtual server's address")
+			return
+		}
+		j.logf("nsm: sending SM_NOTIFY failed; will retry", "peer", t.peer, "err", err)
+	}
+	t.sends++
+	j.schedule(t, now.Add(t.timeout))
+}
+
+func (j *job) schedule(t *target, due time.Time) {
+	t.due = due
+	if t.idx >= 0 {
+		heap.Fix(&j.queue, t.idx)
+	} else {
+		heap.Push(&j.queue, t)
+	}
+}
+
+// endCall withdraws the call in flight.
+func (j *job) endCall(t *target) {
+	if t.xid != 0 {
+		j.rpc.ForgetReply(t.peer, t.xid)
+		t.xid = 0
+	}
+}
+
+func (j *job) unfresh(t *target) {
+	if t.fresh {
+		t.fresh = false
+		j.fresh--
+	}
+}
+
+// handle takes a reply.
+func (j *job) handle(d delivery, now time.Time) {
+	t := d.t
+	if t.over || d.xid != t.xid {
+		return
+	}
+	rh, res, err := sunrpc.ParseReply(d.msg)
+	if err == nil {
+		err = rh.Err()
+	}
+	if t.lookup {
+		var port uint16
+		if err == nil {
+			if t.addr.Is6() {
+				port, err = sunrpc.ParseGetAddrResult(res)
+			} else {
+				port, err = sunrpc.ParseGetPortResult(res)
+			}
+		}
+		j.endCall(t)
+		if err != nil || port == 0 {
+			// No statd registered (yet): ask again later, as sm-notify
+			// defers such a host.
+			j.unfresh(t)
+			j.schedule(t, now.Add(j.cfg.MaxTimeout))
+			return
+		}
+		t.port, t.lookup, t.sends, t.timeout = port, false, 0, j.cfg.Timeout
+		j.send(t, now)
+		return
+	}
+	j.endCall(t)
+	if err != nil {
+		// A statd that answers but refuses: look it up again later.
+		j.unfresh(t)
+		t.lookup = true
+		t.timeout = min(2*t.timeout, j.cfg.MaxTimeout)
+		j.schedule(t, now.Add(t.timeout))
+		return
+	}
+	j.settle(t)
+	j.mu.Lock()
+	j.prog.Done++
+	j.mu.Unlock()
+	if j.remove != nil {
+		j.remove(t.file)
+	}
+}
+
+// expire handles a target whose timeout passed: retransmit with a longer
+// timeout, and now and then ask its portmapper again (its statd may have
+// restarted on another port).
+func (j *job) expire(t *target, now time.Time) {
+	if t.over {
+		return
+	}
+	j.unfresh(t)
+	if t.xid == 0 {
+		// A deferred peer: ask its portmapper afresh.
+		t.lookup, t.sends = true, 0
+	} else {
+		t.timeout = min(2*t.timeout, j.cfg.MaxTimeout)
+		if !t.lookup && t.sends >= j.cfg.Requery {
+			j.endCall(t)
+			t.lookup, t.sends = true, 0
+		}
+	}
+	j.send(t, now)
+}
+
+func (j *job) settle(t *target) {
+	t.over = true
+	j.endCall(t)
+	j.unfresh(t)
+	if t.idx >= 0 {
+		heap.Remove(&j.queue, t.idx)
+	}
+	j.left--
+}
+
+func (j *job) fail(t *target, why string) {
+	if t.over {
+		return
+	}
+	j.settle(t)
+	j.mu.Lock()
+	j.prog.Failed++
+	j.mu.Unlock()
+	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why)
+}
+
+// remover unlinks the files of notified peers off the event loop. A
+// removal lost in a crash only means one more notification next time, so
+// the directory is not synced for each.
+type remover struct {
+	dir string
+	ch  chan string
+	wg  sync.WaitGroup
+}
+
+func newRemover(dir string) *remover {
+	r := &remover{dir: dir, ch: make(chan string, 1024)}
+	r.wg.Go(func() {
+		for f := range r.ch {
+			os.Remove(dir + "/" + f)
+		}
+	})
+	return r
+}
+
+func (r *remover) remove(f string) { r.ch <- f }
+
+func (r *remover) close() {
+	close(r.ch)
+	r.wg.Wait()
+}

@@ -1,0 +1,934 @@
+// Package nsm is the Network Status Monitor (statd, program 100024) of
+// nlmha, kept per virtual server: each virtual server has its own monitor
+// list, its own state number (odd while up, bumped by 2 on every start) and
+// its own directory under the state directory, and notifies its own
+// clients, from its own address, when it starts.
+//
+// The NLM service monitors its clients in process (Monitor), the first time
+// a client locks through a virtual server. Local lock managers may monitor
+// hosts through SM_MON from loopback, as with rpc.statd. An SM_NOTIFY from
+// a rebooted client drops that client's state through OnReboot, and calls
+// back the lock managers that monitored it by SM_MON.
+package nsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+
+	"github.com/nlmha/nlmha/sunrpc"
+	"github.com/nlmha/nlmha/sunrpc/xdr"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// NLM's program and the procedures statd may call back (SM_MON checks
+// them, as rpc.statd does).
+const (
+	nlmProg           = 100021
+	nlmProcSMNotify   = 16
+	nlmProcSMNotifyV4 = 24
+)
+
+// Resolver resolves host names; *net.Resolver is one.
+type Resolver interface {
+	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+}
+
+// Config configures a Service.
+type Config struct {
+	VirtualServers *virtualserver.Registry
+	// StateDir holds one directory per virtual server.
+	StateDir string
+	// RPC is the server that carries NSM, and Port its NSM port: SM_NOTIFY
+	// leaves from that UDP socket with the virtual server's address.
+	RPC    *sunrpc.Server
+	Port   uint16
+	Notify NotifyConfig
+	// HACallout, if set, is run like rpc.statd's --ha-callout: with
+	// add-client MON_NAME MY_NAME on a new monitor record, del-client
+	// MON_NAME MY_NAME when one ends, and sm-notify MON_NAME SENDER STATE on
+	// an accepted reboot notification. CalloutTimeout bounds each run
+	// (default 10 s).
+	HACallout      string
+	CalloutTimeout time.Duration
+	// OnReboot drops the state of clients that rebooted: their locks,
+	// blocked requests and shares, and the callbacks outstanding to them.
+	OnReboot func(ctx context.Context, clients []Client) error
+	// Resolver resolves SM_STAT and SM_MON names (default net.DefaultResolver,
+	// each lookup bounded by ResolveTimeout, default 5 s).
+	Resolver       Resolver
+	ResolveTimeout time.Duration
+	// LockdPortmap is where the lock managers that SM_MON registered are
+	// looked up for their callback (default 127.0.0.1:111).
+	LockdPortmap netip.AddrPort
+	Logger       *slog.Logger
+}
+
+// Service is the NSM service of one node.
+type Service struct {
+	cfg     Config
+	log     *slog.Logger
+	callout *callout
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	gen     atomic.Uint64
+	stats   Stats
+
+	mu   sync.Mutex
+	vips map[netip.Addr]*vip
+}
+
+// Stats count what the service saw.
+type Stats struct {
+	NotifyAccepted  atomic.Uint64 // SM_NOTIFY that dropped state or called back
+	NotifyDuplicate atomic.Uint64 // for a monitored host, with a state already seen
+	NotifyUnknown   atomic.Uint64 // for no monitored host
+	Rejected        atomic.Uint64 // SM_MON/UNMON/UNMON_ALL/SIMU_CRASH refused
+	CallbackFailed  atomic.Uint64 // lock manager callbacks that failed
+}
+
+// vip is the NSM state of one virtual server.
+type vip struct {
+	vs    *virtualserver.Server
+	st    *store
+	ready chan struct{} // closed once started; err tells how
+	err   error
+
+	// io is held shared by record writes and exclusively by a restart, so
+	// that no write lands in sm/ while the records are being retired.
+	io sync.RWMutex
+
+	mu      sync.Mutex
+	state   int32
+	recs    map[string]*entry
+	writing map[string]chan struct{}
+	job     *job
+	stop    context.CancelFunc
+	jobDone chan struct{}
+}
+
+type entry struct {
+	rec *Record
+	// doomed marks a client record found idle by one Prune; the next
+	// Prune removes it unless the client was monitored again in between.
+	doomed bool
+}
+
+// New returns a service; register its Programs with cfg.RPC and call
+// StartAll once the server listens.
+func New(cfg Config) (*Service, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("nsm: no state directory")
+	}
+	if cfg.VirtualServers == nil || cfg.RPC == nil {
+		return nil, errors.New("nsm: incomplete configuration")
+	}
+	if err := os.MkdirAll(cfg.StateDir, dirPerm); err != nil {
+		return nil, fmt.Errorf("nsm: state directory: %w", err)
+	}
+	cfg.Notify = cfg.Notify.withDefaults()
+	if cfg.Resolver == nil {
+		cfg.Resolver = net.DefaultResolver
+	}
+	if cfg.ResolveTimeout <= 0 {
+		cfg.ResolveTimeout = 5 * time.Second
+	}
+	if !cfg.LockdPortmap.IsValid() {
+		cfg.LockdPortmap = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), sunrpc.PmapPort)
+	}
+	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.gen.Store(1)
+	if cfg.HACallout != "" {
+		s.callout = newCallout(cfg.HACallout, cfg.CalloutTimeout, s.log)
+	}
+	return s, nil
+}
+
+// Stats returns the service's counters.
+func (s *Service) Stats() *Stats { return &s.stats }
+
+// Close stops the notifications and callbacks in progress and waits for
+// them, then for the HA callouts queued.
+func (s *Service) Close() {
+	s.cancel()
+	s.wg.Wait()
+	if s.callout != nil {
+		s.callout.close()
+	}
+}
+
+// StartAll starts every virtual server the node serves that is configured
+// or has a directory under the state directory: each gets its new state
+// number and notifies its clients. A directory of an address that is not
+// served here is left alone (another node may own it).
+func (s *Service) StartAll() error {
+	seen := map[netip.Addr]bool{}
+	var errs []error
+	start := func(vs *virtualserver.Server) {
+		if seen[vs.Addr()] {
+			return
+		}
+		seen[vs.Addr()] = true
+		if _, err := s.vipFor(s.ctx, vs); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, vs := range s.cfg.VirtualServers.All() {
+		start(vs)
+	}
+	ents, err := os.ReadDir(s.cfg.StateDir)
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("nsm: %w", err))...)
+	}
+	for _, e := range ents {
+		a, err := netip.ParseAddr(e.Name())
+		if err != nil || !e.IsDir() {
+			continue
+		}
+		vs, ok := s.cfg.VirtualServers.Lookup(a)
+		if !ok {
+			s.log.Info("nsm: keeping the state of a virtual server not served here", "vip", a)
+			continue
+		}
+		start(vs)
+	}
+	return errors.Join(errs...)
+}
+
+// Attach starts a virtual server that the registry just created (a
+// served address seen for the first time). It is the registry's OnNew hook.
+func (s *Service) Attach(vs *virtualserver.Server) {
+	if _, err := s.vipFor(s.ctx, vs); err != nil {
+		s.log.Error("nsm: cannot start the virtual server's monitor", "vip", vs.Addr(), "err", err)
+	}
+}
+
+// vipFor returns the virtual server's NSM state, starting it on first use.
+func (s *Service) vipFor(ctx context.Context, vs *virtualserver.Server) (*vip, error) {
+	s.mu.Lock()
+	v := s.vips[vs.Addr()]
+	if v == nil {
+		v = &vip{vs: vs, ready: make(chan struct{})}
+		s.vips[vs.Addr()] = v
+		s.mu.Unlock()
+		v.err = s.start(v)
+		close(v.ready)
+	} else {
+		s.mu.Unlock()
+	}
+	select {
+	case <-v.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if v.err != nil {
+		return nil, v.err
+	}
+	return v, nil
+}
+
+func (s *Service) lookupVIP(ctx context.Context, a netip.Addr) (*vip, error) {
+	vs, ok := s.cfg.VirtualServers.Lookup(a)
+	if !ok {
+		return nil, fmt.Errorf("%w: %v", ErrNotServed, a)
+	}
+	return s.vipFor(ctx, vs)
+}
+
+// ErrNotServed reports an address that is not a virtual server here.
+var ErrNotServed = errors.New("nsm: not a virtual server of this node")
+
+// start opens the virtual server's directory and restarts it.
+func (s *Service) start(v *vip) error {
+	st, err := openStore(VIPDir(s.cfg.StateDir, v.vs.Addr().String()))
+	if err != nil {
+		return err
+	}
+	v.st = st
+	v.recs = map[string]*entry{}
+	v.writing = map[string]chan struct{}{}
+	return s.restart(v)
+}
+
+// Restart is what a crash and start looks like to the virtual server's
+// peers: a new state number, the monitor list retired to the notify list,
+// and every peer on it notified. A takeover does the same.
+func (s *Service) Restart(ctx context.Context, vs *virtualserver.Server) error {
+	v, err := s.vipFor(ctx, vs)
+	if err != nil {
+		return err
+	}
+	return s.restart(v)
+}
+
+func (s *Service) restart(v *vip) error {
+	v.io.Lock()
+	defer v.io.Unlock()
+	v.mu.Lock()
+	stop, done := v.stop, v.jobDone
+	v.mu.Unlock()
+	if stop != nil {
+		stop()
+		<-done
+	}
+	prev, rerr := v.st.readState()
+	if rerr != nil {
+		s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
+	}
+	state := nextState(prev, rerr, time.Now())
+	if err := v.st.writeState(state); err != nil {
+		return err
+	}
+	if err := v.st.retire(); err != nil {
+		return err
+	}
+	list, bad := v.st.load(notifyDir)
+	for _, b := range bad {
+		s.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
+		if b.path != "" {
+			s.quarantine(b.path)
+		}
+	}
+	v.mu.Lock()
+	v.state = state
+	v.recs = map[string]*entry{}
+	v.mu.Unlock()
+	// Hosts marked as monitored lost their records to the notify list.
+	s.gen.Add(1)
+	s.log.Info("nsm: virtual server started", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
+	if s.cfg.Notify.Disabled {
+		return nil
+	}
+	if len(list) == 0 {
+		// Nobody held anything through it: nobody can reclaim.
+		if v.vs.InGrace(time.Now()) {
+			s.log.Info("nsm: no clients to notify; the grace period ends now", "vip", v.vs.Addr())
+		}
+		v.vs.EndGrace()
+	}
+	s.notify(v, state, list)
+	return nil
+}
+
+// quarantine renames a damaged record file so that it is reported once
+// and kept for inspection.
+func (s *Service) quarantine(path string) {
+	if err := os.Rename(path, path+".damaged"); err != nil {
+		s.log.Warn("nsm: cannot set a damaged record aside", "path", path, "err", err)
+	}
+}
+
+// notify starts the notification of list; v.io is held.
+func (s *Service) notify(v *vip, state int32, list []loaded) {
+	from := netip.AddrPortFrom(v.vs.Addr(), s.cfg.Port)
+	j := newJob(s.cfg.Notify, s.cfg.RPC, from, v.vs.Name(), state, list, time.Now())
+	rm := newRemover(filepath.Join(v.st.dir, notifyDir))
+	j.remove = rm.remove
+	j.logf = s.log.Debug
+	ctx, stop := context.WithCancel(s.ctx)
+	done := make(chan struct{})
+	v.mu.Lock()
+	v.job, v.stop, v.jobDone = j, stop, done
+	v.mu.Unlock()
+	s.wg.Go(func() {
+		defer close(done)
+		defer stop()
+		j.run(ctx)
+		rm.close()
+		p := j.progress()
+		s.log.Info("nsm: notification finished", "vip", p.VIP, "state", p.State, "notified", p.Done,
+			"failed", p.Failed, "pending", p.Pending(), "took", p.Finished.Sub(p.Started).Round(time.Millisecond))
+	})
+}
+
+// Progress reports the notification of the virtual server at a: the one
+// running or the last one.
+func (s *Service) Progress(a netip.Addr) (Progress, bool) {
+	s.mu.Lock()
+	v := s.vips[a.Unmap()]
+	s.mu.Unlock()
+	if v == nil {
+		return Progress{}, false
+	}
+	<-v.ready
+	v.mu.Lock()
+	j := v.job
+	v.mu.Unlock()
+	if j == nil {
+		return Progress{VIP: a.Unmap(), State: v.currentState()}, true
+	}
+	return j.progress(), true
+}
+
+// State is the NSM state number of the virtual server at a.
+func (s *Service) State(a netip.Addr) (int32, bool) {
+	s.mu.Lock()
+	v := s.vips[a.Unmap()]
+	s.mu.Unlock()
+	if v == nil {
+		return 0, false
+	}
+	<-v.ready
+	return v.currentState(), v.err == nil
+}
+
+// Records returns copies of the virtual server's monitor records.
+func (s *Service) Records(a netip.Addr) []Record {
+	s.mu.Lock()
+	v := s.vips[a.Unmap()]
+	s.mu.Unlock()
+	if v == nil {
+		return nil
+	}
+	<-v.ready
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]Record, 0, len(v.recs))
+	for _, e := range v.recs {
+		out = append(out, *e.rec)
+	}
+	return out
+}
+
+func (v *vip) currentState() int32 {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.state
+}
+
+// ---- monitoring -----------------------------------------------------------
+
+// Generation changes whenever monitor records end (unmonitor, prune,
+// restart). A caller that saw a client monitored under the current
+// generation may skip Monitor: that is how the NLM service keeps the
+// per-lock cost of monitoring at two atomic loads.
+func (s *Service) Generation() uint64 { return s.gen.Load() }
+
+// Monitor makes sure a client of the virtual server at vipAddr is
+// monitored: the first time, its record is written durably before Monitor
+// returns, so a lock granted afterwards is never missing from the notify
+// list after a crash.
+func (s *Service) Monitor(ctx context.Context, vipAddr netip.Addr, caller string, addr netip.Addr) error {
+	v, err := s.lookupVIP(ctx, vipAddr)
+	if err != nil {
+		return err
+	}
+	c := Client{VIP: v.vs.Addr(), Caller: caller, Addr: addr.Unmap()}
+	return s.add(ctx, v, clientKey(c.Caller, c.Addr), func() *Record { return clientRecord(c, v.vs.Name(), time.Now()) })
+}
+
+// add creates the record under key unless it exists. Concurrent adds of
+// one key write it once; adds of different keys write in parallel.
+func (s *Service) add(ctx context.Context, v *vip, key string, mk func() *Record) error {
+	for {
+		v.mu.Lock()
+		if e := v.recs[key]; e != nil {
+			e.doomed = false
+			v.mu.Unlock()
+			return nil
+		}
+		if ch := v.writing[key]; ch != nil {
+			v.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		ch := make(chan struct{})
+		v.writing[key] = ch
+		v.mu.Unlock()
+
+		rec := mk()
+		v.io.RLock()
+		err := v.st.put(smDir, rec)
+		v.mu.Lock()
+		delete(v.writing, key)
+		if err == nil {
+			v.recs[key] = &entry{rec: rec}
+		}
+		v.mu.Unlock()
+		v.io.RUnlock()
+		close(ch)
+		if err != nil {
+			return fmt.Errorf("nsm: monitoring %s: %w", rec.MonName, err)
+		}
+		s.log.Debug("nsm: monitoring", "vip", v.vs.Addr(), "kind", rec.Kind, "mon_name", rec.MonName, "caller", rec.Caller)
+		s.runCallout("add-client", rec.MonName, rec.MyName)
+		return nil
+	}
+}
+
+// removeIf removes the records pred selects and returns them.
+func (s *Service) removeIf(v *vip, pred func(*entry) bool) []*Record {
+	v.io.RLock()
+	defer v.io.RUnlock()
+	v.mu.Lock()
+	var gone []*Record
+	for k, e := range v.recs {
+		if pred(e) {
+			gone = append(gone, e.rec)
+			delete(v.recs, k)
+		}
+	}
+	v.mu.Unlock()
+	if len(gone) == 0 {
+		return nil
+	}
+	s.gen.Add(1)
+	for _, r := range gone {
+		if err := v.st.remove(smDir, r.fileName()); err != nil {
+			s.log.Warn("nsm: removing a monitor record", "vip", v.vs.Addr(), "mon_name", r.MonName, "err", err)
+		}
+		s.runCallout("del-client", r.MonName, r.MyName)
+	}
+	return gone
+}
+
+// Prune ends the monitoring of clients that hold nothing any more, in two
+// steps a sweep apart: the first marks idle clients, the second removes
+// those still idle and not monitored again meanwhile, so that a lock in
+// flight between the two is never left without its record.
+func (s *Service) Prune(active func(Client) bool) int {
+	s.mu.Lock()
+	vips := make([]*vip, 0, len(s.vips))
+	for _, v := range s.vips {
+		vips = append(vips, v)
+	}
+	s.mu.Unlock()
+	n := 0
+	for _, v := range vips {
+		<-v.ready
+		if v.err != nil {
+			continue
+		}
+		marked := false
+		gone := s.removeIf(v, func(e *entry) bool {
+			if e.rec.Kind != KindClient {
+				return false
+			}
+			if active(e.rec.Client(v.vs.Addr())) {
+				e.doomed = false
+				return false
+			}
+			if e.doomed {
+				return true
+			}
+			e.doomed, marked = true, true
+			return false
+		})
+		n += len(gone)
+		if marked {
+			s.gen.Add(1) // make marked clients go through Monitor again
+		}
+	}
+	return n
+}
+
+// ---- reboot notifications ------------------------------------------------
+
+// rebooted handles an SM_NOTIFY: the host monName, calling from sender,
+// says it restarted with state. self marks our own notification come back
+// to us (a client record with a virtual server's own address: this node is
+// its own client): it is news for the lock managers that monitored the
+// virtual server by SM_MON, not a client reboot. It returns what it did,
+// for logs and tests.
+func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Addr, state int32, self bool) (clients []Client, callbacks int, matched bool) {
+	s.mu.Lock()
+	vips := make([]*vip, 0, len(s.vips))
+	for _, v := range s.vips {
+		vips = append(vips, v)
+	}
+	s.mu.Unlock()
+	type change struct {
+		v   *vip
+		rec *Record
+	}
+	var changed []change
+	for _, v := range vips {
+		select {
+		case <-v.ready:
+		default:
+			continue // starting: nothing of it is monitored yet
+		}
+		if v.err != nil {
+			continue
+		}
+		v.mu.Lock()
+		for _, e := range v.recs {
+			if (self && e.rec.Kind == KindClient) || !e.rec.matches(monName, sender) {
+				continue
+			}
+			matched = true
+			if state != 0 && e.rec.LastState == state {
+				continue
+			}
+			r := *e.rec
+			r.LastState = state
+			e.rec = &r
+			changed = append(changed, change{v, &r})
+		}
+		v.mu.Unlock()
+	}
+	if len(changed) == 0 {
+		return nil, 0, matched
+	}
+	for _, c := range changed {
+		c.v.io.RLock()
+		if err := c.v.st.put(smDir, c.rec); err != nil {
+			s.log.Warn("nsm: recording a client's new state", "vip", c.v.vs.Addr(), "mon_name", c.rec.MonName, "err", err)
+		}
+		c.v.io.RUnlock()
+		switch c.rec.Kind {
+		case KindClient:
+			clients = append(clients, c.rec.Client(c.v.vs.Addr()))
+		case KindSMMon:
+			s.callBack(*c.rec, state)
+			callbacks++
+		}
+	}
+	s.runCallout("sm-notify", monName, sender.String(), fmt.Sprint(state))
+	if len(clients) > 0 && s.cfg.OnReboot != nil {
+		if err := s.cfg.OnReboot(ctx, clients); err != nil {
+			s.log.Warn("nsm: dropping a rebooted client's state failed", "mon_name", monName, "err", err)
+		}
+	}
+	return clients, callbacks, true
+}
+
+// callBack tells the lock manager that monitored rec by SM_MON that the
+// host rebooted: my_proc of my_prog/my_vers on this host, with mon_name,
+// the new state and priv, as rpc.statd does.
+func (s *Service) callBack(rec Record, state int32) {
+	s.wg.Go(func() {
+		ctx, cancel := context.WithTimeout(s.ctx, 30*time.Second)
+		defer cancel()
+		err := s.callLockd(ctx, rec, state)
+		if err != nil {
+			s.stats.CallbackFailed.Add(1)
+			s.log.Warn("nsm: calling back the lock manager failed", "mon_name", rec.MonName,
+				"prog", rec.Prog, "vers", rec.Vers, "proc", rec.Proc, "err", err)
+		}
+	})
+}
+
+func (s *Service) callLockd(ctx context.Context, rec Record, state int32) error {
+	opts := sunrpc.ClientOptions{Retransmit: 500 * time.Millisecond, MaxRetransmit: 4 * time.Second}
+	pm, err := sunrpc.Dial(ctx, sunrpc.UDP, s.cfg.LockdPortmap, opts)
+	if err != nil {
+		return err
+	}
+	t := sunrpc.UDP
+	port, err := sunrpc.Rpcbind{C: pm}.Lookup(ctx, rec.Prog, rec.Vers, t, false)
+	if errors.Is(err, sunrpc.ErrNotRegistered) {
+		t = sunrpc.TCP
+		port, err = sunrpc.Rpcbind{C: pm}.GetPort(ctx, rec.Prog, rec.Vers, t)
+		if err == nil && port == 0 {
+			err = fmt.Errorf("%w: %d v%d", sunrpc.ErrNotRegistered, rec.Prog, rec.Vers)
+		}
+	}
+	pm.Close()
+	if err != nil {
+		return err
+	}
+	c, err := sunrpc.Dial(ctx, t, netip.AddrPortFrom(s.cfg.LockdPortmap.Addr(), port), opts)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st := Status{MonName: rec.MonName, State: state, Priv: rec.Priv}
+	_, err = c.Call(ctx, rec.Prog, rec.Vers, rec.Proc, st.Append(nil))
+	return err
+}
+
+func (s *Service) runCallout(args ...string) {
+	if s.callout != nil {
+		s.callout.run(args...)
+	}
+}
+
+// ---- the RPC service --------------------------------------------------------
+
+type handler func(s *Service, ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error)
+
+// Programs returns NSM version 1 for registration.
+func (s *Service) Programs() []sunrpc.Program {
+	bind := func(name string, h handler) sunrpc.Proc {
+		return sunrpc.Proc{Name: name, NonIdempotent: true, Handler: func(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+			return h(s, ctx, req, res)
+		}}
+	}
+	procs := []sunrpc.Proc{
+		ProcNull:      {Name: "NULL", Handler: func(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte, error) { return res, nil }},
+		ProcStat:      bind("SM_STAT", (*Service).handleStat),
+		ProcMon:       bind("SM_MON", (*Service).handleMon),
+		ProcUnmon:     bind("SM_UNMON", (*Service).handleUnmon),
+		ProcUnmonAll:  bind("SM_UNMON_ALL", (*Service).handleUnmonAll),
+		ProcSimuCrash: bind("SM_SIMU_CRASH", (*Service).handleSimuCrash),
+		ProcNotify:    bind("SM_NOTIFY", (*Service).handleNotify),
+	}
+	return []sunrpc.Program{{Name: "status", Prog: Prog, Vers: Vers, Procs: procs}}
+}
+
+func garbage(d *xdr.Decoder) error {
+	if err := d.Err(); err != nil {
+		return fmt.Errorf("%w: %w", sunrpc.ErrGarbageArgs, err)
+	}
+	return nil
+}
+
+// fromLoopback tells whether a caller may use the local-only procedures.
+func fromLoopback(req *sunrpc.Request) bool {
+	return req.Remote.Addr().Unmap().IsLoopback()
+}
+
+// validName accepts a host name that can be monitored: no '/', blanks or
+// control characters (nfs-utils keeps them in file names and
+// blank-separated lines).
+func validName(n string) bool {
+	if n == "" || len(n) > MaxStrLen {
+		return false
+	}
+	for _, r := range n {
+		if r == '/' || unicode.IsSpace(r) || unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// resolve turns a host name into addresses; an address stands for itself.
+func (s *Service) resolve(ctx context.Context, name string) ([]netip.Addr, error) {
+	if a, err := netip.ParseAddr(name); err == nil {
+		return []netip.Addr{a.Unmap()}, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ResolveTimeout)
+	defer cancel()
+	addrs, err := s.cfg.Resolver.LookupNetIP(ctx, "ip", name)
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("nsm: %q has no address", name)
+	}
+	// IPv4 first: SM_NOTIFY to a client goes to its first address.
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if a = a.Unmap(); a.Is4() {
+			out = append(out, a)
+		}
+	}
+	for _, a := range addrs {
+		if !a.Unmap().Is4() {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// vipOf finds the virtual server an SM_* request is about: the one whose
+// name or address is my_name, else the one the request was sent to.
+func (s *Service) vipOf(ctx context.Context, req *sunrpc.Request, myName string) (*vip, error) {
+	if myName != "" {
+		for _, vs := range s.cfg.VirtualServers.All() {
+			if vs.Name() == myName || vs.Addr().String() == myName {
+				return s.vipFor(ctx, vs)
+			}
+		}
+	}
+	return s.lookupVIP(ctx, req.Local.Addr())
+}
+
+// fromUs tells whether a call comes from our own notifier: from the NSM
+// port of a virtual server of this node.
+func (s *Service) fromUs(remote netip.AddrPort) bool {
+	if remote.Port() != s.cfg.Port {
+		return false
+	}
+	s.mu.Lock()
+	_, ok := s.vips[remote.Addr().Unmap()]
+	s.mu.Unlock()
+	return ok
+}
+
+func (s *Service) handleStat(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	name := d.String(MaxStrLen)
+	if err := garbage(&d); err != nil {
+		return nil, err
+	}
+	out := StatRes{Res: StatFail}
+	if v, err := s.vipOf(ctx, req, ""); err == nil {
+		out.State = v.currentState()
+		if validName(name) {
+			if _, err := s.resolve(ctx, name); err == nil {
+				out.Res = StatSucc
+			}
+		}
+	}
+	return out.Append(res), nil
+}
+
+func (s *Service) refuse(req *sunrpc.Request, what, why string, args ...any) {
+	s.stats.Rejected.Add(1)
+	s.log.Warn("nsm: refused "+what+": "+why, append([]any{"remote", req.Remote}, args...)...)
+}
+
+func (s *Service) handleMon(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a Mon
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
+		return nil, err
+	}
+	out := StatRes{Res: StatFail}
+	id := &a.MonID.MyID
+	v, verr := s.vipOf(ctx, req, id.MyName)
+	if verr == nil {
+		out.State = v.currentState()
+	}
+	switch {
+	case !fromLoopback(req):
+		s.refuse(req, "SM_MON", "not from this host")
+	case verr != nil:
+		s.refuse(req, "SM_MON", "no virtual server for it", "my_name", id.MyName, "local", req.Local, "err", verr)
+	case id.Prog != nlmProg || (id.Proc != nlmProcSMNotify && id.Proc != nlmProcSMNotifyV4):
+		s.refuse(req, "SM_MON", "the callback is not the lock manager's", "prog", id.Prog, "proc", id.Proc)
+	case !validName(a.MonID.MonName) || len(id.MyName) > MaxStrLen || strings.ContainsFunc(id.MyName, unicode.IsSpace):
+		s.refuse(req, "SM_MON", "bad host name", "mon_name", a.MonID.MonName, "my_name", id.MyName)
+	default:
+		addrs, err := s.resolve(ctx, a.MonID.MonName)
+		if err != nil {
+			s.refuse(req, "SM_MON", "cannot resolve mon_name", "mon_name", a.MonID.MonName, "err", err)
+			break
+		}
+		rec := &Record{Kind: KindSMMon, MonName: a.MonID.MonName, Addrs: addrs, MyName: id.MyName,
+			Prog: id.Prog, Vers: id.Vers, Proc: id.Proc, Priv: Priv(a.Priv), Created: time.Now()}
+		if err := s.add(ctx, v, rec.key(), func() *Record { return rec }); err != nil {
+			s.log.Error("nsm: SM_MON failed", "mon_name", rec.MonName, "err", err)
+			break
+		}
+		out.Res = StatSucc
+	}
+	return out.Append(res), nil
+}
+
+func sameID(r *Record, id *MyID) bool {
+	return r.Kind == KindSMMon && r.MyName == id.MyName && r.Prog == id.Prog && r.Vers == id.Vers && r.Proc == id.Proc
+}
+
+// stateReply is sm_stat, the result of SM_UNMON and SM_UNMON_ALL.
+func stateReply(res []byte, v *vip) []byte {
+	var state int32
+	if v != nil {
+		state = v.currentState()
+	}
+	return xdr.AppendInt32(res, state)
+}
+
+func (s *Service) handleUnmon(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a MonID
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
+		return nil, err
+	}
+	v, err := s.vipOf(ctx, req, a.MyID.MyName)
+	switch {
+	case !fromLoopback(req):
+		s.refuse(req, "SM_UNMON", "not from this host")
+	case err != nil:
+		s.refuse(req, "SM_UNMON", "no virtual server for it", "my_name", a.MyID.MyName, "err", err)
+	default:
+		s.removeIf(v, func(e *entry) bool { return sameID(e.rec, &a.MyID) && e.rec.MonName == a.MonName })
+	}
+	return stateReply(res, v), nil
+}
+
+func (s *Service) handleUnmonAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a MyID
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
+		return nil, err
+	}
+	v, err := s.vipOf(ctx, req, a.MyName)
+	switch {
+	case !fromLoopback(req):
+		s.refuse(req, "SM_UNMON_ALL", "not from this host")
+	case err != nil:
+		s.refuse(req, "SM_UNMON_ALL", "no virtual server for it", "my_name", a.MyName, "err", err)
+	default:
+		s.removeIf(v, func(e *entry) bool { return sameID(e.rec, &a) })
+	}
+	return stateReply(res, v), nil
+}
+
+// handleSimuCrash makes the virtual server the request was sent to (or,
+// sent to an address that is none, every virtual server of this node) act
+// as if it had crashed and restarted: a new state number and
+// notifications to all its peers.
+func (s *Service) handleSimuCrash(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	if len(req.Args) != 0 {
+		return nil, fmt.Errorf("%w: SM_SIMU_CRASH takes no arguments", sunrpc.ErrGarbageArgs)
+	}
+	if !fromLoopback(req) {
+		s.refuse(req, "SM_SIMU_CRASH", "not from this host")
+		return res, nil
+	}
+	targets := s.cfg.VirtualServers.All()
+	if vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr()); ok {
+		targets = []*virtualserver.Server{vs}
+	}
+	for _, vs := range targets {
+		if err := s.Restart(ctx, vs); err != nil {
+			s.log.Error("nsm: SM_SIMU_CRASH", "vip", vs.Addr(), "err", err)
+		}
+	}
+	return res, nil
+}
+
+func (s *Service) handleNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
+	var a StatChge
+	var d xdr.Decoder
+	d.Reset(req.Args)
+	a.Decode(&d)
+	if err := garbage(&d); err != nil {
+		return nil, err
+	}
+	sender := req.Remote.Addr().Unmap()
+	clients, callbacks, matched := s.rebooted(ctx, a.MonName, sender, a.State, s.fromUs(req.Remote))
+	switch {
+	case !matched:
+		s.stats.NotifyUnknown.Add(1)
+		s.log.Info("nsm: SM_NOTIFY about a host not monitored here; ignored", "mon_name", a.MonName, "sender", sender, "state", a.State)
+	case len(clients) == 0 && callbacks == 0:
+		s.stats.NotifyDuplicate.Add(1)
+		s.log.Info("nsm: SM_NOTIFY with a state already seen; ignored", "mon_name", a.MonName, "sender", sender, "state", a.State)
+	default:
+		s.stats.NotifyAccepted.Add(1)
+		s.log.Info("nsm: a monitored host rebooted", "mon_name", a.MonName, "sender", sender, "state", a.State,
+			"clients_dropped", len(clients), "lock_managers_called", callbacks)
+	}
+	return res, nil
+}
