@@ -93,9 +93,11 @@ func smLine(r *Record) string {
 // file per peer, an empty sm.bak/, and a native-endian state file), so
 // that sm-notify can notify them instead of nlmd:
 //
-//	sm-notify -f -n -P DST -v VIP
+//	sm-notify -f -n -P DST
 //
-// (-n sends the stored state as is; without it sm-notify bumps it by 2).
+// Every line names the virtual server as my_name, which sm-notify sends as
+// mon_name (-n sends the stored state as is; without it sm-notify bumps it
+// by 2).
 // It returns the number of records written.
 func (d *Dir) ExportSM(dst string) (int, error) {
 	recs, errs := d.Records()
