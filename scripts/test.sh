@@ -4,7 +4,9 @@
 #      peers (rpcbind, rpcinfo, Ganesha, the nlmpeer probe) that run in
 #      private network namespaces. NLMHA_REQUIRE_PEERS=1 turns a missing peer
 #      into a failure rather than a skip, so nothing is silently left out.
-#   2. the real Linux kernel client (QEMU) against nlmd.
+#   2. the real Linux kernel client (QEMU) against nlmd (NLM and NSM):
+#      basic, procs, twoclients, notify (a client reboots) and restart
+#      (nlmd is killed and restarted; clients reclaim).
 # Namespaces, port 111 and QEMU networking need root: without it, the runs
 # go through sudo.
 set -euo pipefail
@@ -19,4 +21,5 @@ echo "== go test -race ./..."
 "${sudo[@]}" go test -race -count=1 -timeout 30m ./...
 echo "== kernel client scenarios"
 go build -o bin/ ./cmd/...
-"${sudo[@]}" integration/kernelclient/run.sh ${KERNEL_SCENARIOS:-basic procs twoclients}
+# shellcheck disable=SC2086 # KERNEL_SCENARIOS is a list; empty = run.sh's default set
+"${sudo[@]}" integration/kernelclient/run.sh ${KERNEL_SCENARIOS:-}

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs kernel-client scenarios (the real Linux NFSv3 client in QEMU) with
-# Ganesha serving NFS without NLM and nlmd serving NLM, and checks the
-# capture summary for what nlmd must have said on the wire.
+# Ganesha serving NFS without NLM and nlmd serving NLM and NSM (no rpc.statd
+# on the server side), and checks the capture summary and nlmd's log for
+# what nlmd must have done.
 #
 # usage: integration/kernelclient/run.sh [SCENARIO|path/to/scenario.sh ...]
-#        (default: basic procs twoclients). Needs root and a built bin/nlmd.
+#        (default: basic procs twoclients notify restart). Needs root and a
+#        built bin/nlmd. nlmd keeps its state in the run directory, so that a
+#        restart within a scenario finds it; it starts with a grace period,
+#        which ends at once when it has no clients to notify.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -26,21 +30,30 @@ check() { # FILE REGEX WHAT
 }
 
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients notify "$here/restart.sh")
 for s in "${scenarios[@]}"; do
 	case $s in */*) s=$(readlink -f "$s") ;; esac
 	echo "kernelclient: scenario $s"
 	start=$(date +%s)
-	if ! SERVER_MODE=ganesha-nonlm SERVER_STATD=${SERVER_STATD:-1} \
-		NLM_SERVER_CMD="exec $nlmd --log-level debug ${NLMD_ARGS:-}" "$kc/run.sh" "$s"; then
+	if ! SERVER_MODE=ganesha-nonlm SERVER_STATD=0 \
+		NLM_SERVER_CMD="exec $nlmd --log-level debug --state-dir \"\$RUN_DIR/nlmha\" --grace-period 15s ${NLMD_ARGS:-}" "$kc/run.sh" "$s"; then
 		echo "kernelclient: FAIL $s (logs: $(readlink -f "$kc/cache/runs/latest"))"
 		fail=1
 		continue
 	fi
 	summary=$kc/cache/runs/latest/rpc-summary.txt
+	log=$kc/cache/runs/latest/nlm-server.log
 	echo "kernelclient: $s passed in $(( $(date +%s) - start )) s; checking $summary"
 	check "$summary" "$server +-> +10\.77\.7\.[23] +NLM V4 LOCK Reply" "nlmd's LOCK replies"
+	check "$log" "nsm: monitoring.*mon_name=10\.77\.7\.[23]" "nlmd monitors the client (in process, no statd)"
 	case $(basename "$s" .sh) in
+	notify)
+		check "$summary" "10\.77\.7\.2 +-> +$server +STAT V1 NOTIFY Call" "the client's SM_NOTIFY to nlmd"
+		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Reply" "nlmd's reply to it"
+		check "$log" "nsm: a monitored host rebooted.*clients_dropped=1" "nlmd dropped the rebooted client's state" ;;
+	restart)
+		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Call" "nlmd's SM_NOTIFY to the client after its restart"
+		check "$log" "nsm: notification finished.*failed=0 notified=1" "nlmd's notifier reports the client notified" ;;
 	twoclients)
 		check "$summary" "$server +-> +10\.77\.7\.3 +NLM V4 LOCK Reply .*NLM_BLOCKED" "BLOCKED for the second client"
 		check "$summary" "$server +-> +10\.77\.7\.3 +NLM V4 GRANTED(_MSG)? Call" "GRANTED callback from the server address to the blocked client"
