@@ -9,10 +9,11 @@ REPEAT     ?= 1
 DURATION   ?= 10
 STATICCHECK = honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests start for real: rpcbind/rpcinfo for the
-# portmapper interop, iproute2 and util-linux for private network namespaces.
+# portmapper interop, nfs-common for rpc.statd and sm-notify (NSM interop),
+# iproute2 and util-linux for private network namespaces.
 # The peer tools beside the repository install what they need themselves
 # (nlmpeer: libnfs, Ganesha, nfs-common; kernel-client: QEMU and friends).
-TEST_DEBS   = rpcbind iproute2 util-linux
+TEST_DEBS   = rpcbind nfs-common iproute2 util-linux
 SHARED     ?= $(abspath ../shared)
 NLMPEER     = $(SHARED)/tools/nlmpeer
 
@@ -24,15 +25,20 @@ build:
 	$(GO) build -o bin/ ./cmd/...
 
 # On loopback: the system rpcbind if one runs, else nlmd's own portmapper
-# (port 111 needs root; without it nlmd serves and says so).
+# (port 111 needs root; without it nlmd serves and says so). As root the
+# state lives in /var/lib/nlmha and NSM on port 662; otherwise in
+# cache/state and on port 1662 (ports below 1024 need root).
+ROOT       := $(filter 0,$(shell id -u))
+RUN_STATE  ?= $(if $(ROOT),/var/lib/nlmha,$(CURDIR)/cache/state)
+RUN_NSM    ?= $(if $(ROOT),662,1662)
 run: build
-	bin/nlmd --listen 127.0.0.1 $(RUN_ARGS)
+	bin/nlmd --listen 127.0.0.1 --state-dir $(RUN_STATE) --nsm-port $(RUN_NSM) $(RUN_ARGS)
 
 deps:
 	scripts/deps.sh $(TEST_DEBS)
 	@test -d $(NLMPEER) || { echo "peer tools not found at $(SHARED)/tools (set SHARED=)"; exit 1; }
 	@if [ -x $(NLMPEER)/cache/bin/nlmprobe ] && command -v ganesha.nfsd >/dev/null; then :; \
-	 else $(if $(filter 0,$(shell id -u)),,sudo) $(NLMPEER)/setup.sh; fi
+	 else $(if $(ROOT),,sudo) $(NLMPEER)/setup.sh; fi
 
 lint:
 	@unformatted=$$(gofmt -l $$(find . -name '*.go' -not -path './cache/*')); \

@@ -457,4 +457,32 @@ func TestExportForSmNotify(t *testing.T) {
 			t.Fatalf("sm-notify did not tell %v mon_name %v state %d: %+v", c, vip, want, peers.Notifications())
 		}
 	}
+
+	// sm-notify -v VIP sends from the virtual server's address; it wants
+	// a reverse name for it, which a private /etc/hosts provides here.
+	hosts := filepath.Join(t.TempDir(), "hosts")
+	if err := os.WriteFile(hosts, []byte("127.0.0.1 localhost\n127.0.0.2 vip-two\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount(hosts, "/etc/hosts", "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount("/etc/hosts", 0)
+	peers.Reset()
+	dir = t.TempDir() // sm-notify removed what it notified: export again
+	if out, err := runCmd(10*time.Second, admin, "--state-dir", state, "export-sm", vip.String(), dir); err != nil {
+		t.Fatalf("nlmadmin export-sm: %v\n%s", err, out)
+	}
+	out, err := runCmd(60*time.Second, "sm-notify", "-f", "-d", "-n", "-P", dir, "-v", vip.String())
+	if err != nil {
+		t.Fatalf("sm-notify -v: %v\n%s", err, out)
+	}
+	if err := peers.WaitNotified(2, 10*time.Second); err != nil {
+		t.Fatalf("sm-notify -v notified %d of 2 clients:\n%s", peers.Notified(), out)
+	}
+	for _, nt := range peers.Notifications() {
+		if nt.From.Addr() != vip || nt.State != want {
+			t.Fatalf("sm-notify -v sent %+v; want it from %v with state %d", nt, vip, want)
+		}
+	}
 }

@@ -71,6 +71,26 @@ func (d *Dir) AddClient(c Client, myName string) error {
 	return d.st.put(smDir, clientRecord(c, myName, time.Now()))
 }
 
+// AddClients writes many client records at once, with one file-system
+// sync for all (an import, or a benchmark's fixture).
+func (d *Dir) AddClients(clients []Client, myName string) error {
+	if myName == "" {
+		myName = d.vip.String()
+	}
+	files := make(map[string][]byte, len(clients))
+	now := time.Now()
+	for _, c := range clients {
+		c.Addr = c.Addr.Unmap()
+		r := clientRecord(c, myName, now)
+		b, err := marshalRecord(r)
+		if err != nil {
+			return err
+		}
+		files[r.fileName()] = b
+	}
+	return virtualserver.WriteFilesAtomic(filepath.Join(d.st.dir, smDir), files, filePerm)
+}
+
 // loopbackSAddr is INADDR_LOOPBACK as rpc.statd prints it in sm/ files:
 // the network-order address read as a host integer.
 var loopbackSAddr = binary.NativeEndian.Uint32([]byte{127, 0, 0, 1})

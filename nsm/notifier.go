@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -125,7 +126,12 @@ type job struct {
 	args    []byte // the encoded stat_chge, the same for every peer
 	targets []*target
 	queue   targetHeap
-	inbox   chan delivery
+	// inbox takes replies from the socket reader without ever blocking
+	// it or losing one (a lost reply costs its peer a retransmission
+	// timeout): a list under a lock, and a doorbell.
+	inboxMu sync.Mutex
+	inbox   []delivery
+	bell    chan struct{}
 	xid     uint32
 	fresh   int
 	left    int
@@ -140,9 +146,9 @@ func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName s
 	c := StatChge{MonName: monName, State: state}
 	j := &job{
 		cfg: cfg, rpc: rpc, from: from, args: c.Append(nil),
-		inbox: make(chan delivery, 4*cfg.Window+16),
-		xid:   rand.Uint32(),
-		prog:  Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
+		bell: make(chan struct{}, 1),
+		xid:  rand.Uint32(),
+		prog: Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
 	}
 	for _, l := range recs {
 		j.targets = append(j.targets, &target{file: l.file, rec: l.rec, idx: -1})
@@ -198,15 +204,14 @@ func (j *job) run(ctx context.Context) {
 		}
 		timer.Reset(max(0, wake.Sub(now)))
 		select {
-		case d := <-j.inbox:
-			j.handle(d, time.Now())
-			for more := true; more; {
-				select {
-				case d := <-j.inbox:
-					j.handle(d, time.Now())
-				default:
-					more = false
-				}
+		case <-j.bell:
+			j.inboxMu.Lock()
+			batch := j.inbox
+			j.inbox = nil
+			j.inboxMu.Unlock()
+			now := time.Now()
+			for _, d := range batch {
+				j.handle(d, now)
 			}
 		case <-timer.C:
 		case <-ctx.Done():
@@ -269,9 +274,12 @@ func (j *job) send(t *target, now time.Time) {
 		}
 		xid := t.xid
 		j.rpc.ExpectReply(t.peer, xid, func(msg []byte) {
+			j.inboxMu.Lock()
+			j.inbox = append(j.inbox, delivery{t: t, xid: xid, msg: msg})
+			j.inboxMu.Unlock()
 			select {
-			case j.inbox <- delivery{t: t, xid: xid, msg: msg}:
-			default: // the loop is behind; the retransmission will ask again
+			case j.bell <- struct{}{}:
+			default:
 			}
 		})
 	}
@@ -411,28 +419,58 @@ func (j *job) fail(t *target, why string) {
 	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why)
 }
 
-// remover unlinks the files of notified peers off the event loop. A
-// removal lost in a crash only means one more notification next time, so
-// the directory is not synced for each.
+// remover unlinks the files of notified peers off the event loop, which
+// hands them over without ever waiting. A removal lost in a crash only
+// means one more notification next time, so the directory is not synced
+// for each.
 type remover struct {
-	dir string
-	ch  chan string
-	wg  sync.WaitGroup
+	dir   string
+	mu    sync.Mutex
+	files []string
+	done  bool
+	bell  chan struct{}
+	wg    sync.WaitGroup
 }
 
 func newRemover(dir string) *remover {
-	r := &remover{dir: dir, ch: make(chan string, 1024)}
+	r := &remover{dir: dir, bell: make(chan struct{}, 1)}
 	r.wg.Go(func() {
-		for f := range r.ch {
-			os.Remove(dir + "/" + f)
+		for {
+			<-r.bell
+			r.mu.Lock()
+			files, done := r.files, r.done
+			r.files = nil
+			r.mu.Unlock()
+			for _, f := range files {
+				os.Remove(filepath.Join(dir, f))
+			}
+			if done {
+				return
+			}
 		}
 	})
 	return r
 }
 
-func (r *remover) remove(f string) { r.ch <- f }
+func (r *remover) ring() {
+	select {
+	case r.bell <- struct{}{}:
+	default:
+	}
+}
 
+func (r *remover) remove(f string) {
+	r.mu.Lock()
+	r.files = append(r.files, f)
+	r.mu.Unlock()
+	r.ring()
+}
+
+// close removes what is left and waits.
 func (r *remover) close() {
-	close(r.ch)
+	r.mu.Lock()
+	r.done = true
+	r.mu.Unlock()
+	r.ring()
 	r.wg.Wait()
 }

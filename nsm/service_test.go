@@ -33,7 +33,7 @@ var (
 // node is one NSM service on a wildcard UDP and TCP socket of its own,
 // with the simulated peers it notifies.
 type node struct {
-	t        *testing.T
+	t        testing.TB
 	dir      string
 	reg      *virtualserver.Registry
 	rpc      *sunrpc.Server
@@ -53,9 +53,10 @@ type nodeOpts struct {
 	vips     []virtualserver.Spec
 	resolver Resolver
 	unknown  bool
+	quiet    bool // no debug log (benchmarks)
 }
 
-func startNode(t *testing.T, o nodeOpts) *node {
+func startNode(t testing.TB, o nodeOpts) *node {
 	t.Helper()
 	if o.dir == "" {
 		o.dir = t.TempDir()
@@ -75,7 +76,7 @@ func startNode(t *testing.T, o nodeOpts) *node {
 	if o.vips == nil {
 		o.vips = []virtualserver.Spec{{Addr: vip2, Name: "vip-two"}, {Addr: vip3}}
 	}
-	n := &node{t: t, dir: o.dir, peers: o.peers, rpc: &sunrpc.Server{}}
+	n := &node{t: t, dir: o.dir, peers: o.peers, rpc: &sunrpc.Server{UDPBuffer: 4 << 20}}
 	n.reg = virtualserver.New(virtualserver.Config{Servers: o.vips, Grace: o.grace, Start: time.Now(), ServeUnknown: o.unknown,
 		OnNew: func(vs *virtualserver.Server) { n.svc.Attach(vs) }})
 	pc, err := net.ListenPacket("udp4", "0.0.0.0:0")
@@ -104,7 +105,7 @@ func startNode(t *testing.T, o nodeOpts) *node {
 			n.mu.Unlock()
 			return nil
 		},
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger: logger(t, o.quiet),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +129,14 @@ func (n *node) stop() {
 	n.svc.Close()
 }
 
-type testWriter struct{ t *testing.T }
+func logger(t testing.TB, quiet bool) *slog.Logger {
+	if quiet {
+		return slog.New(slog.DiscardHandler)
+	}
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
@@ -168,7 +176,7 @@ func (n *node) rebootedClients() [][]Client {
 	return slices.Clone(n.rebooted)
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {
@@ -179,7 +187,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func files(t *testing.T, dir string) []string {
+func files(t testing.TB, dir string) []string {
 	t.Helper()
 	ents, err := os.ReadDir(dir)
 	if err != nil {

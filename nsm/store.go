@@ -159,6 +159,22 @@ func (s *store) load(sub string) ([]loaded, []damaged) {
 // through) is replaced by the same peer's newer record.
 func (s *store) retire() error {
 	dir := filepath.Join(s.dir, smDir)
+	nd := filepath.Join(s.dir, notifyDir)
+	if left, err := os.ReadDir(nd); err == nil && len(left) == 0 {
+		// The common case, nothing left to notify: one rename moves the
+		// whole list. A crash in between leaves sm/ or notify/ missing,
+		// which the next openStore creates again; no record is lost.
+		if err := os.Remove(nd); err != nil {
+			return fmt.Errorf("nsm: retiring monitor records: %w", err)
+		}
+		if err := os.Rename(dir, nd); err != nil {
+			return fmt.Errorf("nsm: retiring monitor records: %w", err)
+		}
+		if err := os.Mkdir(dir, dirPerm); err != nil {
+			return fmt.Errorf("nsm: retiring monitor records: %w", err)
+		}
+		return virtualserver.SyncDir(s.dir)
+	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("nsm: retiring monitor records: %w", err)

@@ -5,10 +5,12 @@
 #
 #   scripts/bench.sh            everything (needs root for the namespaces)
 #   COUNT=5 DURATION=10 REPEAT=3 scripts/bench.sh   (summary: medians)
-#   SKIP_GO=1 / SKIP_LOAD=1     leave out one half
+#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1   leave out a part
+#   SM_NOTIFY_MAX=10000         also time sm-notify with 10 000 clients (minutes)
 #
 # Results go to cache/bench/: go.txt (benchmarks), nlmbench.txt, load.txt
-# (nlmload RESULT lines plus each server's CPU), summary.txt.
+# (nlmload RESULT lines plus each server's CPU), notify.txt (fan-out),
+# summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -84,7 +86,7 @@ inner_nlmd() {
 	ganesha.nfsd -F -f "$dir/ganesha.conf" -L "$dir/ganesha.log" -p "$dir/ganesha.pid" -N NIV_EVENT &
 	local gan=$!
 	wait_prog 100003 30
-	bin/nlmd --log-level warn &
+	bin/nlmd --log-level warn --state-dir "$dir/state" &
 	local nlmd=$!
 	wait_prog 100021 10
 	for t in tcp udp; do
@@ -110,9 +112,19 @@ inner_ganesha() {
 	NETNS= "$NLMPEER/run-ganesha.sh" stop
 }
 
+# SM_NOTIFY fan-out: nlmd's notifier, then nfs-utils' sm-notify on the same
+# list, to simulated client statds (127.x.y.z, one portmapper and statd for
+# all); state directories on tmpfs for both.
+inner_notify() {
+	private_net
+	mount -t tmpfs tmpfs /tmp
+	bin/nlmbench notify --clients 1000,10000 --repeat "$REPEAT" --sm-notify-max "${SM_NOTIFY_MAX:-1000}"
+}
+
 case ${1:-} in
 --inner-nlmd) inner_nlmd; exit ;;
 --inner-ganesha) inner_ganesha; exit ;;
+--inner-notify) inner_notify; exit ;;
 esac
 
 mkdir -p "$OUT"
@@ -120,12 +132,40 @@ if [ -z "${SKIP_GO:-}" ]; then
 	echo "== Go benchmarks (-count $COUNT)"
 	go test -run '^$' -bench . -benchmem -count "$COUNT" -timeout 60m ./... | tee "$OUT/go.txt"
 fi
+sudo=()
+[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT,SM_NOTIFY_MAX env "PATH=$PATH")
+go build -o bin/ ./cmd/...
+: >"$OUT/summary.txt"
+if [ -z "${SKIP_NOTIFY:-}" ]; then
+	echo "== SM_NOTIFY fan-out: nlmd and sm-notify to simulated client statds"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-notify | tee "$OUT/notify.txt"
+	awk '
+	function get(line, key,   n, f, i, kv) {
+		n = split(line, f, " ")
+		for (i = 1; i <= n; i++) { split(f[i], kv, "="); if (kv[1] == key) return kv[2] }
+		return ""
+	}
+	function median(s,   n, a, i, j, t) {
+		n = split(substr(s, 2), a, ",")
+		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+	}
+	/^RESULT/ && get($0, "finished") != "false" {
+		k = get($0, "notifier") " " get($0, "clients")
+		secs[k] = secs[k] "," get($0, "seconds")
+		if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+	}
+	END {
+		printf "SM_NOTIFY fan-out (medians of notify.txt)\n%-22s %10s %12s\n", "notifier clients", "seconds", "clients/s"
+		for (i = 1; i <= n; i++) {
+			k = order[i]; m = median(secs[k]); split(k, p, " ")
+			printf "%-22s %10.3f %12.0f\n", k, m, p[2] / m
+		}
+	}' "$OUT/notify.txt" | tee -a "$OUT/summary.txt"
+fi
 [ -n "${SKIP_LOAD:-}" ] && exit 0
 
-sudo=()
-[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT env "PATH=$PATH")
 [ -x "$NLMPEER/cache/bin/nlmload" ] || "${sudo[@]}" "$NLMPEER/setup.sh"
-go build -o bin/ ./cmd/...
 : >"$OUT/load.txt"
 : >"$OUT/nlmbench.txt"
 echo "== nlmd (Ganesha serving NFS without NLM, nlmd serving NLM)"
@@ -164,4 +204,4 @@ END {
 		la = median(p99["nlmd", k]); lb = median(p99["ganesha", k])
 		printf "%-18s %12.0f %12.0f %6.2fx %12.2f %12.2f %6.2fx %10.0f %10.0f %6.2fx\n", k, pa, pb, pa / pb, ca, cb, ca / cb, la, lb, la / lb
 	}
-}' "$OUT/load.txt" | tee "$OUT/summary.txt"
+}' "$OUT/load.txt" | tee -a "$OUT/summary.txt"

@@ -179,6 +179,9 @@ type Server struct {
 	// for them before further ones are dropped and counted.
 	UDPWorkers int
 	UDPQueue   int
+	// UDPBuffer, if set, is the receive and send buffer size of the UDP
+	// sockets served (see SetUDPBuffers).
+	UDPBuffer int
 	// DRCSize bounds the duplicate request cache (entries); DRCLifetime is
 	// how long an answer is kept for retransmissions.
 	DRCSize     int

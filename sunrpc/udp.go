@@ -59,6 +59,9 @@ func (s *Server) ServePacket(pc net.PacketConn) error {
 	if err := u.enablePktinfo(); err != nil {
 		return err
 	}
+	if s.UDPBuffer > 0 {
+		SetUDPBuffers(c, s.UDPBuffer)
+	}
 	if !s.trackPacket(u, true) {
 		c.Close()
 		return ErrServerClosed
@@ -302,4 +305,29 @@ func (s *Server) SendPacket(from, to netip.AddrPort, msg []byte) error {
 		return fmt.Errorf("%w: %v", ErrNoSocket, from)
 	}
 	return best.send(msg, from.Addr(), to)
+}
+
+// SetUDPBuffers sizes a UDP socket's receive and send buffers. With
+// CAP_NET_ADMIN it goes past the system's maximum (SO_RCVBUFFORCE), as a
+// daemon that takes bursts (hundreds of replies to a fan-out at once) must;
+// without, it gets what the system allows. It reports the first failure.
+func SetUDPBuffers(c *net.UDPConn, bytes int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{syscall.SO_RCVBUFFORCE, syscall.SO_RCVBUF}, {syscall.SO_SNDBUFFORCE, syscall.SO_SNDBUF}} {
+			if syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, o[0], bytes) != nil {
+				if e := syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, o[1], bytes); e != nil && serr == nil {
+					serr = e
+				}
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
 }

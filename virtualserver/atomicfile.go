@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempPrefix starts the names of files being written by WriteFileAtomic.
@@ -93,4 +95,49 @@ func CleanTemp(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// WriteFilesAtomic writes many files into dir, each atomically as with
+// WriteFileAtomic, at the cost of one file-system sync instead of one per
+// file: every temporary file is written, then syncfs(2) makes them all
+// durable, then they are renamed into place and the directory is synced.
+func WriteFilesAtomic(dir string, files map[string][]byte, perm fs.FileMode) error {
+	tmps := make(map[string]string, len(files))
+	defer func() {
+		for _, t := range tmps {
+			os.Remove(t)
+		}
+	}()
+	for name, data := range files {
+		f, err := os.CreateTemp(dir, TempPrefix+name+"-*")
+		if err != nil {
+			return fmt.Errorf("writing %s: %w", name, err)
+		}
+		tmps[name] = f.Name()
+		_, err = f.Write(data)
+		if err == nil {
+			err = f.Chmod(perm)
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("writing %s: %w", name, err)
+		}
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	for name, tmp := range tmps {
+		if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("renaming into %s: %w", name, err)
+		}
+		delete(tmps, name)
+	}
+	return d.Sync()
 }

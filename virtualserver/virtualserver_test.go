@@ -2,6 +2,8 @@ package virtualserver
 
 import (
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -44,5 +46,44 @@ func TestServeUnknown(t *testing.T) {
 	}
 	if len(r.All()) != 1 {
 		t.Fatal("All")
+	}
+}
+
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := dir + "/f"
+	if err := WriteFileAtomic(p, []byte("one"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFileAtomic(p, []byte("two"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "two" {
+		t.Fatalf("contents %q", b)
+	}
+	if err := WriteFilesAtomic(dir, map[string][]byte{"a": []byte("A"), "b": []byte("B")}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A crashed write leaves a temporary file, which CleanTemp removes.
+	os.WriteFile(dir+"/"+TempPrefix+"f-123", []byte("half"), 0o600)
+	if err := CleanTemp(dir); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, ",") != "a,b,f" {
+		t.Fatalf("directory holds %v", names)
+	}
+	if st, _ := os.Stat(dir + "/a"); st.Mode().Perm() != 0o644 {
+		t.Fatalf("mode %v", st.Mode())
+	}
+	if err := RemoveFileSync(dir + "/a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveFileSync(dir + "/a"); err != nil {
+		t.Fatal("removing a missing file:", err)
 	}
 }

@@ -9,6 +9,8 @@
 //	contended    one file, every client its own range
 //	conflicting  one file, one range, non-blocking: most LOCKs are DENIED
 //	             (counted and retried at once)
+//
+// `nlmbench notify` measures the SM_NOTIFY fan-out instead (see notify.go).
 package main
 
 import (
@@ -40,6 +42,9 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "notify" {
+		os.Exit(runNotify(os.Args[2:]))
+	}
 	var o options
 	fs := flag.NewFlagSet("nlmbench", flag.ContinueOnError)
 	fs.SortFlags = false

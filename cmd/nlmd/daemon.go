@@ -65,8 +65,11 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		return nil, err
 	}
 	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{})}
-	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord}
-	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord}
+	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
+	// in bursts of hundreds of datagrams, and a datagram dropped by the
+	// kernel costs its sender a retransmission timeout.
+	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20}
+	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20}
 	registry := virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, Start: time.Now(),
 		// A served address seen for the first time starts its monitor.
 		OnNew: func(vs *virtualserver.Server) { d.nsm.Attach(vs) }})

@@ -98,6 +98,14 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	default:
 		return nil, fs, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
 	}
+	switch {
+	case o.nsmPort == o.nlmPort:
+		return nil, fs, fmt.Errorf("--nsm-port and --nlm-port are both %d: NLM and NSM need ports of their own", o.nlmPort)
+	case o.stateDir == "":
+		return nil, fs, errors.New("--state-dir is empty")
+	case o.notifyWindow < 1:
+		return nil, fs, fmt.Errorf("--notify-window %d: want at least 1", o.notifyWindow)
+	}
 	return o, fs, nil
 }
 

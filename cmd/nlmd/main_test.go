@@ -30,8 +30,10 @@ func TestHelpDocumentsEveryFlag(t *testing.T) {
 }
 
 func TestParseFlags(t *testing.T) {
-	o, _, err := parseFlags([]string{"--nlm-port", "32803", "--vip", "10.0.0.5=nfs-a", "--vip", "10.0.0.6", "--log-format", "json"})
-	if err != nil || o.nlmPort != 32803 || len(o.vips) != 2 || o.logFormat != "json" {
+	o, _, err := parseFlags([]string{"--nlm-port", "32803", "--vip", "10.0.0.5=nfs-a", "--vip", "10.0.0.6", "--log-format", "json",
+		"--nsm-port", "32765", "--state-dir", "/srv/nlmha", "--no-notify", "--ha-callout", "/usr/lib/ctdb/statd_callout"})
+	if err != nil || o.nlmPort != 32803 || len(o.vips) != 2 || o.logFormat != "json" || o.nsmPort != 32765 ||
+		o.stateDir != "/srv/nlmha" || !o.noNotify || o.haCallout != "/usr/lib/ctdb/statd_callout" || o.notifyGiveUp.Minutes() != 15 {
 		t.Fatalf("%+v %v", o, err)
 	}
 	vips, err := parseVIPs(o.vips)
@@ -40,6 +42,7 @@ func TestParseFlags(t *testing.T) {
 	}
 	for _, bad := range [][]string{
 		{"--rpcbind", "maybe"}, {"--log-format", "xml"}, {"--nlm-port", "70000"}, {"stray"},
+		{"--nsm-port", "4045"}, {"--state-dir", ""}, {"--notify-window", "0"},
 	} {
 		if _, _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v accepted", bad)

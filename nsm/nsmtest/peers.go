@@ -79,8 +79,10 @@ func Start(pmPort uint16) (*Peers, error) {
 	}
 	p.StatdPort = uint16(p.stConn.LocalAddr().(*net.UDPAddr).Port)
 	p.PortmapPort = uint16(p.pmConn.LocalAddr().(*net.UDPAddr).Port)
-	p.pm = &sunrpc.Server{}
-	p.statd = &sunrpc.Server{}
+	// Real client hosts each have their own statd; this one stands for
+	// thousands, so it queues what arrives at once instead of dropping.
+	p.pm = &sunrpc.Server{UDPQueue: 1 << 16, UDPBuffer: 8 << 20}
+	p.statd = &sunrpc.Server{UDPQueue: 1 << 16, UDPBuffer: 8 << 20}
 	pmProcs := make([]sunrpc.Proc, 4)
 	pmProcs[0] = sunrpc.Proc{Name: "NULL", Handler: null}
 	pmProcs[sunrpc.PmapProcGetPort] = sunrpc.Proc{Name: "GETPORT", Handler: p.getPort}
@@ -108,6 +110,12 @@ func Start(pmPort uint16) (*Peers, error) {
 }
 
 func null(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte, error) { return res, nil }
+
+// Drops is the number of datagrams the simulated hosts dropped for lack
+// of queue room (each costs its sender a retransmission timeout).
+func (p *Peers) Drops() uint64 {
+	return p.pm.Stats().UDPQueueDrops + p.statd.Stats().UDPQueueDrops
+}
 
 // Close stops the servers.
 func (p *Peers) Close() {
@@ -232,6 +240,14 @@ func (p *Peers) lockdNotify(_ context.Context, req *sunrpc.Request, res []byte) 
 func (p *Peers) signal() {
 	close(p.changed)
 	p.changed = make(chan struct{})
+}
+
+// Reset forgets the notifications and callbacks received so far.
+func (p *Peers) Reset() {
+	p.mu.Lock()
+	p.notes, p.callbacks = nil, nil
+	p.byHost = map[netip.Addr]int{}
+	p.mu.Unlock()
 }
 
 // Notifications returns the SM_NOTIFY calls received so far.

@@ -1,0 +1,75 @@
+package nsm
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nlmha/nlmha/nsm/nsmtest"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// seed writes n client records of vip2 straight into sm/ (no fsync: the
+// benchmark measures the notifier, not the disk).
+func seed(b testing.TB, dir string, n int) {
+	b.Helper()
+	sm := filepath.Join(VIPDir(dir, vip2.String()), smDir)
+	if err := os.MkdirAll(sm, dirPerm); err != nil {
+		b.Fatal(err)
+	}
+	for i := range n {
+		r := clientRecord(Client{Caller: fmt.Sprint("c", i), Addr: benchAddr(i)}, "vip-two", fixedTime)
+		data, err := marshalRecord(r)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sm, r.fileName()), data, filePerm); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchAddr(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{127, 1 + byte(i/60000), byte(i % 60000 / 240), 1 + byte(i%240)})
+}
+
+// BenchmarkNotifyFanout is the time from a virtual server's start to the
+// last of n simulated client statds (each behind its own loopback address,
+// reached through its portmapper) having SM_NOTIFY, with the default window.
+func BenchmarkNotifyFanout(b *testing.B) {
+	peers, err := nsmtest.Start(0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer peers.Close()
+	for _, n := range []int{1000, 10000} {
+		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			var total time.Duration
+			for range b.N {
+				b.StopTimer()
+				dir := b.TempDir()
+				seed(b, dir, n)
+				peers.Reset()
+				b.StartTimer()
+				start := time.Now()
+				nd := startNode(b, nodeOpts{dir: dir, peers: peers, quiet: true, vips: []virtualserver.Spec{{Addr: vip2, Name: "vip-two"}},
+					notify: NotifyConfig{Timeout: 2 * time.Second, MaxTimeout: 120 * time.Second}})
+				for peers.Notified() < n {
+					if time.Since(start) > time.Minute {
+						b.Fatalf("notified %d of %d", peers.Notified(), n)
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+				total += time.Since(start)
+				b.StopTimer()
+				nd.stop()
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(n)*float64(b.N)/total.Seconds(), "clients/s")
+		})
+	}
+}
