@@ -133,12 +133,18 @@ func startDaemon(t *testing.T, name string, args ...string) *proc {
 // waitPortmapper waits until a portmapper answers NULL at addr.
 func waitPortmapper(t *testing.T, addr netip.AddrPort) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	waitNull(t, addr, sunrpc.PmapProg, sunrpc.PmapVers2)
+}
+
+// waitNull waits until (prog, vers) answers NULL over UDP at addr.
+func waitNull(t *testing.T, addr netip.AddrPort, prog, vers uint32) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		c, err := sunrpc.Dial(context.Background(), sunrpc.UDP, addr, sunrpc.ClientOptions{Retransmit: 50 * time.Millisecond})
 		if err == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-			_, err = c.Call(ctx, sunrpc.PmapProg, sunrpc.PmapVers2, sunrpc.PmapProcNull, nil)
+			_, err = c.Call(ctx, prog, vers, 0, nil)
 			cancel()
 			c.Close()
 			if err == nil {
@@ -146,7 +152,7 @@ func waitPortmapper(t *testing.T, addr netip.AddrPort) {
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no portmapper at %v: %v", addr, err)
+			t.Fatalf("no answer from %d v%d at %v: %v", prog, vers, addr, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -83,26 +83,22 @@ func nlmdArgs(state string, extra ...string) []string {
 	return append([]string{"--nlm-port", fmt.Sprint(nlmPort), "--nsm-port", fmt.Sprint(nsmPort), "--state-dir", state, "--log-level", "debug"}, extra...)
 }
 
+// simClients simulates the client hosts: a portmapper on port 111 and a
+// statd answering for every loopback address (no real rpcbind may run).
+func simClients(t *testing.T) *nsmtest.Peers {
+	t.Helper()
+	peers, err := nsmtest.Start(111)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(peers.Close)
+	return peers
+}
+
 // waitServing waits until nlmd answers NSM at addr.
 func waitServing(t *testing.T, addr netip.Addr) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		c, err := sunrpc.Dial(context.Background(), sunrpc.UDP, netip.AddrPortFrom(addr, nsmPort), sunrpc.ClientOptions{Retransmit: 50 * time.Millisecond})
-		if err == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-			_, err = c.Call(ctx, nsm.Prog, nsm.Vers, nsm.ProcNull, nil)
-			cancel()
-			c.Close()
-			if err == nil {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("nlmd does not answer at %v: %v", addr, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitNull(t, netip.AddrPortFrom(addr, nsmPort), nsm.Prog, nsm.Vers)
 }
 
 // Acceptance 1: our notifier reaches a real rpc.statd. The rpc.statd of
@@ -246,11 +242,7 @@ func TestKill9WhileMonitoring(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	peers, err := nsmtest.Start(111) // the clients' portmapper and statd
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peers.Close()
+	peers := simClients(t)
 	state := t.TempDir()
 	args := nlmdArgs(state, "--vip", vip.String(), "--serve-unknown=false", "--rpcbind", "none", "--grace-period", "60s")
 	p := startDaemon(t, nlmd, args...)
@@ -360,11 +352,7 @@ func TestTwoVirtualServers(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	peers, err := nsmtest.Start(111)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peers.Close()
+	peers := simClients(t)
 	state := t.TempDir()
 	args := nlmdArgs(state, "--vip", vip.String(), "--vip", vip3.String()+"=vip-three", "--serve-unknown=false", "--rpcbind", "none")
 	p := startDaemon(t, nlmd, args...)
@@ -419,11 +407,7 @@ func TestExportForSmNotify(t *testing.T) {
 	if !inNetns(t, "sm-notify") {
 		return
 	}
-	peers, err := nsmtest.Start(111)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peers.Close()
+	peers := simClients(t)
 	state := t.TempDir()
 	p := startDaemon(t, nlmd, nlmdArgs(state, "--vip", vip.String(), "--serve-unknown=false", "--rpcbind", "none")...)
 	waitServing(t, vip)

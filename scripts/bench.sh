@@ -21,6 +21,19 @@ DURATION=${DURATION:-10}
 COUNT=${COUNT:-5}
 REPEAT=${REPEAT:-1}
 HZ=$(getconf CLK_TCK)
+# get(line, key): a key=value field of a RESULT line; median(",a,b,c").
+AWKLIB='
+function get(line, key,   n, f, i, kv) {
+	n = split(line, f, " ")
+	for (i = 1; i <= n; i++) { split(f[i], kv, "="); if (kv[1] == key) return kv[2] }
+	return ""
+}
+function median(s,   n, a, i, j, t) {
+	n = split(substr(s, 2), a, ",")
+	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+'
 
 proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime+stime, ticks
 
@@ -139,17 +152,7 @@ go build -o bin/ ./cmd/...
 if [ -z "${SKIP_NOTIFY:-}" ]; then
 	echo "== SM_NOTIFY fan-out: nlmd and sm-notify to simulated client statds"
 	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-notify | tee "$OUT/notify.txt"
-	awk '
-	function get(line, key,   n, f, i, kv) {
-		n = split(line, f, " ")
-		for (i = 1; i <= n; i++) { split(f[i], kv, "="); if (kv[1] == key) return kv[2] }
-		return ""
-	}
-	function median(s,   n, a, i, j, t) {
-		n = split(substr(s, 2), a, ",")
-		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-	}
+	awk "$AWKLIB"'
 	/^RESULT/ && get($0, "finished") != "false" {
 		k = get($0, "notifier") " " get($0, "clients")
 		secs[k] = secs[k] "," get($0, "seconds")
@@ -175,17 +178,7 @@ echo "== NFS-Ganesha 4.3 with its own NLM (the baseline)"
 
 # Side by side: nlmd against Ganesha for each shape both ran, medians over
 # the repetitions.
-awk '
-function get(line, key,   n, f, i, kv) {
-	n = split(line, f, " ")
-	for (i = 1; i <= n; i++) { split(f[i], kv, "="); if (kv[1] == key) return kv[2] }
-	return ""
-}
-function median(s,   n, a, i, j, t) {
-	n = split(substr(s, 2), a, ",")
-	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-}
+awk "$AWKLIB"'
 /^RESULT/ {
 	k = get($0, "mode") " " get($0, "conns") " " get($0, "proto"); sv = get($0, "server")
 	pairs[sv, k] = pairs[sv, k] "," get($0, "pairs_per_s")
