@@ -195,12 +195,18 @@ func (s *Service) StartAll() error {
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("nsm: %w", err))...)
 	}
+	local := localPrefixes()
 	for _, e := range ents {
 		a, err := netip.ParseAddr(e.Name())
-		if err != nil || !e.IsDir() {
+		if err != nil || !e.IsDir() || seen[a] {
 			continue
 		}
-		vs, ok := s.cfg.VirtualServers.Lookup(a)
+		// An address that is not configured is served (ServeUnknown) only
+		// while this host has it; otherwise it may be another node's now.
+		vs, ok := s.cfg.VirtualServers.Get(a)
+		if !ok && isLocal(local, a) {
+			vs, ok = s.cfg.VirtualServers.Lookup(a)
+		}
 		if !ok {
 			s.log.Info("nsm: keeping the state of a virtual server not served here", "vip", a)
 			continue
@@ -208,6 +214,34 @@ func (s *Service) StartAll() error {
 		start(vs)
 	}
 	return errors.Join(errs...)
+}
+
+// localPrefixes are the networks of this host's addresses.
+func localPrefixes() []netip.Prefix {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if p, err := netip.ParsePrefix(n.String()); err == nil {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// isLocal tells whether a is one of this host's addresses: assigned, or in
+// the loopback network (where Linux answers for every address).
+func isLocal(local []netip.Prefix, a netip.Addr) bool {
+	for _, p := range local {
+		if p.Addr().Unmap() == a || (a.IsLoopback() && p.Addr().IsLoopback() && p.Contains(a)) {
+			return true
+		}
+	}
+	return false
 }
 
 // Attach starts a virtual server that the registry just created (a

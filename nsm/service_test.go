@@ -780,3 +780,24 @@ func TestSelfNotification(t *testing.T) {
 		t.Fatalf("rebooted: %v", got)
 	}
 }
+
+// With ServeUnknown, the state directory's virtual servers start only if
+// this host has their address (one that moved away is another node's).
+func TestStartAllOnlyLocalUnknown(t *testing.T) {
+	dir := t.TempDir()
+	for _, a := range []string{"127.0.0.9", "192.0.2.7"} { // no records: nothing is sent either way
+		if _, err := OpenDir(dir, mustAddr(a)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := startNode(t, nodeOpts{dir: dir, unknown: true, vips: []virtualserver.Spec{{Addr: vip2}}})
+	if st, ok := n.svc.State(mustAddr("127.0.0.9")); !ok || st != 1 {
+		t.Fatalf("local address: state %d %v", st, ok)
+	}
+	if _, ok := n.svc.State(mustAddr("192.0.2.7")); ok {
+		t.Fatal("a virtual server whose address this host lacks was started")
+	}
+	if _, ok := n.reg.Get(mustAddr("192.0.2.7")); ok {
+		t.Fatal("a virtual server whose address this host lacks was created")
+	}
+}

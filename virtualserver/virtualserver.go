@@ -138,6 +138,15 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	return v, true
 }
 
+// Get returns the virtual server at a if it exists, without creating one
+// for ServeUnknown.
+func (r *Registry) Get(a netip.Addr) (*Server, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	v := r.servers[a.Unmap()]
+	return v, v != nil
+}
+
 // All returns the known virtual servers.
 func (r *Registry) All() []*Server {
 	r.mu.RLock()
