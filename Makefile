@@ -26,13 +26,11 @@ build:
 
 # On loopback: the system rpcbind if one runs, else nlmd's own portmapper
 # (port 111 needs root; without it nlmd serves and says so). As root the
-# state lives in /var/lib/nlmha and NSM on port 662; otherwise in
-# cache/state and on port 1662 (ports below 1024 need root).
+# state lives in /var/lib/nlmha, otherwise in cache/state.
 ROOT       := $(filter 0,$(shell id -u))
 RUN_STATE  ?= $(if $(ROOT),/var/lib/nlmha,$(CURDIR)/cache/state)
-RUN_NSM    ?= $(if $(ROOT),662,1662)
 run: build
-	bin/nlmd --listen 127.0.0.1 --state-dir $(RUN_STATE) --nsm-port $(RUN_NSM) $(RUN_ARGS)
+	bin/nlmd --listen 127.0.0.1 --state-dir $(RUN_STATE) $(RUN_ARGS)
 
 deps:
 	scripts/deps.sh $(TEST_DEBS)

@@ -39,7 +39,7 @@ func TestNlmdLifecycle(t *testing.T) {
 					t.Fatalf("rpcinfo lacks NLM v%d %s: %v", v, p, got)
 				}
 			}
-			if !got[key(nsm.Prog, nsm.Vers, p, 662)] {
+			if !got[key(nsm.Prog, nsm.Vers, p, 32765)] {
 				t.Fatalf("rpcinfo lacks NSM %s: %v", p, got)
 			}
 		}

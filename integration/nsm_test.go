@@ -20,7 +20,7 @@ import (
 	"github.com/nlmha/nlmha/sunrpc/xdr"
 )
 
-const nsmPort = 662
+const nsmPort = 32765
 
 var vip3 = netip.MustParseAddr("127.0.0.3")
 

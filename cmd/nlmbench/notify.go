@@ -141,7 +141,7 @@ func notifyNlmd(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
 	peers.Reset()
 	rcvErr0 := udpRcvbufErrors()
 	cmd := exec.Command(o.nlmd, "--vip", benchVIP.String()+"="+benchVIPName, "--serve-unknown=false", "--rpcbind", "none",
-		"--state-dir", root, "--nsm-port", "662", "--nlm-port", "4045", "--log-level", "warn", "--procs", strconv.Itoa(o.procs))
+		"--state-dir", root, "--nsm-port", "32765", "--nlm-port", "4045", "--log-level", "warn", "--procs", strconv.Itoa(o.procs))
 	cmd.Stderr = os.Stderr
 	start := time.Now()
 	if err := cmd.Start(); err != nil {

@@ -55,7 +55,8 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringSliceVar(&o.listen, "listen", []string{"0.0.0.0", "::"},
 		"addresses to listen on (TCP and UDP). A wildcard address serves every local address and tells virtual servers apart by each request's destination")
 	fs.Uint16Var(&o.nlmPort, "nlm-port", 4045, "NLM port; use the same on every node so that clients' cached ports survive a failover")
-	fs.Uint16Var(&o.nsmPort, "nsm-port", 662, "NSM (statd) port; SM_NOTIFY to clients leaves from it. Use the same on every node")
+	fs.Uint16Var(&o.nsmPort, "nsm-port", 32765,
+		"NSM (statd) port; SM_NOTIFY to clients leaves from it. Use the same on every node, and keep it out of 600-1023 (root RPC clients take source ports there, and their TIME_WAIT would keep a restarting nlmd from binding) and out of the ephemeral range")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/nlmha", "directory of the persistent state: one directory per virtual server (NSM state number, monitor records)")
 	fs.BoolVar(&o.noNotify, "no-notify", false, "do not send SM_NOTIFY to clients when a virtual server starts (for setups that notify otherwise, e.g. sm-notify on an exported list)")
 	fs.DurationVar(&o.notifyGiveUp, "notify-timeout", 15*time.Minute, "how long to keep notifying a client that does not answer (negative: forever)")
