@@ -6,15 +6,33 @@ import (
 	"testing"
 
 	"github.com/nlmha/nlmha/dlm/memdlm"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/virtualserver"
 )
 
 // BenchmarkServiceLockUnlock is the NLM service's per-call cost without
 // sockets: decode, virtual server and owner look-ups, the manager through
-// the backend, and the reply, for a LOCK and an UNLOCK.
+// the backend, and the reply, for a LOCK and an UNLOCK; "monitored" adds
+// the real NSM service, as in nlmd (the client is monitored on its first
+// lock; after that it is the generation check).
 func BenchmarkServiceLockUnlock(b *testing.B) {
-	svc := New(Config{Backend: memdlm.New(), VirtualServers: virtualserver.New(virtualserver.Config{ServeUnknown: true})})
+	b.Run("unmonitored", func(b *testing.B) { benchLockUnlock(b, false) })
+	b.Run("monitored", func(b *testing.B) { benchLockUnlock(b, true) })
+}
+
+func benchLockUnlock(b *testing.B, monitored bool) {
+	reg := virtualserver.New(virtualserver.Config{ServeUnknown: true})
+	cfg := Config{Backend: memdlm.New(), VirtualServers: reg}
+	if monitored {
+		m, err := nsm.New(nsm.Config{VirtualServers: reg, StateDir: b.TempDir(), RPC: &sunrpc.Server{}, Notify: nsm.NotifyConfig{Disabled: true}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer m.Close()
+		cfg.Monitor = m
+	}
+	svc := New(cfg)
 	defer svc.Close()
 	l := Lock{CallerName: []byte("client.example.com"), FH: []byte("0123456789abcdef0123456789abcdef"), OH: []byte("42@client.example.com"), SVID: 42, Offset: 0, Len: 100}
 	lockReq := &sunrpc.Request{Prog: Prog, Vers: Vers4, Proc: ProcLock, Transport: sunrpc.TCP,
@@ -27,8 +45,9 @@ func BenchmarkServiceLockUnlock(b *testing.B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := svc.handleLock(ctx, lockReq, res[:0]); err != nil {
-			b.Fatal(err)
+		out, err := svc.handleLock(ctx, lockReq, res[:0])
+		if err != nil || out[len(out)-1] != byte(Granted) {
+			b.Fatalf("LOCK: %x %v", out, err)
 		}
 		if _, err := svc.handleUnlock(ctx, &unlockReq, res[:0]); err != nil {
 			b.Fatal(err)

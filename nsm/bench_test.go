@@ -73,3 +73,18 @@ func BenchmarkNotifyFanout(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkMonitorNewClient is the cost a client's first lock through a
+// virtual server pays: its monitor record written durably (temporary file,
+// fsync, rename, fsync of the directory) on the test's file system.
+func BenchmarkMonitorNewClient(b *testing.B) {
+	n := startNode(b, nodeOpts{quiet: true, vips: []virtualserver.Spec{{Addr: vip2}}})
+	ctx := b.Context()
+	i := 0
+	for b.Loop() {
+		if err := n.svc.Monitor(ctx, vip2, "c", benchAddr(i)); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+}
