@@ -139,7 +139,10 @@ type Lock struct {
 	Owner     *Owner
 	Range     Range
 	Exclusive bool
-	Epoch     uint64
+	// Since is when the owner asked for the lock (unix seconds; 0 unknown),
+	// for the admin's view of lock ages.
+	Since uint32
+	Epoch uint64
 }
 
 // Waiter is a blocked lock request, queued FIFO per file. It carries what a
@@ -153,6 +156,7 @@ type Waiter struct {
 	Vers      uint32 // NLM version of the request
 	Transport uint8  // sunrpc.Transport the request came over
 	Async     bool   // the request was LOCK_MSG: answer with GRANTED_MSG
+	Since     uint32 // when it was queued (unix seconds)
 }
 
 // Share is a DOS share reservation (NLM SHARE), owned by (host, oh).

@@ -63,6 +63,7 @@ type Held struct {
 	epoch              uint64
 	owner              *Owner
 	bits               uint32 // treap priority << 1 | exclusive
+	since              uint32 // fills the padding after bits: 64 bytes still
 	left, right        *Held
 }
 
@@ -80,7 +81,7 @@ func (h *Held) Epoch() uint64 { return h.epoch }
 
 // Lock returns the lock by value.
 func (h *Held) Lock() Lock {
-	return Lock{Owner: h.owner, Range: h.Range(), Exclusive: h.Exclusive(), Epoch: h.epoch}
+	return Lock{Owner: h.owner, Range: h.Range(), Exclusive: h.Exclusive(), Since: h.since, Epoch: h.epoch}
 }
 
 // Len is the number of held lock ranges (it walks the tree).
@@ -122,7 +123,7 @@ func visit(t *Held, r Range, fn func(*Held) bool) bool {
 // owner holds nothing else overlapping l.Range.
 func (f *File) Insert(l Lock) {
 	n := f.edit.node()
-	*n = Held{start: l.Range.Start, end: l.Range.End, epoch: l.Epoch, owner: l.Owner}
+	*n = Held{start: l.Range.Start, end: l.Range.End, epoch: l.Epoch, owner: l.Owner, since: l.Since}
 	n.bits = f.priority(n) << 1
 	if l.Exclusive {
 		n.bits |= 1

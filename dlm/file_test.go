@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"unsafe"
 )
 
 func testOwners(n int) []*Owner {
@@ -149,5 +150,12 @@ func TestRangeHelpers(t *testing.T) {
 	}
 	if a.String() != "[0,10)" || (Range{5, Inf}).String() != "[5,EOF)" {
 		t.Fatal("range strings")
+	}
+}
+
+// A held lock is one 64-byte node: the lock age lives in the padding.
+func TestHeldSize(t *testing.T) {
+	if n := unsafe.Sizeof(Held{}); n != 64 {
+		t.Fatalf("Held is %d bytes, want 64", n)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nlmha/nlmha/dlm"
@@ -79,6 +80,11 @@ type Service struct {
 	cb  *callbacks
 	now func() time.Time
 	ops sync.Pool // *op
+	// secs is a coarse clock (unix seconds, ticking twice a second) for
+	// lock ages, so that a LOCK reads no clock.
+	secs    atomic.Uint32
+	stopClk chan struct{}
+	clkDone sync.WaitGroup
 }
 
 // New returns a service; register its Programs with cfg.RPC.
@@ -91,11 +97,33 @@ func New(cfg Config) *Service {
 		s.now = time.Now
 	}
 	s.cb = newCallbacks(s)
+	s.secs.Store(uint32(s.now().Unix()))
+	s.stopClk = make(chan struct{})
+	s.clkDone.Go(func() {
+		t := time.NewTicker(500 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				s.secs.Store(uint32(s.now().Unix()))
+			case <-s.stopClk:
+				return
+			}
+		}
+	})
 	return s
 }
 
 // Close cancels outstanding callbacks and waits for them to stop.
-func (s *Service) Close() { s.cb.close() }
+func (s *Service) Close() {
+	s.cb.close()
+	select {
+	case <-s.stopClk:
+	default:
+		close(s.stopClk)
+	}
+	s.clkDone.Wait()
+}
 
 type handler func(s *Service, ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error)
 
@@ -372,7 +400,7 @@ func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, mo
 	o.kind = opLock
 	o.lock = lockmgr.LockArgs{
 		Owner: o.owner, Range: o.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
-		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(),
+		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(), Now: s.secs.Load(),
 		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
 	}
 	if monitor {

@@ -72,6 +72,9 @@ type LockArgs struct {
 	// Epoch is its current epoch, stamped on what is granted.
 	InGrace bool
 	Epoch   uint64
+	// Now is the time of the request (unix seconds), kept as the lock's
+	// age; time is an input here like everything else.
+	Now uint32
 	// Kept with a blocked request for the GRANTED callback.
 	OH        []byte
 	Vers      uint32
@@ -127,7 +130,7 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 			return Result{Status: DeniedNoLocks}
 		}
 		f.AddWaiter(&dlm.Waiter{
-			Owner: a.Owner, Range: a.Range, Exclusive: a.Exclusive, Epoch: a.Epoch,
+			Owner: a.Owner, Range: a.Range, Exclusive: a.Exclusive, Epoch: a.Epoch, Since: a.Now,
 			OH: bytes.Clone(a.OH), Vers: a.Vers, Transport: a.Transport, Async: a.Async,
 		})
 		return Result{Status: Blocked}
@@ -141,7 +144,7 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 				return Result{Status: DeniedNoLocks}
 			}
 		}
-		downgrade = applyNear(f, a.Owner, a.Range, a.Exclusive, a.Epoch, near)
+		downgrade = applyNear(f, a.Owner, a.Range, a.Exclusive, a.Epoch, a.Now, near)
 	}
 	if len(f.Waiters()) == 0 {
 		return Result{Status: Granted}
@@ -217,7 +220,7 @@ func (m *Manager) Ungrant(f *dlm.File, g *Grant) Result {
 	}
 	unlockRange(f, w.Owner, w.Range)
 	for _, p := range g.Prev {
-		apply(f, p.Owner, p.Range, p.Exclusive, p.Epoch)
+		apply(f, p.Owner, p.Range, p.Exclusive, p.Epoch, p.Since)
 	}
 	return Result{Status: Granted, Grants: wake(f)}
 }
@@ -372,18 +375,18 @@ func touching(f *dlm.File, r dlm.Range, buf []*dlm.Held) []*dlm.Held {
 }
 
 // apply gives owner the lock r in the given mode (see applyNear).
-func apply(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64) {
+func apply(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64, since uint32) {
 	var buf [8]*dlm.Held
-	applyNear(f, owner, r, exclusive, epoch, touching(f, r, buf[:0]))
+	applyNear(f, owner, r, exclusive, epoch, since, touching(f, r, buf[:0]))
 }
 
 // applyNear gives owner the lock r in the given mode, near being the locks
 // that touch r: same-mode ranges of the owner that overlap or touch it are
 // merged in, other-mode ranges it overlaps are cut back to what lies
 // outside it. It reports whether an exclusive range became shared (which
-// may let others in). Values are read before a node is removed: removed
-// nodes are recycled.
-func applyNear(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64, near []*dlm.Held) (downgrade bool) {
+// may let others in). A merged range is as old as its oldest part. Values
+// are read before a node is removed: removed nodes are recycled.
+func applyNear(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch uint64, since uint32, near []*dlm.Held) (downgrade bool) {
 	merged := r
 	for _, h := range near {
 		if h.Owner() != owner {
@@ -393,6 +396,9 @@ func applyNear(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch
 		if l.Exclusive == exclusive {
 			merged.Start = min(merged.Start, l.Range.Start)
 			merged.End = max(merged.End, l.Range.End)
+			if l.Since != 0 && (since == 0 || l.Since < since) {
+				since = l.Since
+			}
 			f.Remove(h)
 			continue
 		}
@@ -402,13 +408,13 @@ func applyNear(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool, epoch
 		downgrade = downgrade || l.Exclusive
 		f.Remove(h)
 		if l.Range.Start < r.Start {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Epoch: l.Epoch})
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Since: l.Since, Epoch: l.Epoch})
 		}
 		if l.Range.End > r.End {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Epoch: l.Epoch})
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Since: l.Since, Epoch: l.Epoch})
 		}
 	}
-	f.Insert(dlm.Lock{Owner: owner, Range: merged, Exclusive: exclusive, Epoch: epoch})
+	f.Insert(dlm.Lock{Owner: owner, Range: merged, Exclusive: exclusive, Since: since, Epoch: epoch})
 	return downgrade
 }
 
@@ -451,10 +457,10 @@ func unlockRange(f *dlm.File, owner *dlm.Owner, r dlm.Range) bool {
 		l := h.Lock()
 		f.Remove(h)
 		if l.Range.Start < r.Start {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Epoch: l.Epoch})
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: l.Range.Start, End: r.Start}, Exclusive: l.Exclusive, Since: l.Since, Epoch: l.Epoch})
 		}
 		if l.Range.End > r.End {
-			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Epoch: l.Epoch})
+			f.Insert(dlm.Lock{Owner: owner, Range: dlm.Range{Start: r.End, End: l.Range.End}, Exclusive: l.Exclusive, Since: l.Since, Epoch: l.Epoch})
 		}
 	}
 	return len(held) > 0
@@ -480,7 +486,7 @@ func wake(f *dlm.File) []Grant {
 			return true
 		})
 		f.RemoveWaiter(w)
-		apply(f, w.Owner, w.Range, w.Exclusive, w.Epoch)
+		apply(f, w.Owner, w.Range, w.Exclusive, w.Epoch, w.Since)
 		grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
 	}
 	return grants

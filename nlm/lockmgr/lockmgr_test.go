@@ -265,3 +265,56 @@ func TestScripts(t *testing.T) {
 		datadriven.RunTest(t, path, h.run)
 	})
 }
+
+// A lock's age is when its owner asked for it: a merge keeps the oldest
+// part's, a split keeps the piece's, a blocked request granted later keeps
+// its queueing time.
+func TestLockAges(t *testing.T) {
+	h := newHarness()
+	a, b := h.owner(t, "a/1"), h.owner(t, "b/1")
+	var m Manager
+	ctx := context.Background()
+	lock := func(o *dlm.Owner, r dlm.Range, now uint32, block bool) Result {
+		var res Result
+		if err := h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+			res = m.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: true, Block: block, Epoch: 1, Now: now})
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	ages := func() map[string]uint32 {
+		out := map[string]uint32{}
+		h.b.Read(ctx, []byte("f"), func(f *dlm.File) {
+			f.All(func(x *dlm.Held) bool {
+				l := x.Lock()
+				out[fmt.Sprintf("%d/%d-%d", l.Owner.SVID, l.Range.Start, l.Range.End)+l.Owner.Host.Name] = l.Since
+				return true
+			})
+		})
+		return out
+	}
+	lock(a, dlm.Range{Start: 0, End: 10}, 100, false)
+	lock(a, dlm.Range{Start: 10, End: 20}, 200, false)
+	if got := ages(); got["1/0-20a"] != 100 || len(got) != 1 {
+		t.Fatalf("after a merge: %v", got)
+	}
+	h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+		m.Unlock(f, a, dlm.Range{Start: 5, End: 15})
+		return nil
+	})
+	if got := ages(); got["1/0-5a"] != 100 || got["1/15-20a"] != 100 {
+		t.Fatalf("after a split: %v", got)
+	}
+	if r := lock(b, dlm.Range{Start: 0, End: 20}, 300, true); r.Status != Blocked {
+		t.Fatalf("b: %v", r.Status)
+	}
+	h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+		m.Unlock(f, a, dlm.Range{Start: 0, End: dlm.Inf})
+		return nil
+	})
+	if got := ages(); got["1/0-20b"] != 300 {
+		t.Fatalf("granted waiter: %v", got)
+	}
+}
