@@ -105,7 +105,7 @@ func waitServing(t *testing.T, addr netip.Addr) {
 // nfs-utils plays the client host (127.0.0.5): a test lock manager
 // registers with it by SM_MON, monitoring our virtual server by name, with
 // a callback program it serves. The client locks through the virtual
-// server; nlmd restarts; its SM_NOTIFY (from the virtual server's address,
+// server; nlmd crashes and restarts; its SM_NOTIFY (from the virtual server's address,
 // mon_name = its name) reaches rpc.statd, which calls the test lock manager
 // back with the virtual server's new state and the priv it registered.
 func TestNotifyReachesRealStatd(t *testing.T) {
@@ -174,9 +174,7 @@ func TestNotifyReachesRealStatd(t *testing.T) {
 	waitServing(t, vip)
 	lockAs(t, nlmTo(t, client, vip, sunrpc.TCP), "client5", 1, "fh-real-statd", nlm.Granted)
 	before := nsmState(t, vip)
-	if err := p.stop(syscall.SIGTERM, 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	p.stop(syscall.SIGKILL, 10*time.Second) // a crash: the state number changes
 	startDaemon(t, nlmd, args...)
 	select {
 	case st := <-calls:
@@ -375,10 +373,8 @@ func TestTwoVirtualServers(t *testing.T) {
 	if st := testAs(t, nlmTo(t, c, vip3, sunrpc.TCP), "c", "fh-b"); st != nlm.Denied {
 		t.Fatalf("b's lock after a's reboot: TEST %v", st)
 	}
-	// A restart: each virtual server notifies its own client.
-	if err := p.stop(syscall.SIGTERM, 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	// A crash and restart: each virtual server notifies its own client.
+	p.stop(syscall.SIGKILL, 10*time.Second)
 	startDaemon(t, nlmd, args...)
 	if err := peers.WaitNotified(2, 20*time.Second); err != nil {
 		t.Fatalf("notified %d of 2", peers.Notified())

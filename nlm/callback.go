@@ -200,6 +200,7 @@ func (c *callbacks) runGrant(ctx context.Context, t *task, g lockmgr.Grant) {
 		if err == nil {
 			switch stat {
 			case Granted:
+				c.s.stats.GrantedCallbacks.Add(1)
 				log.Debug("nlm: client took the granted lock")
 				return
 			case DeniedGracePeriod:
@@ -208,10 +209,12 @@ func (c *callbacks) runGrant(ctx context.Context, t *task, g lockmgr.Grant) {
 				// The client no longer wants it (the waiting process gave
 				// up): release exactly what the grant took.
 				log.Info("nlm: client refused a granted lock; releasing it", "answer", stat)
+				c.s.stats.RefusedCallbacks.Add(1)
 				c.s.ungrant(c.ctx, g)
 				return
 			}
 		}
+		c.s.stats.CallbackFailures.Add(1)
 		if ctx.Err() != nil {
 			if c.ctx.Err() == nil && !errors.Is(ctx.Err(), context.Canceled) {
 				log.Warn("nlm: giving up on a GRANTED callback; the lock stays granted", "err", err)

@@ -85,7 +85,18 @@ type Service struct {
 	secs    atomic.Uint32
 	stopClk chan struct{}
 	clkDone sync.WaitGroup
+	stats   Stats
 }
+
+// Stats count the service's callbacks.
+type Stats struct {
+	GrantedCallbacks atomic.Uint64 // GRANTED callbacks the client took
+	RefusedCallbacks atomic.Uint64 // ... it refused (the grant was taken back)
+	CallbackFailures atomic.Uint64 // failed attempts (retried with backoff)
+}
+
+// Stats returns the service's counters.
+func (s *Service) Stats() *Stats { return &s.stats }
 
 // New returns a service; register its Programs with cfg.RPC.
 func New(cfg Config) *Service {
@@ -288,9 +299,9 @@ func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl,
 // prepare finds the virtual server, checks the range and the handle, and
 // interns the owner into o. A status other than Granted is the reply.
 func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *op) Stat {
-	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
-	if !ok {
-		return Failed
+	vs, st := s.lookupVS(req)
+	if st != Granted {
+		return st
 	}
 	rng, st := ToRange(req.Vers, l.Offset, l.Len)
 	if st != Granted {
@@ -302,6 +313,21 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *
 	o.vs, o.rng = vs, rng
 	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), req.Remote.Addr(), l.CallerName, l.SVID)
 	return Granted
+}
+
+// lookupVS finds the virtual server a request was sent to. One being
+// released (or released) here answers DENIED_GRACE_PERIOD, which makes
+// the client retry until the address is served again, by the next node;
+// an address that is no virtual server at all fails.
+func (s *Service) lookupVS(req *sunrpc.Request) (*virtualserver.Server, Stat) {
+	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
+	if ok {
+		return vs, Granted
+	}
+	if vs != nil {
+		return nil, DeniedGracePeriod
+	}
+	return nil, Failed
 }
 
 // checkFH asks the validator about a version 4 handle (NFSv3's NLM); the
@@ -379,6 +405,9 @@ func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) Te
 		return out
 	}
 	o.excl, o.inGrace = a.Exclusive, o.vs.InGraceNow(s.now)
+	if o.inGrace {
+		o.vs.GraceRequest(req.Remote.Addr(), false)
+	}
 	if err := s.cfg.Backend.Read(ctx, a.Lock.FH, o.read); err != nil {
 		out.Stat = s.backendStat(err).ForVersion(req.Vers)
 		return out
@@ -408,7 +437,12 @@ func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, mo
 			return st.ForVersion(req.Vers)
 		}
 	}
-	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
+	st := s.update(ctx, o, a.Lock.FH)
+	if o.lock.InGrace {
+		// After the reclaim is in: the grace period may end on the next one.
+		o.vs.GraceRequest(req.Remote.Addr(), a.Reclaim)
+	}
+	return st.ForVersion(req.Vers)
 }
 
 func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs) Stat {
@@ -417,8 +451,18 @@ func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
+	s.graceNote(o.vs, req, false)
 	o.kind, o.excl = opCancel, a.Exclusive
 	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
+}
+
+// graceNote tells a virtual server in grace of a client's request: its
+// reclaims, and its first other request after them, end the grace period
+// early (see virtualserver.Grace).
+func (s *Service) graceNote(vs *virtualserver.Server, req *sunrpc.Request, reclaim bool) {
+	if vs.InGraceNow(s.now) {
+		vs.GraceRequest(req.Remote.Addr(), reclaim)
+	}
 }
 
 func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs) Stat {
@@ -427,6 +471,7 @@ func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
+	s.graceNote(o.vs, req, false)
 	// An unlock is never fenced: releasing state is always safe, and a
 	// client must be able to let go of a lock while its virtual server moves.
 	o.kind, o.vs = opUnlock, nil
@@ -653,9 +698,9 @@ func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []
 }
 
 func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, unshare bool) Stat {
-	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
-	if !ok {
-		return Failed.ForVersion(req.Vers)
+	vs, st := s.lookupVS(req)
+	if st != Granted {
+		return st.ForVersion(req.Vers)
 	}
 	if st := s.checkFH(ctx, req.Vers, a.Share.FH); st != Granted {
 		return st.ForVersion(req.Vers)
@@ -673,7 +718,11 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 	o.kind, o.vs = opShare, vs
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
-	return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
+	st = s.update(ctx, o, a.Share.FH)
+	if o.share.InGrace {
+		vs.GraceRequest(req.Remote.Addr(), a.Reclaim)
+	}
+	return st.ForVersion(req.Vers)
 }
 
 // handleFreeAll drops everything of a client host that says it rebooted:
@@ -733,7 +782,8 @@ func (s *Service) monitor(ctx context.Context, h *dlm.Host) Stat {
 
 // hostVS finds the virtual server a host belongs to.
 func (s *Service) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
-	return s.cfg.VirtualServers.Lookup(h.VIP)
+	vs, ok := s.cfg.VirtualServers.Get(h.VIP)
+	return vs, ok && vs.Serving()
 }
 
 // ungrant takes back a grant the client refused.

@@ -31,7 +31,7 @@ type envOpt func(*Config, *virtualserver.Config)
 
 func newEnv(t *testing.T, opts ...envOpt) *env {
 	t.Helper()
-	vcfg := virtualserver.Config{ServeUnknown: true, Start: time.Now()}
+	vcfg := virtualserver.Config{ServeUnknown: true}
 	cfg := Config{Backend: memdlm.New()}
 	for _, o := range opts {
 		o(&cfg, &vcfg)
@@ -208,7 +208,20 @@ func TestRangeLimitsByVersion(t *testing.T) {
 }
 
 func TestGraceRules(t *testing.T) {
-	e := newEnv(t, func(_ *Config, v *virtualserver.Config) { v.Grace = time.Hour })
+	var reg *virtualserver.Registry
+	e := newEnv(t, func(_ *Config, v *virtualserver.Config) {
+		v.Grace = time.Hour
+		// Every virtual server starts as after a crash: a full grace period.
+		v.Takeover = func(s virtualserver.Spec) (*virtualserver.Server, bool) {
+			vs, created := reg.Begin(s, 1)
+			if created {
+				vs.BeginGrace(false, true, nil)
+				vs.Serve()
+			}
+			return vs, true
+		}
+	})
+	reg = e.reg
 	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
 	mustLock(t, c, lk("a", 1, 0, 10), true, false, DeniedGracePeriod)
 	if r := mustTest(t, c, lk("a", 1, 0, 10), true); r.Stat != DeniedGracePeriod {
@@ -221,7 +234,7 @@ func TestGraceRules(t *testing.T) {
 	mustUnlock(t, c, lk("a", 1, 0, 10))
 	// Grace is per virtual server: ending it on one leaves the other.
 	vx, _ := e.reg.Lookup(netip.MustParseAddr("127.0.0.2"))
-	vx.EndGrace()
+	vx.EndGrace(virtualserver.EndAdmin)
 	mustLock(t, c, lk("a", 1, 0, 10), true, false, Granted)
 	cy := e.client(t, "127.0.0.10", "127.0.0.3", sunrpc.TCP, Vers4)
 	mustLock(t, cy, lk("a", 1, 50, 10), true, false, DeniedGracePeriod)
@@ -400,7 +413,7 @@ func TestReleasedVirtualServerFences(t *testing.T) {
 	e := newEnv(t)
 	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
 	vs, _ := e.reg.Lookup(netip.MustParseAddr("127.0.0.2"))
-	vs.Release()
+	vs.BeginRelease()
 	mustLock(t, c, lk("a", 1, 0, 10), true, false, DeniedGracePeriod)
 	if n := e.b.Files(); n != 0 {
 		t.Fatalf("%d files gained state", n)

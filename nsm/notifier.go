@@ -137,23 +137,49 @@ type job struct {
 	left    int
 	remove  func(file string)
 	logf    func(msg string, args ...any)
+	// settled hears of each client's outcome (its address; whether its
+	// statd answered), for the grace period.
+	settled func(client netip.Addr, answered bool)
 
-	mu   sync.Mutex
-	prog Progress
+	mu      sync.Mutex
+	prog    Progress
+	outcome map[netip.Addr]bool // settled clients: answered or not
 }
 
 func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName string, state int32, recs []loaded, now time.Time) *job {
 	c := StatChge{MonName: monName, State: state}
 	j := &job{
 		cfg: cfg, rpc: rpc, from: from, args: c.Append(nil),
-		bell: make(chan struct{}, 1),
-		xid:  rand.Uint32(),
-		prog: Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
+		bell:    make(chan struct{}, 1),
+		outcome: map[netip.Addr]bool{},
+		xid:     rand.Uint32(),
+		prog:    Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
 	}
 	for _, l := range recs {
 		j.targets = append(j.targets, &target{file: l.file, rec: l.rec, idx: -1})
 	}
 	return j
+}
+
+// clients returns the notification state of each client: "done",
+// "failed" or "pending".
+func (j *job) clients() map[netip.Addr]string {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	out := make(map[netip.Addr]string, len(j.targets))
+	for _, t := range j.targets {
+		if len(t.rec.Addrs) > 0 {
+			out[t.rec.Addrs[0].Unmap()] = "pending"
+		}
+	}
+	for a, ok := range j.outcome {
+		if ok {
+			out[a] = "done"
+		} else {
+			out[a] = "failed"
+		}
+	}
+	return out
 }
 
 func (j *job) progress() Progress {
@@ -371,9 +397,13 @@ func (j *job) handle(d delivery, now time.Time) {
 	j.settle(t)
 	j.mu.Lock()
 	j.prog.Done++
+	j.outcome[t.addr] = true
 	j.mu.Unlock()
 	if j.remove != nil {
 		j.remove(t.file)
+	}
+	if j.settled != nil {
+		j.settled(t.addr, true)
 	}
 }
 
@@ -415,7 +445,13 @@ func (j *job) fail(t *target, why string) {
 	j.settle(t)
 	j.mu.Lock()
 	j.prog.Failed++
+	if len(t.rec.Addrs) > 0 {
+		j.outcome[t.rec.Addrs[0].Unmap()] = false
+	}
 	j.mu.Unlock()
+	if j.settled != nil && len(t.rec.Addrs) > 0 {
+		j.settled(t.rec.Addrs[0].Unmap(), false)
+	}
 	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why)
 }
 

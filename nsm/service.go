@@ -172,98 +172,78 @@ func (s *Service) Close() {
 	}
 }
 
-// StartAll starts every virtual server the node serves that is configured
-// or has a directory under the state directory: each gets its new state
-// number and notifies its clients. A directory of an address that is not
-// served here is left alone (another node may own it).
-func (s *Service) StartAll() error {
-	seen := map[netip.Addr]bool{}
-	var errs []error
-	start := func(vs *virtualserver.Server) {
-		if seen[vs.Addr()] {
-			return
-		}
-		seen[vs.Addr()] = true
-		if _, err := s.vipFor(s.ctx, vs); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	for _, vs := range s.cfg.VirtualServers.All() {
-		start(vs)
-	}
-	ents, err := os.ReadDir(s.cfg.StateDir)
-	if err != nil {
-		return errors.Join(append(errs, fmt.Errorf("nsm: %w", err))...)
-	}
-	local := localPrefixes()
-	for _, e := range ents {
-		a, err := netip.ParseAddr(e.Name())
-		if err != nil || !e.IsDir() || seen[a] {
-			continue
-		}
-		// An address that is not configured is served (ServeUnknown) only
-		// while this host has it; otherwise it may be another node's now.
-		vs, ok := s.cfg.VirtualServers.Get(a)
-		if !ok && isLocal(local, a) {
-			vs, ok = s.cfg.VirtualServers.Lookup(a)
-		}
-		if !ok {
-			s.log.Info("nsm: keeping the state of a virtual server not served here", "vip", a)
-			continue
-		}
-		start(vs)
-	}
-	return errors.Join(errs...)
+// StartMode says how a virtual server starts on this node.
+type StartMode int
+
+const (
+	// Restart is a start after a crash (or an unplanned takeover): a new
+	// state number, the monitor list retired to the notify list, and every
+	// peer on it notified, so that clients reclaim.
+	Restart StartMode = iota
+	// Adopt is a planned takeover: the state number and the monitor list
+	// carry on as they were; only what was still waiting to be notified is.
+	Adopt
+)
+
+// Started tells what Start did.
+type Started struct {
+	State int32
+	// Clients are the client hosts being notified: those the grace period
+	// of a restart waits for.
+	Clients []netip.Addr
 }
 
-// localPrefixes are the networks of this host's addresses.
-func localPrefixes() []netip.Prefix {
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return nil
-	}
-	var out []netip.Prefix
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok {
-			if p, err := netip.ParsePrefix(n.String()); err == nil {
-				out = append(out, p)
-			}
+// Start starts the status monitor of a virtual server that this node takes
+// over. Its notifications' outcomes feed vs's grace period.
+func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
+	a := vs.Addr()
+	s.Detach(a)
+	v := &vip{vs: vs, ready: make(chan struct{})}
+	s.mu.Lock()
+	s.vips[a] = v
+	s.mu.Unlock()
+	var st Started
+	st, v.err = s.start(v, mode)
+	close(v.ready)
+	if v.err != nil {
+		s.mu.Lock()
+		if s.vips[a] == v {
+			delete(s.vips, a)
 		}
+		s.mu.Unlock()
 	}
-	return out
+	return st, v.err
 }
 
-// isLocal tells whether a is one of this host's addresses: assigned, or in
-// the loopback network (where Linux answers for every address).
-func isLocal(local []netip.Prefix, a netip.Addr) bool {
-	for _, p := range local {
-		if p.Addr().Unmap() == a || (a.IsLoopback() && p.Addr().IsLoopback() && p.Contains(a)) {
-			return true
-		}
+// Detach stops the status monitor of a virtual server this node releases:
+// its notifications stop; its records stay on disk for the next owner.
+func (s *Service) Detach(a netip.Addr) {
+	a = a.Unmap()
+	s.mu.Lock()
+	v := s.vips[a]
+	delete(s.vips, a)
+	s.mu.Unlock()
+	if v == nil {
+		return
 	}
-	return false
+	<-v.ready
+	v.mu.Lock()
+	stop, done := v.stop, v.jobDone
+	v.mu.Unlock()
+	if stop != nil {
+		stop()
+		<-done
+	}
+	s.gen.Add(1)
 }
 
-// Attach starts a virtual server that the registry just created (a
-// served address seen for the first time). It is the registry's OnNew hook.
-func (s *Service) Attach(vs *virtualserver.Server) {
-	if _, err := s.vipFor(s.ctx, vs); err != nil {
-		s.log.Error("nsm: cannot start the virtual server's monitor", "vip", vs.Addr(), "err", err)
-	}
-}
-
-// vipFor returns the virtual server's NSM state, starting it on first use.
+// vipFor returns the started NSM state of vs.
 func (s *Service) vipFor(ctx context.Context, vs *virtualserver.Server) (*vip, error) {
 	s.mu.Lock()
 	v := s.vips[vs.Addr()]
-	if v == nil {
-		v = &vip{vs: vs, ready: make(chan struct{})}
-		s.vips[vs.Addr()] = v
-		s.mu.Unlock()
-		v.err = s.start(v)
-		close(v.ready)
-	} else {
-		s.mu.Unlock()
+	s.mu.Unlock()
+	if v == nil || v.vs != vs {
+		return nil, fmt.Errorf("%w: %v", ErrNotServed, vs.Addr())
 	}
 	select {
 	case <-v.ready:
@@ -287,30 +267,44 @@ func (s *Service) lookupVIP(ctx context.Context, a netip.Addr) (*vip, error) {
 // ErrNotServed reports an address that is not a virtual server here.
 var ErrNotServed = errors.New("nsm: not a virtual server of this node")
 
-// start opens the virtual server's directory and restarts it.
-func (s *Service) start(v *vip) error {
+func (s *Service) start(v *vip, mode StartMode) (Started, error) {
 	st, err := openStore(VIPDir(s.cfg.StateDir, v.vs.Addr().String()))
 	if err != nil {
-		return err
+		return Started{}, err
 	}
 	v.st = st
 	v.recs = map[string]*entry{}
 	v.writing = map[string]chan struct{}{}
-	return s.restart(v)
-}
-
-// Restart is what a crash and start looks like to the virtual server's
-// peers: a new state number, the monitor list retired to the notify list,
-// and every peer on it notified. A takeover does the same.
-func (s *Service) Restart(ctx context.Context, vs *virtualserver.Server) error {
-	v, err := s.vipFor(ctx, vs)
-	if err != nil {
-		return err
+	if mode == Adopt {
+		return s.adopt(v)
 	}
 	return s.restart(v)
 }
 
-func (s *Service) restart(v *vip) error {
+// load reads a list, setting damaged records aside.
+func (s *Service) load(v *vip, sub string) []loaded {
+	list, bad := v.st.load(sub)
+	for _, b := range bad {
+		s.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
+		if b.path != "" {
+			s.quarantine(b.path)
+		}
+	}
+	return list
+}
+
+func clientsOf(list []loaded) []netip.Addr {
+	var out []netip.Addr
+	for _, l := range list {
+		if l.rec.Kind == KindClient && len(l.rec.Addrs) > 0 {
+			out = append(out, l.rec.Addrs[0])
+		}
+	}
+	return out
+}
+
+// restart bumps the state, retires the monitor list and notifies it.
+func (s *Service) restart(v *vip) (Started, error) {
 	v.io.Lock()
 	defer v.io.Unlock()
 	v.mu.Lock()
@@ -326,37 +320,55 @@ func (s *Service) restart(v *vip) error {
 	}
 	state := nextState(prev, rerr, time.Now())
 	if err := v.st.writeState(state); err != nil {
-		return err
+		return Started{}, err
 	}
 	if err := v.st.retire(); err != nil {
-		return err
+		return Started{}, err
 	}
-	list, bad := v.st.load(notifyDir)
-	for _, b := range bad {
-		s.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
-		if b.path != "" {
-			s.quarantine(b.path)
-		}
-	}
+	list := s.load(v, notifyDir)
 	v.mu.Lock()
 	v.state = state
 	v.recs = map[string]*entry{}
 	v.mu.Unlock()
 	// Hosts marked as monitored lost their records to the notify list.
 	s.gen.Add(1)
-	s.log.Info("nsm: virtual server started", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
-	if s.cfg.Notify.Disabled {
-		return nil
+	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
+	if !s.cfg.Notify.Disabled {
+		s.notify(v, state, list)
 	}
-	if len(list) == 0 {
-		// Nobody held anything through it: nobody can reclaim.
-		if v.vs.InGrace(time.Now()) {
-			s.log.Info("nsm: no clients to notify; the grace period ends now", "vip", v.vs.Addr())
+	return Started{State: state, Clients: clientsOf(list)}, nil
+}
+
+// adopt carries the state number and the monitor list on, and resumes the
+// notification of what was left to notify.
+func (s *Service) adopt(v *vip) (Started, error) {
+	v.io.Lock()
+	defer v.io.Unlock()
+	state, rerr := v.st.readState()
+	if rerr != nil || state == 0 {
+		if rerr != nil {
+			s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
 		}
-		v.vs.EndGrace()
+		state = nextState(state, rerr, time.Now())
+		if err := v.st.writeState(state); err != nil {
+			return Started{}, err
+		}
 	}
-	s.notify(v, state, list)
-	return nil
+	recs := map[string]*entry{}
+	for _, l := range s.load(v, smDir) {
+		recs[l.rec.key()] = &entry{rec: l.rec}
+	}
+	list := s.load(v, notifyDir)
+	v.mu.Lock()
+	v.state = state
+	v.recs = recs
+	v.mu.Unlock()
+	s.gen.Add(1)
+	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
+	if len(list) > 0 && !s.cfg.Notify.Disabled {
+		s.notify(v, state, list)
+	}
+	return Started{State: state, Clients: clientsOf(list)}, nil
 }
 
 // quarantine renames a damaged record file so that it is reported once
@@ -373,6 +385,14 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 	j := newJob(s.cfg.Notify, s.cfg.RPC, from, v.vs.Name(), state, list, time.Now())
 	rm := newRemover(filepath.Join(v.st.dir, notifyDir))
 	j.remove = rm.remove
+	vs := v.vs
+	j.settled = func(client netip.Addr, answered bool) {
+		if answered {
+			vs.GraceNotified(client)
+		} else {
+			vs.GraceUnreachable(client)
+		}
+	}
 	j.logf = s.log.Debug
 	ctx, stop := context.WithCancel(s.ctx)
 	done := make(chan struct{})
@@ -407,6 +427,38 @@ func (s *Service) Progress(a netip.Addr) (Progress, bool) {
 		return Progress{VIP: a.Unmap(), State: v.currentState()}, true
 	}
 	return j.progress(), true
+}
+
+// NotifyStates returns, for the virtual server at a, the notification
+// state of each client of its running or last notification: "done",
+// "failed" or "pending".
+func (s *Service) NotifyStates(a netip.Addr) map[netip.Addr]string {
+	s.mu.Lock()
+	v := s.vips[a.Unmap()]
+	s.mu.Unlock()
+	if v == nil {
+		return nil
+	}
+	<-v.ready
+	v.mu.Lock()
+	j := v.job
+	v.mu.Unlock()
+	if j == nil {
+		return nil
+	}
+	return j.clients()
+}
+
+// Renotify tells every client of the virtual server vs, monitored or still
+// to be notified, that it restarted: a new state number and SM_NOTIFY to
+// each, as SM_SIMU_CRASH does. Clients reclaim; their locks are there, so
+// each reclaim is granted as it stands.
+func (s *Service) Renotify(ctx context.Context, vs *virtualserver.Server) (Started, error) {
+	v, err := s.vipFor(ctx, vs)
+	if err != nil {
+		return Started{}, err
+	}
+	return s.restart(v)
 }
 
 // State is the NSM state number of the virtual server at a.
@@ -935,7 +987,11 @@ func (s *Service) handleSimuCrash(ctx context.Context, req *sunrpc.Request, res 
 		targets = []*virtualserver.Server{vs}
 	}
 	for _, vs := range targets {
-		if err := s.Restart(ctx, vs); err != nil {
+		v, err := s.vipFor(ctx, vs)
+		if err == nil {
+			_, err = s.restart(v)
+		}
+		if err != nil {
 			s.log.Error("nsm: SM_SIMU_CRASH", "vip", vs.Addr(), "err", err)
 		}
 	}

@@ -182,6 +182,8 @@ type Server struct {
 	// UDPBuffer, if set, is the receive and send buffer size of the UDP
 	// sockets served (see SetUDPBuffers).
 	UDPBuffer int
+	// Observer, if set, hears of every call that reached a procedure.
+	Observer CallObserver
 	// DRCSize bounds the duplicate request cache (entries); DRCLifetime is
 	// how long an answer is kept for retransmissions.
 	DRCSize     int
@@ -479,26 +481,66 @@ func (s *Server) dispatch(ctx context.Context, req *Request, msg, out []byte) ([
 	req.XID, req.Prog, req.Vers, req.Proc = h.XID, h.Prog, h.Vers, h.Proc
 	req.Cred, req.Verf, req.Args = h.Cred, h.Verf, args
 	out = AppendAcceptedReply(out, h.XID, Success)
+	var t0 time.Time
+	if s.Observer != nil {
+		t0 = time.Now()
+	}
 	res, err := s.call(ctx, proc, req, out)
 	if err == nil {
+		s.observe(req, proc, CallSuccess, t0)
 		return res, actReply
 	}
 	out = out[:start]
 	var ae authError
 	switch {
 	case errors.Is(err, ErrNoReply):
+		s.observe(req, proc, CallDropped, t0)
 		return out, actDrop
 	case errors.As(err, &ae):
+		s.observe(req, proc, CallAuthError, t0)
 		return AppendAuthError(out, h.XID, AuthStat(ae)), actReply
 	case errors.Is(err, ErrGarbageArgs):
+		s.observe(req, proc, CallGarbageArgs, t0)
 		s.logger().Debug("sunrpc: garbage arguments", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", req.Remote, "err", err)
 		return AppendAcceptedReply(out, h.XID, GarbageArgs), actReply
 	case errors.Is(err, ErrProcUnavail):
+		s.observe(req, proc, CallProcUnavail, t0)
 		return AppendAcceptedReply(out, h.XID, ProcUnavail), actReply
 	case !errors.Is(err, ErrSystemErr):
 		s.logger().Warn("sunrpc: handler failed", "prog", h.Prog, "vers", h.Vers, "proc", proc.Name, "remote", req.Remote, "err", err)
 	}
+	s.observe(req, proc, CallSystemErr, t0)
 	return AppendAcceptedReply(out, h.XID, SystemErr), actReply
+}
+
+// CallOutcome is how a call that reached a procedure ended.
+type CallOutcome uint8
+
+// Outcomes.
+const (
+	CallSuccess CallOutcome = iota
+	CallGarbageArgs
+	CallSystemErr
+	CallProcUnavail
+	CallAuthError
+	CallDropped // the handler chose not to reply
+)
+
+var outcomeNames = [...]string{"success", "garbage_args", "system_err", "proc_unavail", "auth_error", "dropped"}
+
+func (o CallOutcome) String() string { return outcomeNames[o] }
+
+// CallObserver hears of every call that reached a procedure (metrics). It
+// must be cheap and safe for concurrent use; proc is stable for the life
+// of the registration.
+type CallObserver interface {
+	ObserveCall(req *Request, proc *Proc, outcome CallOutcome, d time.Duration)
+}
+
+func (s *Server) observe(req *Request, proc *Proc, o CallOutcome, t0 time.Time) {
+	if s.Observer != nil {
+		s.Observer.ObserveCall(req, proc, o, time.Since(t0))
+	}
 }
 
 // call runs a handler, turning a panic into SYSTEM_ERR so that one bad

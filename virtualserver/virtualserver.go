@@ -1,7 +1,11 @@
-// Package virtualserver keeps the virtual servers (floating IPs) this node
-// serves. The NLM and NSM services look each request's destination address
-// up here to learn which virtual server it belongs to, whether that
-// virtual server is in its grace period, and its epoch.
+// Package virtualserver keeps the virtual servers (floating IPs) of this
+// node: their lifecycle (starting, serving, releasing, released), epoch and
+// grace period. The NLM and NSM services look each request's destination
+// address up here to learn which virtual server it belongs to, whether it
+// is in its grace period, and its epoch.
+//
+// The grace period itself is a pure state machine (Grace); Server adds the
+// clock, the lock and the timer around it.
 package virtualserver
 
 import (
@@ -11,13 +15,40 @@ import (
 	"time"
 )
 
-// Server is one virtual server. Its methods are safe for concurrent use.
+// State is where a virtual server is in its lifecycle on this node.
+type State int32
+
+// States.
+const (
+	// Starting: being taken over; not served yet.
+	Starting State = iota
+	// Serving: served (in grace or not).
+	Serving
+	// Releasing: being released; requests in flight are fenced off.
+	Releasing
+	// Released: not served here (any more).
+	Released
+)
+
+var stateNames = [...]string{"starting", "serving", "releasing", "released"}
+
+func (s State) String() string { return stateNames[s] }
+
+// Server is one virtual server on this node. Its methods are safe for
+// concurrent use. A takeover creates a new Server: one released stays
+// released, so that a request that looked it up before the release is
+// fenced off for good.
 type Server struct {
 	addr     netip.Addr
 	name     string
-	epoch    atomic.Uint64
-	graceEnd atomic.Int64 // unix nanoseconds; 0 = not in grace
-	released atomic.Bool
+	epoch    uint64
+	state    atomic.Int32
+	graceEnd atomic.Int64 // unix nanoseconds while in grace; 0 otherwise
+	reg      *Registry
+
+	mu    sync.Mutex
+	grace Grace
+	timer *time.Timer
 }
 
 // Addr is the virtual server's address.
@@ -27,8 +58,17 @@ func (v *Server) Addr() netip.Addr { return v.addr }
 // (caller_name of GRANTED, mon_name of SM_NOTIFY): by default its address.
 func (v *Server) Name() string { return v.name }
 
-// Epoch is the virtual server's epoch on this node.
-func (v *Server) Epoch() uint64 { return v.epoch.Load() }
+// Epoch is the virtual server's epoch: it grows with every takeover, and
+// stamps the locks granted through it.
+func (v *Server) Epoch() uint64 { return v.epoch }
+
+// State is the virtual server's lifecycle state.
+func (v *Server) State() State { return State(v.state.Load()) }
+
+// Serving reports whether the virtual server is served here. Services
+// check it inside their backend updates: once a release has begun, a
+// request still in flight must not add state.
+func (v *Server) Serving() bool { return v.State() == Serving }
 
 // InGrace reports whether the virtual server is in its grace period at now.
 func (v *Server) InGrace(now time.Time) bool {
@@ -37,26 +77,126 @@ func (v *Server) InGrace(now time.Time) bool {
 }
 
 // InGraceNow is InGrace with the clock read only when a grace period is
-// set at all (the common case, out of grace, reads no clock).
+// on at all (the common case, out of grace, reads no clock).
 func (v *Server) InGraceNow(clock func() time.Time) bool {
 	end := v.graceEnd.Load()
 	return end != 0 && clock().UnixNano() < end
 }
 
-// Serving reports whether the virtual server is served here. Services
-// check it inside their backend updates: once a release has begun, a
-// request still in flight must not add state.
-func (v *Server) Serving() bool { return !v.released.Load() }
+// BeginGrace starts a grace period of the registry's length now. With
+// early, it ends as soon as clients have all reclaimed (see Grace); with
+// notified, those clients count as told already (someone else notifies
+// them).
+func (v *Server) BeginGrace(early, notified bool, clients []netip.Addr) {
+	v.mu.Lock()
+	now := time.Now()
+	v.grace.Quiet = v.reg.cfg.GraceQuiet
+	v.grace.Start(now, v.reg.cfg.Grace, early, clients)
+	if notified {
+		for _, c := range clients {
+			v.grace.Notified(now, c)
+		}
+	}
+	v.update(now)
+}
 
-// Release marks the virtual server as no longer served here: requests in
-// flight are fenced off from then on.
-func (v *Server) Release() { v.released.Store(true) }
+// GraceNotified records that a client's statd answered the notification.
+func (v *Server) GraceNotified(client netip.Addr) { v.event(client, (*Grace).Notified) }
 
-// StartGrace puts the virtual server into grace until end.
-func (v *Server) StartGrace(end time.Time) { v.graceEnd.Store(end.UnixNano()) }
+// GraceUnreachable records that a client could not be notified.
+func (v *Server) GraceUnreachable(client netip.Addr) { v.event(client, (*Grace).Unreachable) }
 
-// EndGrace ends the grace period now.
-func (v *Server) EndGrace() { v.graceEnd.Store(0) }
+// GraceRequest records a request from a client while in grace: a reclaim
+// or not. Out of grace it costs one atomic load.
+func (v *Server) GraceRequest(client netip.Addr, reclaim bool) {
+	if reclaim {
+		v.event(client, (*Grace).Reclaim)
+	} else {
+		v.event(client, (*Grace).Request)
+	}
+}
+
+func (v *Server) event(client netip.Addr, fn func(*Grace, time.Time, netip.Addr)) {
+	if v.graceEnd.Load() == 0 {
+		return
+	}
+	v.mu.Lock()
+	now := time.Now()
+	fn(&v.grace, now, client)
+	v.update(now)
+}
+
+// EndGrace ends the grace period now (an admin's command, or a planned
+// takeover that needs none).
+func (v *Server) EndGrace(why string) {
+	v.mu.Lock()
+	now := time.Now()
+	v.grace.End(now, why)
+	v.update(now)
+}
+
+// Grace describes the current or last grace period.
+func (v *Server) Grace() GraceStatus {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.grace.Status()
+}
+
+// update publishes the machine's state and arms the timer for its next
+// tick; v.mu is held and released here. The end-of-grace hook runs after.
+func (v *Server) update(now time.Time) {
+	wasOn := v.graceEnd.Load() != 0
+	on := v.grace.Active()
+	if on {
+		v.graceEnd.Store(v.grace.Until().UnixNano())
+		if v.timer == nil {
+			v.timer = time.AfterFunc(v.grace.Next().Sub(now), v.tick)
+		} else {
+			v.timer.Reset(v.grace.Next().Sub(now))
+		}
+	} else {
+		v.graceEnd.Store(0)
+		if v.timer != nil {
+			v.timer.Stop()
+		}
+	}
+	st := v.grace.Status()
+	v.mu.Unlock()
+	if wasOn && !on && v.reg.cfg.OnGraceEnd != nil {
+		v.reg.cfg.OnGraceEnd(v, st)
+	}
+}
+
+func (v *Server) tick() {
+	v.mu.Lock()
+	now := time.Now()
+	v.grace.Tick(now)
+	v.update(now)
+}
+
+// Serve marks a started virtual server served.
+func (v *Server) Serve() { v.state.CompareAndSwap(int32(Starting), int32(Serving)) }
+
+// BeginRelease fences the virtual server off (Serving turns false) and
+// reports whether it was served or starting; its grace period stops.
+func (v *Server) BeginRelease() bool {
+	for {
+		s := v.state.Load()
+		if State(s) != Serving && State(s) != Starting {
+			return false
+		}
+		if v.state.CompareAndSwap(s, int32(Releasing)) {
+			v.mu.Lock()
+			v.grace.End(time.Now(), "released")
+			v.graceEnd.Store(0)
+			if v.timer != nil {
+				v.timer.Stop()
+			}
+			v.mu.Unlock()
+			return true
+		}
+	}
+}
 
 // Spec configures one virtual server.
 type Spec struct {
@@ -66,80 +206,119 @@ type Spec struct {
 
 // Config configures a Registry.
 type Config struct {
-	// Servers are the configured virtual servers.
+	// Servers are the virtual servers this node serves from its start.
 	Servers []Spec
 	// ServeUnknown makes every other local address a virtual server of
-	// its own, created on first use, instead of refusing its requests.
+	// its own, taken over on first use, instead of refusing its requests.
 	ServeUnknown bool
-	// Grace is the grace period every virtual server starts with, counted
-	// from Start (the daemon's start).
-	Grace time.Duration
-	Start time.Time
-	// OnNew, if set, is called once for each virtual server ServeUnknown
-	// creates, before the Lookup that created it returns (the NSM service
-	// starts its monitor there: state number, notifications, grace).
-	OnNew func(*Server)
+	// Takeover starts serving an address that has no virtual server yet
+	// (a configured one, or any under ServeUnknown) when a request for it
+	// arrives; it returns the virtual server once served. Without it, such
+	// an address is served at once, at epoch 1, with no grace period.
+	Takeover func(Spec) (*Server, bool)
+	// Grace is the length of a grace period; GraceQuiet how long a
+	// notified client may stay silent before it counts as done reclaiming.
+	Grace      time.Duration
+	GraceQuiet time.Duration
+	// OnGraceEnd, if set, is called when a grace period ends (the lock
+	// service purges what was not reclaimed).
+	OnGraceEnd func(*Server, GraceStatus)
 }
 
 // Registry is the set of virtual servers of this node.
 type Registry struct {
-	cfg     Config
-	mu      sync.RWMutex
-	servers map[netip.Addr]*Server
+	cfg        Config
+	configured map[netip.Addr]Spec
+	mu         sync.RWMutex
+	servers    map[netip.Addr]*Server
 }
 
-// New returns a registry with the configured virtual servers.
+// New returns an empty registry; virtual servers join it through Begin.
 func New(cfg Config) *Registry {
-	r := &Registry{cfg: cfg, servers: map[netip.Addr]*Server{}}
+	if cfg.GraceQuiet <= 0 {
+		cfg.GraceQuiet = 2 * time.Second
+	}
+	r := &Registry{cfg: cfg, servers: map[netip.Addr]*Server{}, configured: map[netip.Addr]Spec{}}
 	for _, s := range cfg.Servers {
-		r.add(s)
+		s.Addr = s.Addr.Unmap()
+		r.configured[s.Addr] = s
 	}
 	return r
 }
 
-func (r *Registry) add(s Spec) *Server {
-	a := s.Addr.Unmap()
-	name := s.Name
-	if name == "" {
-		name = a.String()
+// Configured returns the configured virtual servers.
+func (r *Registry) Configured() []Spec {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]Spec, 0, len(r.configured))
+	for _, s := range r.configured {
+		out = append(out, s)
 	}
-	v := &Server{addr: a, name: name}
-	v.epoch.Store(1)
-	if r.cfg.Grace > 0 {
-		v.StartGrace(r.cfg.Start.Add(r.cfg.Grace))
-	}
-	r.servers[a] = v
-	return v
+	return out
 }
 
-// Lookup returns the virtual server for a local address (IPv4-mapped IPv6
-// addresses match their IPv4 form). It reports false for an address that
-// is not served.
+// SetConfigured replaces the configured virtual servers (a reloaded
+// configuration). Taking over the new ones and releasing the old is the
+// caller's business.
+func (r *Registry) SetConfigured(specs []Spec) {
+	m := make(map[netip.Addr]Spec, len(specs))
+	for _, s := range specs {
+		s.Addr = s.Addr.Unmap()
+		m[s.Addr] = s
+	}
+	r.mu.Lock()
+	r.configured = m
+	r.mu.Unlock()
+}
+
+// Spec returns how the address is configured (its name), or a spec of its
+// own.
+func (r *Registry) Spec(a netip.Addr) Spec {
+	a = a.Unmap()
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if s, ok := r.configured[a]; ok {
+		return s
+	}
+	return Spec{Addr: a}
+}
+
+// Lookup returns the served virtual server for a local address
+// (IPv4-mapped IPv6 addresses match their IPv4 form). An address that has
+// no virtual server yet is taken over first when it is configured or when
+// ServeUnknown is set; one released here stays released.
 func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	a = a.Unmap()
 	r.mu.RLock()
 	v := r.servers[a]
 	r.mu.RUnlock()
-	if v != nil {
-		return v, true
+	if v != nil && v.State() != Starting {
+		return v, v.Serving()
 	}
-	if !r.cfg.ServeUnknown || !a.IsValid() {
+	if !a.IsValid() {
 		return nil, false
 	}
-	r.mu.Lock()
-	created := false
-	if v = r.servers[a]; v == nil {
-		v, created = r.add(Spec{Addr: a}), true
+	// Not yet taken over, or being taken over right now: the takeover
+	// hook waits for the takeover in progress.
+	r.mu.RLock()
+	spec, configured := r.configured[a]
+	r.mu.RUnlock()
+	if !configured && !r.cfg.ServeUnknown {
+		return nil, false
 	}
-	r.mu.Unlock()
-	if created && r.cfg.OnNew != nil {
-		r.cfg.OnNew(v)
+	if !configured {
+		spec = Spec{Addr: a}
 	}
-	return v, true
+	if r.cfg.Takeover == nil {
+		// Standalone use (tests, tools): served at once, epoch 1.
+		v, _ := r.Begin(spec, 1)
+		v.Serve()
+		return v, v.Serving()
+	}
+	return r.cfg.Takeover(spec)
 }
 
-// Get returns the virtual server at a if it exists, without creating one
-// for ServeUnknown.
+// Get returns the newest virtual server at a, in whatever state.
 func (r *Registry) Get(a netip.Addr) (*Server, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
@@ -147,7 +326,29 @@ func (r *Registry) Get(a netip.Addr) (*Server, bool) {
 	return v, v != nil
 }
 
-// All returns the known virtual servers.
+// Begin creates the virtual server of a takeover at epoch, in state
+// Starting (not served until Serve). It returns the current one instead
+// when that is starting or serving.
+func (r *Registry) Begin(s Spec, epoch uint64) (v *Server, created bool) {
+	a := s.Addr.Unmap()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur := r.servers[a]; cur != nil && (cur.State() == Serving || cur.State() == Starting) {
+		return cur, false
+	}
+	name := s.Name
+	if name == "" {
+		name = a.String()
+	}
+	v = &Server{addr: a, name: name, epoch: epoch, reg: r}
+	r.servers[a] = v
+	return v, true
+}
+
+// Finish marks a released virtual server as such.
+func (r *Registry) Finish(v *Server) { v.state.Store(int32(Released)) }
+
+// All returns the known virtual servers, released ones included.
 func (r *Registry) All() []*Server {
 	r.mu.RLock()
 	defer r.mu.RUnlock()

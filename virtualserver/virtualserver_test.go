@@ -5,37 +5,59 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
-func TestLookup(t *testing.T) {
-	start := time.Unix(1000, 0)
-	r := New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}}, Grace: 10 * time.Second, Start: start})
+func TestLifecycle(t *testing.T) {
+	var taken []Spec
+	var r *Registry
+	r = New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}},
+		Takeover: func(s Spec) (*Server, bool) {
+			taken = append(taken, s)
+			v, _ := r.Begin(s, 7)
+			v.Serve()
+			return v, true
+		}})
+	// A configured address is taken over on first use, under its name.
 	v, ok := r.Lookup(netip.MustParseAddr("::ffff:10.0.0.1"))
-	if !ok || v.Name() != "nfs-a" || v.Addr() != netip.MustParseAddr("10.0.0.1") || v.Epoch() != 1 {
-		t.Fatalf("lookup: %v %v", v, ok)
+	if !ok || v.Name() != "nfs-a" || v.Addr() != netip.MustParseAddr("10.0.0.1") || v.Epoch() != 7 || v.State() != Serving {
+		t.Fatalf("lookup: %+v %v", v, ok)
 	}
+	if v2, _ := r.Lookup(netip.MustParseAddr("10.0.0.1")); v2 != v || len(taken) != 1 {
+		t.Fatal("a served address was taken over again")
+	}
+	// Without ServeUnknown, another address is not served.
 	if _, ok := r.Lookup(netip.MustParseAddr("10.0.0.2")); ok {
 		t.Fatal("an unknown address is served without ServeUnknown")
 	}
-	if !v.InGrace(start.Add(9*time.Second)) || v.InGrace(start.Add(10*time.Second)) {
-		t.Fatal("grace window")
+	// Begin on a served address returns it; after a release a new one.
+	if same, created := r.Begin(Spec{Addr: v.Addr()}, 8); same != v || created {
+		t.Fatal("Begin replaced a served virtual server")
 	}
-	v.EndGrace()
-	if v.InGrace(start) {
-		t.Fatal("EndGrace")
+	if !v.BeginRelease() || v.Serving() || v.BeginRelease() {
+		t.Fatal("BeginRelease")
 	}
-	if !v.Serving() {
-		t.Fatal("serving")
+	r.Finish(v)
+	if _, ok := r.Lookup(v.Addr()); ok || len(taken) != 1 {
+		t.Fatal("a released address was served or taken over again by a request")
 	}
-	v.Release()
-	if v.Serving() {
-		t.Fatal("Release")
+	nv, created := r.Begin(Spec{Addr: v.Addr(), Name: "nfs-a"}, 8)
+	if !created || nv == v || nv.State() != Starting || v.State() != Released {
+		t.Fatal("a takeover after a release must make a new virtual server")
+	}
+	if _, ok := r.Lookup(v.Addr()); !ok || len(taken) != 2 {
+		t.Fatal("a starting virtual server's requests wait for the takeover")
 	}
 }
 
 func TestServeUnknown(t *testing.T) {
-	r := New(Config{ServeUnknown: true})
+	var r *Registry
+	r = New(Config{ServeUnknown: true, Takeover: func(s Spec) (*Server, bool) {
+		v, _ := r.Begin(s, 1)
+		v.Serve()
+		return v, true
+	}})
 	a, ok := r.Lookup(netip.MustParseAddr("127.0.0.9"))
 	b, _ := r.Lookup(netip.MustParseAddr("127.0.0.9"))
 	if !ok || a != b || a.Name() != "127.0.0.9" || a.InGrace(time.Now()) {
@@ -46,6 +68,74 @@ func TestServeUnknown(t *testing.T) {
 	}
 	if len(r.All()) != 1 {
 		t.Fatal("All")
+	}
+}
+
+// The grace period on the real clock: it ends early once its clients are
+// done (the timer fires at the quiet time), and the hook hears of it.
+func TestServerGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ended := make(chan GraceStatus, 1)
+		r := New(Config{Grace: time.Minute, GraceQuiet: 2 * time.Second, OnGraceEnd: func(_ *Server, st GraceStatus) { ended <- st }})
+		v, _ := r.Begin(Spec{Addr: netip.MustParseAddr("10.0.0.1")}, 1)
+		v.Serve()
+		c := netip.MustParseAddr("10.1.0.1")
+		v.BeginGrace(true, false, []netip.Addr{c})
+		if !v.InGrace(time.Now()) {
+			t.Fatal("not in grace")
+		}
+		time.Sleep(10 * time.Second)
+		v.GraceNotified(c)
+		time.Sleep(time.Second)
+		v.GraceRequest(c, true)
+		time.Sleep(1900 * time.Millisecond)
+		if !v.InGrace(time.Now()) {
+			t.Fatal("grace ended before the client was quiet for 2 s")
+		}
+		time.Sleep(200 * time.Millisecond)
+		synctest.Wait()
+		if v.InGrace(time.Now()) {
+			t.Fatal("grace did not end once the client was done")
+		}
+		st := <-ended
+		if st.Why != EndReclaimed || st.Reclaims != 1 || st.Ended.Sub(st.Started) != 13*time.Second {
+			t.Fatalf("status %+v", st)
+		}
+		// Out of grace, events cost nothing and change nothing.
+		v.GraceRequest(c, true)
+		if v.Grace().Reclaims != 1 {
+			t.Fatal("a request out of grace was counted")
+		}
+		// A period without early end runs to its deadline.
+		v.BeginGrace(false, false, nil)
+		time.Sleep(59 * time.Second)
+		if !v.InGrace(time.Now()) {
+			t.Fatal("grace ended early")
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if st := <-ended; st.Why != EndDeadline || v.InGrace(time.Now()) {
+			t.Fatalf("deadline: %+v", st)
+		}
+		v.BeginGrace(false, false, nil)
+		v.EndGrace(EndAdmin)
+		if st := <-ended; st.Why != EndAdmin {
+			t.Fatalf("admin end: %+v", st)
+		}
+	})
+}
+
+func TestClaimEpoch(t *testing.T) {
+	dir := t.TempDir() + "/vip"
+	for want := uint64(1); want <= 3; want++ {
+		prev, next, err := ClaimEpoch(dir)
+		if err != nil || prev != want-1 || next != want {
+			t.Fatalf("claim %d: %d %d %v", want, prev, next, err)
+		}
+	}
+	os.WriteFile(dir+"/epoch", []byte("junk"), 0o600)
+	if prev, next, err := ClaimEpoch(dir); err == nil || prev != 0 || next != 1 {
+		t.Fatalf("damaged: %d %d %v", prev, next, err)
 	}
 }
 

@@ -6,17 +6,21 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 	logrusslog "github.com/sirupsen/logrus/hooks/slog"
 
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
+	"github.com/nlmha/nlmha/hacallout"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
 	"github.com/nlmha/nlmha/nsm"
@@ -33,17 +37,24 @@ func slogFor(l *logrus.Logger) *slog.Logger {
 type daemon struct {
 	o         *options
 	log       *slog.Logger
-	rpc       *sunrpc.Server
+	rpc       *sunrpc.Server // NLM
+	nsmRPC    *sunrpc.Server // NSM
 	pm        *sunrpc.Server // embedded portmapper, if running
 	registrar *sunrpc.Registrar
 	regs      []sunrpc.Registration
 	backend   *memdlm.Backend
+	registry  *virtualserver.Registry
 	svc       *nlm.Service
-	nsmRPC    *sunrpc.Server
 	nsm       *nsm.Service
+	mgr       *hacallout.Manager
+	addrs     hacallout.Addresses
 	validator *nlm.NFSValidator
+	metrics   *metrics
+	control   *http.Server
+	metricSrv *http.Server
 	serving   sync.WaitGroup
 	stop      chan struct{}
+	started   time.Time
 }
 
 func parseVIPs(specs []string) ([]virtualserver.Spec, error) {
@@ -54,7 +65,7 @@ func parseVIPs(specs []string) ([]virtualserver.Spec, error) {
 		if err != nil {
 			return nil, fmt.Errorf("--vip %q: %w", s, err)
 		}
-		out = append(out, virtualserver.Spec{Addr: a, Name: name})
+		out = append(out, virtualserver.Spec{Addr: a.Unmap(), Name: name})
 	}
 	return out, nil
 }
@@ -64,17 +75,19 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{})}
+	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
 	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
 	// in bursts of hundreds of datagrams, and a datagram dropped by the
 	// kernel costs its sender a retransmission timeout.
-	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20}
-	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20}
-	registry := virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, Start: time.Now(),
-		// A served address seen for the first time starts its monitor.
-		OnNew: func(vs *virtualserver.Server) { d.nsm.Attach(vs) }})
+	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics}
+	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics}
+	d.registry = virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, GraceQuiet: o.graceQuiet,
+		// Hooks into the manager, which exists by the first request.
+		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return d.mgr.TakeoverHook(s) },
+		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { d.mgr.GraceEnded(vs, st) },
+	})
 	d.nsm, err = nsm.New(nsm.Config{
-		VirtualServers: registry,
+		VirtualServers: d.registry,
 		StateDir:       o.stateDir,
 		RPC:            d.nsmRPC,
 		Port:           o.nsmPort,
@@ -89,7 +102,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	}
 	cfg := nlm.Config{
 		Backend:        d.backend,
-		VirtualServers: registry,
+		VirtualServers: d.registry,
 		Limits:         lockmgr.Limits{LocksPerHost: o.locksPerHost, BlockedPerHost: o.blockedPerHst, SharesPerHost: o.sharesPerHost},
 		RPC:            d.rpc,
 		Port:           o.nlmPort,
@@ -116,14 +129,28 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 			return nil, err
 		}
 	}
-	families, err := d.listen(d.rpc, o.nlmPort)
-	if err == nil {
-		_, err = d.listen(d.nsmRPC, o.nsmPort)
+	var families []bool
+	if o.listenMode == "vip" {
+		d.addrs = &boundAddrs{d: d, socks: map[netip.Addr][]func() error{}}
+		families = []bool{false}
+		for _, v := range vips {
+			if !v.Addr.Is4() && !slices.Contains(families, true) {
+				families = append(families, true)
+			}
+		}
+	} else {
+		d.addrs = wildcardAddrs{d.rpc, d.nsmRPC}
+		families, err = d.listen(d.rpc, o.nlmPort)
+		if err == nil {
+			_, err = d.listen(d.nsmRPC, o.nsmPort)
+		}
+		if err != nil {
+			d.abort()
+			return nil, err
+		}
 	}
-	if err != nil {
-		d.abort()
-		return nil, err
-	}
+	d.mgr = hacallout.New(hacallout.Config{Registry: d.registry, NLM: d.svc, NSM: d.nsm, Addrs: d.addrs, StateDir: o.stateDir,
+		NoSnapshot: o.noSnapshot, Notified: o.noNotify, ServeUnknown: o.serveUnknown && o.listenMode == "wildcard", Logger: log})
 	for _, fam := range families {
 		for _, t := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
 			for _, v := range []uint32{nlm.Vers1, nlm.Vers3, nlm.Vers4} {
@@ -136,17 +163,45 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		d.abort()
 		return nil, err
 	}
-	// Now that NSM listens (replies to SM_NOTIFY reach its socket): new
-	// state numbers, and notifications to the clients of every virtual
-	// server this node serves.
-	if err := d.nsm.StartAll(); err != nil {
-		log.Error("nlmd: starting the status monitor of some virtual servers failed", "err", err)
+	if o.controlSocket != "" {
+		l, err := hacallout.ListenControl(o.controlSocket)
+		if err != nil {
+			d.abort()
+			return nil, fmt.Errorf("control socket: %w", err)
+		}
+		d.control = &http.Server{Handler: d.mgr.Handler(hacallout.Info{Version: version, Listen: o.listenMode, Started: d.started}),
+			ReadHeaderTimeout: 10 * time.Second}
+		d.serving.Go(func() { logHTTPErr(log, d.control.Serve(l)) })
+	}
+	if o.metricsListen != "" {
+		l, err := net.Listen("tcp", o.metricsListen)
+		if err != nil {
+			d.abort()
+			return nil, fmt.Errorf("--metrics-listen: %w", err)
+		}
+		d.metrics.reg.MustRegister(newStateCollector(d))
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+		d.metricSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		d.serving.Go(func() { logHTTPErr(log, d.metricSrv.Serve(l)) })
+	}
+	// Now that the sockets are up (replies to SM_NOTIFY reach them): the
+	// configured virtual servers and those served here before.
+	if err := d.mgr.StartAll(ctx); err != nil {
+		log.Error("nlmd: taking over some virtual servers failed", "err", err)
 	}
 	d.serving.Go(d.sweep)
-	log.Info("nlmd: serving NLM v1, v3, v4 and NSM v1", "nlm_port", o.nlmPort, "nsm_port", o.nsmPort, "listen", strings.Join(o.listen, ","),
-		"rpcbind", d.rpcbindMode(), "grace", o.grace, "virtual_servers", len(vips), "serve_unknown", o.serveUnknown,
-		"state_dir", o.stateDir, "notify", !o.noNotify)
+	log.Info("nlmd: serving NLM v1, v3, v4 and NSM v1", "version", version, "nlm_port", o.nlmPort, "nsm_port", o.nsmPort,
+		"listen_mode", o.listenMode, "listen", strings.Join(o.listen, ","), "rpcbind", d.rpcbindMode(), "grace", o.grace,
+		"virtual_servers", len(vips), "serve_unknown", o.serveUnknown, "state_dir", o.stateDir, "notify", !o.noNotify,
+		"control_socket", o.controlSocket, "metrics", o.metricsListen)
 	return d, nil
+}
+
+func logHTTPErr(log *slog.Logger, err error) {
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("nlmd: HTTP server stopped", "err", err)
+	}
 }
 
 // dropClients drops the state of clients whose reboot the NSM service
@@ -157,6 +212,33 @@ func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
 		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 	}
 	return d.svc.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
+}
+
+// reload applies a re-read configuration: virtual servers added to the
+// list are taken over, those removed from it released (with a snapshot).
+func (d *daemon) reload(ctx context.Context, n *options) {
+	before, _ := parseVIPs(d.o.vips)
+	after, _ := parseVIPs(n.vips)
+	d.registry.SetConfigured(after)
+	has := func(list []virtualserver.Spec, a netip.Addr) bool {
+		return slices.ContainsFunc(list, func(s virtualserver.Spec) bool { return s.Addr == a })
+	}
+	for _, s := range after {
+		if !has(before, s.Addr) {
+			if _, err := d.mgr.Takeover(ctx, s); err != nil {
+				d.log.Error("nlmd: SIGHUP: takeover failed", "vip", s.Addr, "err", err)
+			}
+		}
+	}
+	for _, s := range before {
+		if !has(after, s.Addr) {
+			if _, err := d.mgr.Release(ctx, s.Addr, true); err != nil {
+				d.log.Error("nlmd: SIGHUP: release failed", "vip", s.Addr, "err", err)
+			}
+		}
+	}
+	d.o.vips = n.vips
+	d.log.Info("nlmd: configuration reloaded", "virtual_servers", len(after))
 }
 
 func parseHostPort(s string) (netip.AddrPort, error) {
@@ -211,12 +293,12 @@ func (d *daemon) listen(srv *sunrpc.Server, port uint16) ([]bool, error) {
 }
 
 func logServeErr(log *slog.Logger, err error) {
-	if err != nil && !errors.Is(err, sunrpc.ErrServerClosed) {
+	if err != nil && !errors.Is(err, sunrpc.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		log.Error("nlmd: serving stopped", "err", err)
 	}
 }
 
-// register publishes the NLM ports with the system rpcbind or the embedded
+// register publishes the ports with the system rpcbind or the embedded
 // portmapper.
 func (d *daemon) register(ctx context.Context, families []bool) error {
 	mode := d.o.rpcbind
@@ -244,10 +326,18 @@ func (d *daemon) register(ctx context.Context, families []bool) error {
 		for _, p := range pm.Programs() {
 			d.pm.Register(p)
 		}
-		if _, err := d.listen(d.pm, d.o.portmapPort); err != nil {
+		listen := d.o.listen
+		if d.o.listenMode == "vip" {
+			listen = []string{"0.0.0.0"}
+		}
+		saved := d.o.listen
+		d.o.listen = listen
+		_, err := d.listen(d.pm, d.o.portmapPort)
+		d.o.listen = saved
+		if err != nil {
 			d.pm = nil
 			if d.o.rpcbind == "auto" {
-				d.log.Warn("nlmd: no rpcbind and no embedded portmapper: clients must be told the NLM port", "err", err)
+				d.log.Warn("nlmd: no rpcbind and no embedded portmapper: clients must be told the ports", "err", err)
 				return nil
 			}
 			return fmt.Errorf("starting the embedded portmapper: %w", err)
@@ -321,13 +411,21 @@ func (d *daemon) sweep() {
 	}
 }
 
-// shutdown stops serving (calls in progress finish), withdraws the rpcbind
-// registrations and releases everything.
+// shutdown hands every virtual server over (released with a snapshot, so
+// that the next start — here or elsewhere — keeps every lock without a
+// grace period), stops serving (calls in progress finish), withdraws the
+// rpcbind registrations and releases everything.
 func (d *daemon) shutdown() error {
 	ctx, cancel := context.WithTimeout(context.Background(), d.o.shutdownWait)
 	defer cancel()
-	err := errors.Join(d.rpc.Shutdown(ctx), d.nsmRPC.Shutdown(ctx))
-	if d.registrar != nil {
+	if d.control != nil {
+		d.control.Shutdown(ctx)
+	}
+	err := d.mgr.ReleaseAll(ctx)
+	err = errors.Join(err, d.rpc.Shutdown(ctx), d.nsmRPC.Shutdown(ctx))
+	if d.registrar != nil && d.o.listenMode == "wildcard" {
+		// In listen mode vip, other nlmd on this host share the same
+		// registrations: they stay.
 		uctx, ucancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if uerr := d.registrar.Unregister(uctx, d.regs...); uerr != nil {
 			err = errors.Join(err, fmt.Errorf("unregistering from rpcbind: %w", uerr))
@@ -346,10 +444,20 @@ func (d *daemon) abort() {
 	if d.pm != nil {
 		d.pm.Close()
 	}
+	if d.control != nil {
+		d.control.Close()
+		os.Remove(d.o.controlSocket)
+	}
+	if d.metricSrv != nil {
+		d.metricSrv.Close()
+	}
 	select {
 	case <-d.stop:
 	default:
 		close(d.stop)
+	}
+	if b, ok := d.addrs.(*boundAddrs); ok {
+		b.closeAll()
 	}
 	d.serving.Wait()
 	d.svc.Close()

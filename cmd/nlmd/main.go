@@ -1,7 +1,7 @@
 // Command nlmd is the nlmha lock daemon: NLM and NSM (statd) for NFSv3
-// clients, keyed by virtual server — the address each request was
-// sent to — so that one floating IP can move between nodes without
-// disturbing the others.
+// clients, keyed by virtual server — the address each request was sent to
+// — so that one floating IP can move between nodes without disturbing the
+// others. See README.md.
 package main
 
 import (
@@ -18,68 +18,123 @@ import (
 
 	"github.com/sirupsen/logrus"
 	flag "github.com/spf13/pflag"
+
+	"github.com/nlmha/nlmha/hacallout"
 )
 
-// options are nlmd's settings.
+// version is set at build time (-ldflags -X main.version=...).
+var version = "dev"
+
+// options are nlmd's settings: the defaults, overridden by the config
+// file, overridden by flags.
 type options struct {
+	config        string
 	listen        []string
+	listenMode    string
 	nlmPort       uint16
+	nsmPort       uint16
 	rpcbind       string
 	portmapPort   uint16
-	logFormat     string
-	logLevel      string
-	grace         time.Duration
+	stateDir      string
+	controlSocket string
+	metricsListen string
 	vips          []string
 	serveUnknown  bool
+	grace         time.Duration
+	graceQuiet    time.Duration
+	noSnapshot    bool
+	noNotify      bool
+	notifyGiveUp  time.Duration
+	notifyWindow  int
+	haCallout     string
+	calloutWait   time.Duration
 	nfsServer     string
 	locksPerHost  int64
 	blockedPerHst int64
 	sharesPerHost int64
 	maxRecord     int
 	shutdownWait  time.Duration
-	cpuProfile    string
 	procs         int
-	nsmPort       uint16
-	stateDir      string
-	noNotify      bool
-	notifyGiveUp  time.Duration
-	notifyWindow  int
-	haCallout     string
-	calloutWait   time.Duration
+	cpuProfile    string
+	logFormat     string
+	logLevel      string
+	version       bool
+}
+
+func defaults() *options {
+	return &options{
+		listen: []string{"0.0.0.0", "::"}, listenMode: "wildcard", nlmPort: 4045, nsmPort: 32765, rpcbind: "auto", portmapPort: 111,
+		stateDir: "/var/lib/nlmha", controlSocket: hacallout.DefaultSocket, serveUnknown: true,
+		grace: 90 * time.Second, graceQuiet: 2 * time.Second, notifyGiveUp: 15 * time.Minute, notifyWindow: 256,
+		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000,
+		maxRecord: 16 << 10, shutdownWait: 5 * time.Second, procs: 1, logFormat: "text", logLevel: "info",
+	}
+}
+
+// configPath finds --config in args before the flags are parsed: the file's
+// values are the flags' defaults.
+func configPath(args []string) string {
+	for i, a := range args {
+		switch {
+		case a == "--":
+			return ""
+		case a == "--config" && i+1 < len(args):
+			return args[i+1]
+		case strings.HasPrefix(a, "--config="):
+			return strings.TrimPrefix(a, "--config=")
+		}
+	}
+	return ""
 }
 
 func parseFlags(args []string) (*options, *flag.FlagSet, error) {
-	o := &options{}
+	o := defaults()
 	fs := flag.NewFlagSet("nlmd", flag.ContinueOnError)
+	if path := configPath(args); path != "" {
+		if err := loadConfig(path, o); err != nil {
+			return nil, fs, err
+		}
+	}
 	fs.SortFlags = false
-	fs.StringSliceVar(&o.listen, "listen", []string{"0.0.0.0", "::"},
-		"addresses to listen on (TCP and UDP). A wildcard address serves every local address and tells virtual servers apart by each request's destination")
-	fs.Uint16Var(&o.nlmPort, "nlm-port", 4045, "NLM port; use the same on every node so that clients' cached ports survive a failover")
-	fs.Uint16Var(&o.nsmPort, "nsm-port", 32765,
+	fs.StringVar(&o.config, "config", o.config, "YAML configuration file; flags override it. SIGHUP reads it again and takes over or releases the virtual servers added to or removed from its vips")
+	fs.StringSliceVar(&o.listen, "listen", o.listen,
+		"addresses to listen on (TCP and UDP) in listen mode wildcard. A wildcard address serves every local address and tells virtual servers apart by each request's destination")
+	fs.StringVar(&o.listenMode, "listen-mode", o.listenMode,
+		"wildcard: one socket per family and port, keyed by destination; vip: sockets bound to each virtual server's address, opened at takeover and closed at release (IP_FREEBIND), so that several nlmd can share a host")
+	fs.Uint16Var(&o.nlmPort, "nlm-port", o.nlmPort, "NLM port; use the same on every node so that clients' cached ports survive a failover")
+	fs.Uint16Var(&o.nsmPort, "nsm-port", o.nsmPort,
 		"NSM (statd) port; SM_NOTIFY to clients leaves from it. Use the same on every node, and keep it out of 600-1023 (root RPC clients take source ports there, and their TIME_WAIT would keep a restarting nlmd from binding) and out of the ephemeral range")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/nlmha", "directory of the persistent state: one directory per virtual server (NSM state number, monitor records)")
-	fs.BoolVar(&o.noNotify, "no-notify", false, "do not send SM_NOTIFY to clients when a virtual server starts (for setups that notify otherwise, e.g. sm-notify on an exported list)")
-	fs.DurationVar(&o.notifyGiveUp, "notify-timeout", 15*time.Minute, "how long to keep notifying a client that does not answer (negative: forever)")
-	fs.IntVar(&o.notifyWindow, "notify-window", 256, "clients notified at once (those awaiting a first answer; ones that do not answer within 2 s stop counting)")
-	fs.StringVar(&o.haCallout, "ha-callout", "", "program run like rpc.statd's --ha-callout: add-client MON_NAME MY_NAME, del-client MON_NAME MY_NAME, sm-notify MON_NAME SENDER STATE")
-	fs.DurationVar(&o.calloutWait, "ha-callout-timeout", 10*time.Second, "how long one HA callout may run before it is killed")
-	fs.StringVar(&o.rpcbind, "rpcbind", "auto",
+	fs.StringVar(&o.rpcbind, "rpcbind", o.rpcbind,
 		"portmapper to register with: auto (the system rpcbind if one answers, else an embedded portmapper), system, embedded, none")
-	fs.Uint16Var(&o.portmapPort, "portmap-port", 111, "port of the embedded portmapper")
-	fs.StringSliceVar(&o.vips, "vip", nil, "a virtual server this node serves, as ADDRESS or ADDRESS=NAME (repeatable); NAME is used in callbacks")
-	fs.BoolVar(&o.serveUnknown, "serve-unknown", true, "serve requests to addresses not given with --vip, each address as a virtual server of its own; false refuses them")
-	fs.DurationVar(&o.grace, "grace-period", 0, "grace period at start-up: only lock reclaims are served until it ends")
-	fs.StringVar(&o.nfsServer, "nfs-server", "", "NFS server to check NLMv4 file handles with (HOST or HOST:PORT); unknown handles get NLM4_STALE_FH. Empty: handles are not checked")
-	fs.Int64Var(&o.locksPerHost, "max-locks-per-host", 1_000_000, "lock ranges one client host may hold (0: no limit); beyond it LOCK is DENIED_NOLOCKS")
-	fs.Int64Var(&o.blockedPerHst, "max-blocked-per-host", 10_000, "blocked lock requests one client host may have queued (0: no limit)")
-	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", 100_000, "share reservations one client host may hold (0: no limit)")
-	fs.IntVar(&o.maxRecord, "max-request-size", 16<<10, "largest RPC request accepted, in bytes (a TCP record or a UDP datagram)")
-	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", 5*time.Second, "how long SIGTERM waits for calls in progress")
-	fs.IntVar(&o.procs, "procs", 1,
+	fs.Uint16Var(&o.portmapPort, "portmap-port", o.portmapPort, "port of the embedded portmapper")
+	fs.StringVar(&o.stateDir, "state-dir", o.stateDir,
+		"directory of the persistent state: one directory per virtual server (epoch, NSM state number, monitor records, release snapshot). Put it on storage shared by the nodes a virtual server moves between")
+	fs.StringVar(&o.controlSocket, "control-socket", o.controlSocket, "Unix socket of the control API (mode 0600) that nlmadmin and the cluster hooks use; empty: none")
+	fs.StringVar(&o.metricsListen, "metrics-listen", o.metricsListen, "HOST:PORT to serve Prometheus metrics on (/metrics); empty: none")
+	fs.StringSliceVar(&o.vips, "vip", o.vips, "a virtual server this node serves from its start, as ADDRESS or ADDRESS=NAME (repeatable); NAME is used in callbacks")
+	fs.BoolVar(&o.serveUnknown, "serve-unknown", o.serveUnknown,
+		"serve requests to addresses not given with --vip, each address as a virtual server of its own, taken over on first use; false refuses them")
+	fs.DurationVar(&o.grace, "grace-period", o.grace,
+		"grace period after an unplanned start or takeover (only reclaims are served); it ends early once every client that held locks has reclaimed")
+	fs.DurationVar(&o.graceQuiet, "grace-quiet", o.graceQuiet, "how long a notified client may stay silent before it counts as done reclaiming")
+	fs.BoolVar(&o.noSnapshot, "no-snapshot", o.noSnapshot, "release virtual servers without handing their locks over in a snapshot: every takeover then goes through grace and reclaim")
+	fs.BoolVar(&o.noNotify, "no-notify", o.noNotify, "do not send SM_NOTIFY to clients when a virtual server restarts (for setups that notify otherwise, e.g. sm-notify on an exported list)")
+	fs.DurationVar(&o.notifyGiveUp, "notify-timeout", o.notifyGiveUp, "how long to keep notifying a client that does not answer (negative: forever)")
+	fs.IntVar(&o.notifyWindow, "notify-window", o.notifyWindow, "clients notified at once (those awaiting a first answer; ones that do not answer within 2 s stop counting)")
+	fs.StringVar(&o.haCallout, "ha-callout", o.haCallout, "program run like rpc.statd's --ha-callout: add-client MON_NAME MY_NAME, del-client MON_NAME MY_NAME, sm-notify MON_NAME SENDER STATE")
+	fs.DurationVar(&o.calloutWait, "ha-callout-timeout", o.calloutWait, "how long one HA callout may run before it is killed")
+	fs.StringVar(&o.nfsServer, "nfs-server", o.nfsServer, "NFS server to check NLMv4 file handles with (HOST or HOST:PORT); unknown handles get NLM4_STALE_FH. Empty: handles are not checked")
+	fs.Int64Var(&o.locksPerHost, "max-locks-per-host", o.locksPerHost, "lock ranges one client host may hold (0: no limit); beyond it LOCK is DENIED_NOLOCKS")
+	fs.Int64Var(&o.blockedPerHst, "max-blocked-per-host", o.blockedPerHst, "blocked lock requests one client host may have queued (0: no limit)")
+	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", o.sharesPerHost, "share reservations one client host may hold (0: no limit)")
+	fs.IntVar(&o.maxRecord, "max-request-size", o.maxRecord, "largest RPC request accepted, in bytes (a TCP record or a UDP datagram)")
+	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", o.shutdownWait, "how long SIGTERM waits for calls in progress")
+	fs.IntVar(&o.procs, "procs", o.procs,
 		"CPUs nlmd may run Go code on at once (GOMAXPROCS; 0: all). NLM is light work: one CPU serves about 100k calls/s, and on a node shared with the NFS server more only add scheduling overhead")
-	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to this file, for performance work")
-	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
-	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.cpuProfile, "cpu-profile", o.cpuProfile, "write a CPU profile (pprof) of the whole run to this file, for performance work")
+	fs.StringVar(&o.logFormat, "log-format", o.logFormat, "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", o.logLevel, "log level: debug, info, warn or error")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nlmd [flags]\n\nnlmd serves NFS lock management (NLM v1, v3, v4) and status monitoring (NSM v1) keyed by virtual server.\n\nFlags:\n%s", fs.FlagUsages())
 	}
@@ -89,25 +144,39 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	if fs.NArg() > 0 {
 		return nil, fs, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
+	return o, fs, o.check()
+}
+
+func (o *options) check() error {
 	switch o.rpcbind {
 	case "auto", "system", "embedded", "none":
 	default:
-		return nil, fs, fmt.Errorf("--rpcbind %q: want auto, system, embedded or none", o.rpcbind)
+		return fmt.Errorf("--rpcbind %q: want auto, system, embedded or none", o.rpcbind)
+	}
+	switch o.listenMode {
+	case "wildcard", "vip":
+	default:
+		return fmt.Errorf("--listen-mode %q: want wildcard or vip", o.listenMode)
 	}
 	switch o.logFormat {
 	case "text", "json":
 	default:
-		return nil, fs, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
+		return fmt.Errorf("--log-format %q: want text or json", o.logFormat)
 	}
 	switch {
 	case o.nsmPort == o.nlmPort:
-		return nil, fs, fmt.Errorf("--nsm-port and --nlm-port are both %d: NLM and NSM need ports of their own", o.nlmPort)
+		return fmt.Errorf("--nsm-port and --nlm-port are both %d: NLM and NSM need ports of their own", o.nlmPort)
 	case o.stateDir == "":
-		return nil, fs, errors.New("--state-dir is empty")
+		return errors.New("--state-dir is empty")
 	case o.notifyWindow < 1:
-		return nil, fs, fmt.Errorf("--notify-window %d: want at least 1", o.notifyWindow)
+		return fmt.Errorf("--notify-window %d: want at least 1", o.notifyWindow)
+	case o.grace < 0 || o.graceQuiet <= 0:
+		return errors.New("--grace-period must not be negative, --grace-quiet must be positive")
 	}
-	return o, fs, nil
+	if _, err := parseVIPs(o.vips); err != nil {
+		return err
+	}
+	return nil
 }
 
 func newLogger(o *options) (*logrus.Logger, error) {
@@ -134,6 +203,10 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "nlmd:", err)
 		os.Exit(2)
+	}
+	if o.version {
+		fmt.Println("nlmd", version)
+		return
 	}
 	lr, err := newLogger(o)
 	if err != nil {
@@ -162,7 +235,22 @@ func main() {
 		log.Error("nlmd: cannot start", "err", err)
 		os.Exit(1)
 	}
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	for {
+		select {
+		case <-hup:
+			n, _, err := parseFlags(os.Args[1:])
+			if err != nil {
+				log.Error("nlmd: SIGHUP: configuration not reloaded", "err", err)
+				continue
+			}
+			d.reload(ctx, n)
+			continue
+		case <-ctx.Done():
+		}
+		break
+	}
 	log.Info("nlmd: shutting down")
 	if err := d.shutdown(); err != nil {
 		log.Error("nlmd: shutdown", "err", err)

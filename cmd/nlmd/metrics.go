@@ -1,0 +1,166 @@
+package main
+
+import (
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/nlmha/nlmha/nlm"
+	"github.com/nlmha/nlmha/nsm"
+	"github.com/nlmha/nlmha/sunrpc"
+)
+
+// metrics are nlmd's Prometheus metrics. Labels name programs, procedures
+// and virtual servers only: never a client or a file handle, whose number
+// has no bound.
+type metrics struct {
+	reg   *prometheus.Registry
+	calls *prometheus.CounterVec
+	dur   *prometheus.HistogramVec
+	// per procedure: its counters and histogram, resolved once
+	handles sync.Map // callKey → *callHandles
+}
+
+type callKey struct {
+	proc *sunrpc.Proc
+	vers uint32
+}
+
+type callHandles struct {
+	outcomes [6]prometheus.Counter
+	dur      prometheus.Observer
+}
+
+var programNames = map[uint32]string{nlm.Prog: "nlm", nsm.Prog: "nsm", sunrpc.PmapProg: "portmap"}
+
+func newMetrics() *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.calls = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nlm_rpc_requests_total", Help: "RPC calls that reached a procedure, by program, version, procedure and outcome.",
+	}, []string{"program", "version", "procedure", "outcome"})
+	m.dur = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "nlm_rpc_duration_seconds", Help: "Time from a call's dispatch to its reply, by program and procedure.",
+		Buckets: []float64{10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1},
+	}, []string{"program", "procedure"})
+	m.reg.MustRegister(m.calls, m.dur, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// ObserveCall is the RPC servers' CallObserver.
+func (m *metrics) ObserveCall(req *sunrpc.Request, proc *sunrpc.Proc, o sunrpc.CallOutcome, d time.Duration) {
+	k := callKey{proc, req.Vers}
+	h, ok := m.handles.Load(k)
+	if !ok {
+		prog := programNames[req.Prog]
+		vers := itoa(req.Vers)
+		ch := &callHandles{dur: m.dur.WithLabelValues(prog, proc.Name)}
+		for i := range ch.outcomes {
+			ch.outcomes[i] = m.calls.WithLabelValues(prog, vers, proc.Name, sunrpc.CallOutcome(i).String())
+		}
+		h, _ = m.handles.LoadOrStore(k, ch)
+	}
+	ch := h.(*callHandles)
+	ch.outcomes[o].Inc()
+	ch.dur.Observe(d.Seconds())
+}
+
+func itoa(v uint32) string {
+	const digits = "0123456789"
+	if v < 10 {
+		return digits[v : v+1]
+	}
+	var b [10]byte
+	i := len(b)
+	for v > 0 {
+		i--
+		b[i] = digits[v%10]
+		v /= 10
+	}
+	return string(b[i:])
+}
+
+// stateCollector reads the daemon's state at each scrape.
+type stateCollector struct {
+	d *daemon
+
+	vipInfo, epoch, graceActive, graceLeft, locks, blocked, shares, clients, nsmState, notify *prometheus.Desc
+	callbacks, nsmNotify, nsmRefused, nsmCallbackFail, rpcDrops                               *prometheus.Desc
+}
+
+func newStateCollector(d *daemon) *stateCollector {
+	vip := []string{"vip"}
+	return &stateCollector{d: d,
+		vipInfo:         prometheus.NewDesc("nlm_virtual_server_info", "A virtual server known on this node, with its name and state.", []string{"vip", "name", "state"}, nil),
+		epoch:           prometheus.NewDesc("nlm_virtual_server_epoch", "The virtual server's epoch (grows with each takeover).", vip, nil),
+		graceActive:     prometheus.NewDesc("nlm_grace_active", "1 while the virtual server is in its grace period.", vip, nil),
+		graceLeft:       prometheus.NewDesc("nlm_grace_remaining_seconds", "Time left in the virtual server's grace period at the latest.", vip, nil),
+		locks:           prometheus.NewDesc("nlm_locks_held", "Lock ranges held through the virtual server.", vip, nil),
+		blocked:         prometheus.NewDesc("nlm_locks_blocked", "Blocked lock requests queued through the virtual server.", vip, nil),
+		shares:          prometheus.NewDesc("nlm_shares", "Share reservations held through the virtual server.", vip, nil),
+		clients:         prometheus.NewDesc("nlm_clients_monitored", "Client hosts the virtual server monitors (NSM).", vip, nil),
+		nsmState:        prometheus.NewDesc("nlm_nsm_state", "The virtual server's NSM state number.", vip, nil),
+		notify:          prometheus.NewDesc("nlm_notify_clients", "Clients of the virtual server's last SM_NOTIFY round, by result (done, failed, pending).", []string{"vip", "result"}, nil),
+		callbacks:       prometheus.NewDesc("nlm_granted_callbacks_total", "GRANTED callbacks, by result (accepted, refused, failed attempt).", []string{"result"}, nil),
+		nsmNotify:       prometheus.NewDesc("nlm_nsm_notifications_received_total", "SM_NOTIFY received from clients, by result (accepted, duplicate, unknown).", []string{"result"}, nil),
+		nsmRefused:      prometheus.NewDesc("nlm_nsm_refused_total", "SM_MON, SM_UNMON, SM_UNMON_ALL and SM_SIMU_CRASH refused.", nil, nil),
+		nsmCallbackFail: prometheus.NewDesc("nlm_nsm_callback_failures_total", "Reboot callbacks to local lock managers (SM_MON) that failed.", nil, nil),
+		rpcDrops:        prometheus.NewDesc("nlm_rpc_dropped_total", "Datagrams and messages dropped by the RPC servers, by reason.", []string{"server", "reason"}, nil),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.vipInfo, c.epoch, c.graceActive, c.graceLeft, c.locks, c.blocked, c.shares, c.clients,
+		c.nsmState, c.notify, c.callbacks, c.nsmNotify, c.nsmRefused, c.nsmCallbackFail, c.rpcDrops} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	for _, v := range c.d.mgr.VIPs() {
+		a := v.VIP.String()
+		gauge(c.vipInfo, 1, a, v.Name, v.State)
+		gauge(c.epoch, float64(v.Epoch), a)
+		active, left := 0.0, 0.0
+		if v.Grace.Active {
+			active, left = 1, max(0, time.Until(v.Grace.Until).Seconds())
+		}
+		gauge(c.graceActive, active, a)
+		gauge(c.graceLeft, left, a)
+		gauge(c.locks, float64(v.Locks), a)
+		gauge(c.blocked, float64(v.Blocked), a)
+		gauge(c.shares, float64(v.Shares), a)
+		gauge(c.clients, float64(v.Clients), a)
+		gauge(c.nsmState, float64(v.NSMState), a)
+		if n := v.Notify; n != nil {
+			gauge(c.notify, float64(n.Done), a, "done")
+			gauge(c.notify, float64(n.Failed), a, "failed")
+			gauge(c.notify, float64(n.Pending), a, "pending")
+		}
+	}
+	ns := c.d.svc.Stats()
+	counter(c.callbacks, ns.GrantedCallbacks.Load(), "accepted")
+	counter(c.callbacks, ns.RefusedCallbacks.Load(), "refused")
+	counter(c.callbacks, ns.CallbackFailures.Load(), "failed")
+	ms := c.d.nsm.Stats()
+	counter(c.nsmNotify, ms.NotifyAccepted.Load(), "accepted")
+	counter(c.nsmNotify, ms.NotifyDuplicate.Load(), "duplicate")
+	counter(c.nsmNotify, ms.NotifyUnknown.Load(), "unknown")
+	counter(c.nsmRefused, ms.Rejected.Load())
+	counter(c.nsmCallbackFail, ms.CallbackFailed.Load())
+	for name, srv := range map[string]*sunrpc.Server{"nlm": c.d.rpc, "nsm": c.d.nsmRPC} {
+		st := srv.Stats()
+		counter(c.rpcDrops, st.UDPQueueDrops, name, "udp_queue_full")
+		counter(c.rpcDrops, st.UDPOversize, name, "udp_oversize")
+		counter(c.rpcDrops, st.StoppedDrops, name, "address_stopped")
+		counter(c.rpcDrops, st.MalformedHeaders, name, "malformed")
+		counter(c.rpcDrops, st.RecordErrors, name, "bad_record")
+	}
+}

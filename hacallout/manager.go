@@ -1,0 +1,388 @@
+// Package hacallout is what moving a virtual server does, in order, and
+// the control API that the cluster resource manager (through its hooks)
+// and nlmadmin drive it by.
+//
+// Release (old node): fence the virtual server off, stop serving its
+// address, cancel its callbacks, take its locks, blocked requests and
+// shares out of the backend into a snapshot (written atomically into its
+// state directory, stamped with its epoch), stop its status monitor.
+//
+// Takeover (new node): claim the next epoch; if the snapshot of the epoch
+// it follows is there (a planned move), put it back and serve at once, no
+// grace period, no notification; otherwise (the old node died) restart the
+// status monitor — new state number, SM_NOTIFY to every client — and serve
+// with a grace period of this virtual server only, which ends as soon as
+// its clients have reclaimed. Both are idempotent.
+package hacallout
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/nlm"
+	"github.com/nlmha/nlmha/nsm"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// Addresses starts and stops serving one address on this node's sockets.
+type Addresses interface {
+	// Serve makes the address served (resumes it on wildcard sockets, or
+	// opens sockets bound to it).
+	Serve(a netip.Addr) error
+	// Stop stops serving it: its connections are closed and its datagrams
+	// dropped (or its sockets closed).
+	Stop(a netip.Addr)
+}
+
+// Config configures a Manager.
+type Config struct {
+	Registry *virtualserver.Registry
+	NLM      *nlm.Service
+	NSM      *nsm.Service
+	Addrs    Addresses
+	// StateDir holds a directory per virtual server (see virtualserver
+	// and nsm); on shared storage, it moves with the address.
+	StateDir string
+	// NoSnapshot makes releases drop state without a snapshot, so that
+	// every takeover goes through grace and reclaim.
+	NoSnapshot bool
+	// Notified says that clients are notified by someone else (nlmd
+	// --no-notify): a restart's grace period counts them as told.
+	Notified bool
+	// ServeUnknown: at start, the state directories of local addresses are
+	// taken over too (they were served here as unknown addresses).
+	ServeUnknown bool
+	Logger       *slog.Logger
+}
+
+// Manager moves virtual servers in and out of this node.
+type Manager struct {
+	cfg Config
+	log *slog.Logger
+
+	mu    sync.Mutex
+	locks map[netip.Addr]*sync.Mutex
+}
+
+// New returns a manager. Hook TakeoverHook into the registry's Takeover
+// and GraceEnded into its OnGraceEnd.
+func New(cfg Config) *Manager {
+	m := &Manager{cfg: cfg, log: cfg.Logger, locks: map[netip.Addr]*sync.Mutex{}}
+	if m.log == nil {
+		m.log = slog.New(slog.DiscardHandler)
+	}
+	return m
+}
+
+func (m *Manager) lock(a netip.Addr) func() {
+	m.mu.Lock()
+	l := m.locks[a]
+	if l == nil {
+		l = &sync.Mutex{}
+		m.locks[a] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+const snapshotFile = "snapshot.json"
+
+// TakeoverResult tells what a takeover did.
+type TakeoverResult struct {
+	VIP   netip.Addr `json:"vip"`
+	Name  string     `json:"name"`
+	Epoch uint64     `json:"epoch"`
+	// Already: the virtual server was served here; nothing was done.
+	Already bool `json:"already,omitempty"`
+	// Planned: a snapshot of the previous epoch was installed (no grace,
+	// no notification); its counts follow.
+	Planned  bool  `json:"planned"`
+	Locks    int   `json:"locks"`
+	Waiters  int   `json:"waiters"`
+	Shares   int   `json:"shares"`
+	Refused  int   `json:"refused,omitempty"`
+	NSMState int32 `json:"nsm_state"`
+	// Notifying is how many clients are being notified; GraceUntil the end
+	// of the grace period (zero: none).
+	Notifying  int       `json:"notifying"`
+	GraceUntil time.Time `json:"grace_until,omitzero"`
+	Took       Duration  `json:"took"`
+}
+
+// Takeover starts serving a virtual server on this node. It is idempotent:
+// a virtual server already served here is left as it is.
+func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (TakeoverResult, error) {
+	start := time.Now()
+	spec.Addr = spec.Addr.Unmap()
+	if !spec.Addr.IsValid() {
+		return TakeoverResult{}, errors.New("hacallout: no address")
+	}
+	defer m.lock(spec.Addr)()
+	if spec.Name == "" {
+		spec = m.cfg.Registry.Spec(spec.Addr)
+	}
+	if vs, ok := m.cfg.Registry.Get(spec.Addr); ok && vs.Serving() {
+		st, _ := m.cfg.NSM.State(spec.Addr)
+		return TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: vs.Epoch(), Already: true, NSMState: st,
+			GraceUntil: graceUntil(vs)}, nil
+	}
+	dir := virtualserver.Dir(m.cfg.StateDir, spec.Addr.String())
+	prev, epoch, err := virtualserver.ClaimEpoch(dir)
+	if epoch == 0 {
+		return TakeoverResult{}, fmt.Errorf("hacallout: claiming %v: %w", spec.Addr, err)
+	}
+	if err != nil {
+		m.log.Warn("hacallout: damaged epoch; starting over", "vip", spec.Addr, "err", err)
+	}
+	vs, _ := m.cfg.Registry.Begin(spec, epoch)
+	res := TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: epoch}
+	fail := func(err error) (TakeoverResult, error) {
+		vs.BeginRelease()
+		m.cfg.NSM.Detach(vs.Addr())
+		m.cfg.Registry.Finish(vs)
+		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
+	}
+	snap := m.loadSnapshot(dir, spec.Addr, prev)
+	var started nsm.Started
+	if snap != nil {
+		in, err := m.cfg.NLM.InstallSnapshot(ctx, snap, vs)
+		if err != nil {
+			return fail(err)
+		}
+		res.Planned, res.Locks, res.Waiters, res.Shares, res.Refused = true, in.Locks, in.Waiters, in.Shares, in.Refused
+		if started, err = m.cfg.NSM.Start(vs, nsm.Adopt); err != nil {
+			return fail(err)
+		}
+		os.Remove(filepath.Join(dir, snapshotFile))
+	} else {
+		if started, err = m.cfg.NSM.Start(vs, nsm.Restart); err != nil {
+			return fail(err)
+		}
+		vs.BeginGrace(true, m.cfg.Notified, started.Clients)
+	}
+	res.NSMState, res.Notifying = started.State, len(started.Clients)
+	if err := m.cfg.Addrs.Serve(vs.Addr()); err != nil {
+		return fail(err)
+	}
+	vs.Serve()
+	res.GraceUntil = graceUntil(vs)
+	res.Took = Duration(time.Since(start))
+	m.log.Info("hacallout: took over", "vip", vs.Addr(), "epoch", epoch, "planned", res.Planned, "locks", res.Locks,
+		"waiters", res.Waiters, "shares", res.Shares, "nsm_state", res.NSMState, "notifying", res.Notifying,
+		"grace_until", res.GraceUntil, "took", time.Duration(res.Took))
+	return res, nil
+}
+
+func graceUntil(vs *virtualserver.Server) time.Time {
+	if g := vs.Grace(); g.Active {
+		return g.Until
+	}
+	return time.Time{}
+}
+
+// loadSnapshot returns the snapshot of epoch prev, if that is what the
+// directory holds. Anything else there is stale (a later epoch ended in a
+// crash) or damaged: reported and removed.
+func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *dlm.Snapshot {
+	path := filepath.Join(dir, snapshotFile)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	var snap *dlm.Snapshot
+	if err == nil {
+		snap, err = dlm.UnmarshalSnapshot(b)
+	}
+	switch {
+	case err != nil:
+		m.log.Warn("hacallout: cannot use the snapshot; clients will reclaim", "vip", vip, "err", err)
+	case snap.VIP != vip || snap.Epoch != prev || prev == 0:
+		m.log.Warn("hacallout: stale snapshot ignored; clients will reclaim", "vip", vip, "snapshot_epoch", snap.Epoch, "previous_epoch", prev)
+		snap = nil
+	default:
+		return snap
+	}
+	os.Remove(path)
+	return nil
+}
+
+// TakeoverHook is the registry's Takeover: a request for an address that
+// is configured, or served as an unknown address, takes it over.
+func (m *Manager) TakeoverHook(spec virtualserver.Spec) (*virtualserver.Server, bool) {
+	if _, err := m.Takeover(context.Background(), spec); err != nil {
+		m.log.Error("hacallout: takeover on demand failed", "vip", spec.Addr, "err", err)
+		return nil, false
+	}
+	vs, ok := m.cfg.Registry.Get(spec.Addr)
+	return vs, ok && vs.Serving()
+}
+
+// ReleaseResult tells what a release did.
+type ReleaseResult struct {
+	VIP      netip.Addr `json:"vip"`
+	Epoch    uint64     `json:"epoch"`
+	Already  bool       `json:"already,omitempty"`
+	Snapshot bool       `json:"snapshot"`
+	Locks    int        `json:"locks"`
+	Waiters  int        `json:"waiters"`
+	Shares   int        `json:"shares"`
+	Took     Duration   `json:"took"`
+}
+
+// Release stops serving a virtual server on this node, handing its state to
+// the next owner through a snapshot unless snapshot is false (or the
+// manager takes none). It is idempotent.
+func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (ReleaseResult, error) {
+	start := time.Now()
+	a = a.Unmap()
+	defer m.lock(a)()
+	vs, ok := m.cfg.Registry.Get(a)
+	if !ok || !vs.BeginRelease() {
+		return ReleaseResult{VIP: a, Already: true}, nil
+	}
+	res := ReleaseResult{VIP: a, Epoch: vs.Epoch()}
+	m.cfg.Addrs.Stop(a)
+	snap, err := m.cfg.NLM.ReleaseVIP(ctx, a, vs.Epoch())
+	m.cfg.NSM.Detach(a)
+	m.cfg.Registry.Finish(vs)
+	if snap != nil {
+		res.Locks, res.Waiters, res.Shares = snap.Counts()
+	}
+	path := filepath.Join(virtualserver.Dir(m.cfg.StateDir, a.String()), snapshotFile)
+	if err == nil && snapshot && !m.cfg.NoSnapshot {
+		var b []byte
+		if b, err = dlm.MarshalSnapshot(snap); err == nil {
+			err = virtualserver.WriteFileAtomic(path, b, 0o600)
+		}
+		res.Snapshot = err == nil
+	} else {
+		os.Remove(path)
+	}
+	res.Took = Duration(time.Since(start))
+	if err != nil {
+		m.log.Error("hacallout: released without a snapshot; clients will reclaim at the next takeover", "vip", a, "err", err)
+		return res, fmt.Errorf("hacallout: releasing %v: %w", a, err)
+	}
+	m.log.Info("hacallout: released", "vip", a, "epoch", res.Epoch, "snapshot", res.Snapshot, "locks", res.Locks,
+		"waiters", res.Waiters, "shares", res.Shares, "took", time.Duration(res.Took))
+	return res, nil
+}
+
+// GraceEnded is the registry's OnGraceEnd: what was not reclaimed goes.
+func (m *Manager) GraceEnded(vs *virtualserver.Server, st virtualserver.GraceStatus) {
+	m.log.Info("hacallout: grace period over", "vip", vs.Addr(), "why", st.Why, "lasted", st.Ended.Sub(st.Started).Round(time.Millisecond),
+		"clients", st.Clients, "reclaims", st.Reclaims)
+	if !vs.Serving() {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := m.cfg.NLM.PurgeVIP(ctx, vs); err != nil {
+			m.log.Warn("hacallout: purging unreclaimed state", "vip", vs.Addr(), "err", err)
+		}
+	}()
+}
+
+// StartAll takes over, at nlmd's start, the configured virtual servers and
+// — serving unknown addresses — the local addresses that have a state
+// directory (served here before). A state directory of an address this
+// host does not have is left alone: another node may own it now.
+func (m *Manager) StartAll(ctx context.Context) error {
+	seen := map[netip.Addr]bool{}
+	var errs []error
+	for _, s := range m.cfg.Registry.Configured() {
+		seen[s.Addr.Unmap()] = true
+		if _, err := m.Takeover(ctx, s); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if !m.cfg.ServeUnknown {
+		return errors.Join(errs...)
+	}
+	ents, err := os.ReadDir(m.cfg.StateDir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return errors.Join(append(errs, err)...)
+	}
+	local := localPrefixes()
+	for _, e := range ents {
+		a, err := netip.ParseAddr(e.Name())
+		if err != nil || !e.IsDir() || seen[a] {
+			continue
+		}
+		if !isLocal(local, a) {
+			m.log.Info("hacallout: keeping the state of an address this host does not have", "vip", a)
+			continue
+		}
+		if _, err := m.Takeover(ctx, virtualserver.Spec{Addr: a}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ReleaseAll releases every virtual server served here, with snapshots: a
+// clean stop of nlmd hands its locks to its next start (or another node).
+func (m *Manager) ReleaseAll(ctx context.Context) error {
+	var errs []error
+	for _, vs := range m.cfg.Registry.All() {
+		if vs.State() == virtualserver.Serving {
+			if _, err := m.Release(ctx, vs.Addr(), true); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// localPrefixes are the networks of this host's addresses.
+func localPrefixes() []netip.Prefix {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if p, err := netip.ParsePrefix(n.String()); err == nil {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// isLocal tells whether a is one of this host's addresses: assigned, or in
+// the loopback network (where Linux answers for every address).
+func isLocal(local []netip.Prefix, a netip.Addr) bool {
+	for _, p := range local {
+		if p.Addr().Unmap() == a || (a.IsLoopback() && p.Addr().IsLoopback() && p.Contains(a)) {
+			return true
+		}
+	}
+	return false
+}
+
+// Duration is a time.Duration that reads as text in JSON ("1.5ms").
+type Duration time.Duration
+
+// MarshalText renders d.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText parses d.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
+}

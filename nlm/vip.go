@@ -1,0 +1,245 @@
+package nlm
+
+import (
+	"context"
+	"encoding/hex"
+	"net/netip"
+	"sort"
+	"time"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// ---- what moving a virtual server needs of the lock service --------------
+
+// ReleaseVIP takes a virtual server's state out of the backend: callbacks
+// to its clients stop, and every lock, blocked request and share of its
+// hosts is captured into a snapshot and dropped — per file in one update,
+// so nothing slips between the two. What that makes grantable to others
+// is granted. The virtual server must already be fenced off (BeginRelease),
+// so that no request in flight adds state behind the capture.
+func (s *Service) ReleaseVIP(ctx context.Context, vip netip.Addr, epoch uint64) (*dlm.Snapshot, error) {
+	vip = vip.Unmap()
+	match := func(h *dlm.Host) bool { return h.VIP == vip }
+	s.cb.cancelHosts(match)
+	files := map[string]dlm.SnapshotFile{}
+	grants := map[string][]lockmgr.Grant{}
+	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
+		// A backend may run this again on conflict: the last run counts.
+		files[f.FH()] = dlm.CaptureFile(f, match)
+		grants[f.FH()] = s.mgr.DropHosts(f, match).Grants
+		return nil
+	})
+	snap := &dlm.Snapshot{VIP: vip, Epoch: epoch, Taken: time.Now()}
+	fhs := make([]string, 0, len(files))
+	for fh := range files {
+		fhs = append(fhs, fh)
+	}
+	sort.Strings(fhs)
+	for _, fh := range fhs {
+		snap.Files = append(snap.Files, files[fh])
+		s.cb.grant(grants[fh])
+	}
+	return snap, err
+}
+
+// InstallResult counts what InstallSnapshot restored.
+type InstallResult struct {
+	Locks, Waiters, Shares int
+	// Refused are entries that conflict with state this node holds for
+	// another virtual server (the in-memory backend does not share state
+	// between nodes): they are logged and left out.
+	Refused int
+}
+
+// InstallSnapshot puts a released virtual server's state back, stamped
+// with vs's epoch, through the lock manager (so nothing conflicting can
+// get in): locks first, then blocked requests in their queue order (one
+// that has become grantable is granted, with its callback), then shares.
+func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *virtualserver.Server) (InstallResult, error) {
+	var out InstallResult
+	b := s.cfg.Backend
+	owner := func(l *dlm.SnapshotLock) *dlm.Owner {
+		o := b.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vs.Addr(), Name: l.Name, Addr: l.Addr.Unmap()}, SVID: l.SVID})
+		if len(l.OH) > 0 {
+			o.SetOH(l.OH)
+		}
+		return o
+	}
+	for i := range snap.Files {
+		sf := &snap.Files[i]
+		var res InstallResult
+		var grants []lockmgr.Grant
+		err := b.Update(ctx, sf.FH, func(f *dlm.File) error {
+			res, grants = InstallResult{}, nil
+			for j := range sf.Locks {
+				l := &sf.Locks[j]
+				r := s.mgr.Lock(f, &lockmgr.LockArgs{Owner: owner(l), Range: dlm.Range{Start: l.Start, End: l.End},
+					Exclusive: l.Exclusive, Reclaim: true, InGrace: true, Epoch: vs.Epoch(), Now: l.Since})
+				if r.Status == lockmgr.Granted {
+					res.Locks++
+				} else {
+					res.Refused++
+				}
+			}
+			for j := range sf.Waiters {
+				w := &sf.Waiters[j]
+				a := lockmgr.LockArgs{Owner: owner(w), Range: dlm.Range{Start: w.Start, End: w.End}, Exclusive: w.Exclusive,
+					Block: true, Reclaim: true, InGrace: true, Epoch: vs.Epoch(), Now: w.Since,
+					OH: w.OH, Vers: w.Vers, Transport: w.Transport, Async: w.Async}
+				switch r := s.mgr.Lock(f, &a); r.Status {
+				case lockmgr.Blocked:
+					res.Waiters++
+				case lockmgr.Granted:
+					// What blocked it stayed behind: grant it now.
+					res.Waiters++
+					grants = append(grants, lockmgr.Grant{FH: string(sf.FH), Waiter: &dlm.Waiter{Owner: a.Owner, Range: a.Range,
+						Exclusive: a.Exclusive, Epoch: a.Epoch, OH: w.OH, Vers: w.Vers, Transport: w.Transport, Async: w.Async, Since: w.Since}})
+				default:
+					res.Refused++
+				}
+			}
+			for j := range sf.Shares {
+				sh := &sf.Shares[j]
+				host := b.Host(dlm.HostKey{VIP: vs.Addr(), Name: sh.Name, Addr: sh.Addr.Unmap()})
+				r := s.mgr.Share(f, &lockmgr.ShareArgs{Host: host, OH: sh.OH, Mode: sh.Mode, Access: sh.Access,
+					Reclaim: true, InGrace: true, Epoch: vs.Epoch()})
+				if r.Status == lockmgr.Granted {
+					res.Shares++
+				} else {
+					res.Refused++
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return out, err
+		}
+		if res.Refused > 0 {
+			s.log.Warn("nlm: snapshot entries conflict with this node's state; left out", "vip", vs.Addr(),
+				"fh", hex.EncodeToString(sf.FH), "refused", res.Refused)
+		}
+		out.Locks += res.Locks
+		out.Waiters += res.Waiters
+		out.Shares += res.Shares
+		out.Refused += res.Refused
+		s.cb.grant(grants)
+	}
+	return out, nil
+}
+
+// PurgeVIP drops what the clients of a virtual server did not reclaim in
+// its grace period: its state stamped with an epoch older than the
+// current one.
+func (s *Service) PurgeVIP(ctx context.Context, vs *virtualserver.Server) error {
+	vip := vs.Addr()
+	match := func(h *dlm.Host) bool { return h.VIP == vip }
+	var grants []lockmgr.Grant
+	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
+		grants = append(grants, s.mgr.PurgeStale(f, match, vs.Epoch()).Grants...)
+		return nil
+	})
+	s.cb.grant(grants)
+	return err
+}
+
+// ---- what the admin sees ---------------------------------------------------
+
+// LockInfo is one held lock or blocked request, for the admin.
+type LockInfo struct {
+	VIP       netip.Addr `json:"vip"`
+	Client    netip.Addr `json:"client"`
+	Caller    string     `json:"caller"`
+	SVID      int32      `json:"svid"`
+	OH        string     `json:"oh,omitempty"` // hex
+	FH        string     `json:"fh"`           // hex
+	Start     uint64     `json:"start"`
+	End       uint64     `json:"end"` // 0: to the end of the file
+	Exclusive bool       `json:"exclusive"`
+	Blocked   bool       `json:"blocked,omitempty"`
+	Since     time.Time  `json:"since,omitzero"`
+	Epoch     uint64     `json:"epoch,omitempty"`
+}
+
+// LockFilter selects locks; zero fields select everything.
+type LockFilter struct {
+	VIP    netip.Addr
+	Client netip.Addr
+	FH     []byte
+	Limit  int // 0: no limit
+}
+
+// Locks lists the held locks and blocked requests that match f, and
+// whether the list was cut at f.Limit.
+func (s *Service) Locks(ctx context.Context, f LockFilter) ([]LockInfo, bool, error) {
+	var out []LockInfo
+	full := false
+	keep := func(h *dlm.Host) bool {
+		return (!f.VIP.IsValid() || h.VIP == f.VIP.Unmap()) && (!f.Client.IsValid() || h.Addr == f.Client.Unmap())
+	}
+	add := func(fh string, o *dlm.Owner, oh []byte, r dlm.Range, excl, blocked bool, since uint32, epoch uint64) bool {
+		if f.Limit > 0 && len(out) >= f.Limit {
+			full = true
+			return false
+		}
+		li := LockInfo{VIP: o.Host.VIP, Client: o.Host.Addr, Caller: o.Host.Name, SVID: o.SVID, OH: hex.EncodeToString(oh),
+			FH: hex.EncodeToString([]byte(fh)), Start: r.Start, Exclusive: excl, Blocked: blocked, Epoch: epoch}
+		if r.End != dlm.Inf {
+			li.End = r.End
+		}
+		if since != 0 {
+			li.Since = time.Unix(int64(since), 0).UTC()
+		}
+		out = append(out, li)
+		return true
+	}
+	visit := func(file *dlm.File) bool {
+		ok := true
+		file.All(func(h *dlm.Held) bool {
+			if o := h.Owner(); keep(o.Host) {
+				ok = add(file.FH(), o, o.OH(), h.Range(), h.Exclusive(), false, h.Lock().Since, h.Epoch())
+			}
+			return ok
+		})
+		for _, w := range file.Waiters() {
+			if ok && keep(w.Owner.Host) {
+				ok = add(file.FH(), w.Owner, w.OH, w.Range, w.Exclusive, true, w.Since, w.Epoch)
+			}
+		}
+		return ok
+	}
+	var err error
+	if len(f.FH) > 0 {
+		err = s.cfg.Backend.Read(ctx, f.FH, func(file *dlm.File) { visit(file) })
+	} else {
+		err = s.cfg.Backend.View(ctx, visit)
+	}
+	return out, full, err
+}
+
+// HostCounts is what one client host holds through one virtual server.
+type HostCounts struct {
+	Caller                 string
+	Locks, Blocked, Shares int64
+}
+
+// Hosts returns, per virtual server and client address, what the client
+// hosts hold.
+func (s *Service) Hosts() map[netip.Addr]map[netip.Addr][]HostCounts {
+	out := map[netip.Addr]map[netip.Addr][]HostCounts{}
+	s.cfg.Backend.Hosts(func(h *dlm.Host) bool {
+		if h.Idle() {
+			return true
+		}
+		m := out[h.VIP]
+		if m == nil {
+			m = map[netip.Addr][]HostCounts{}
+			out[h.VIP] = m
+		}
+		m[h.Addr] = append(m[h.Addr], HostCounts{Caller: h.Name, Locks: h.Locks(), Blocked: h.Blocked(), Shares: h.Shares()})
+		return true
+	})
+	return out
+}

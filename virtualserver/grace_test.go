@@ -1,0 +1,78 @@
+package virtualserver
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/datadriven"
+)
+
+// The grace machine as golden scripts (testdata/grace):
+//
+//	start length=DUR [early] [clients=a,b,...] [quiet=DUR] [at=DUR]
+//	notified|unreachable|reclaim|request client=X at=DUR
+//	end at=DUR
+//	tick at=DUR
+//
+// Times are offsets from an arbitrary origin; each command prints the state.
+func TestGraceScripts(t *testing.T) {
+	origin := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	datadriven.Walk(t, "testdata/grace", func(t *testing.T, path string) {
+		var g Grace
+		addr := func(name string) netip.Addr { return netip.AddrFrom4([4]byte{10, 0, 0, name[0]}) }
+		datadriven.RunTest(t, path, func(t *testing.T, td *datadriven.TestData) string {
+			arg := func(k, def string) string {
+				for _, a := range td.CmdArgs {
+					if a.Key == k {
+						if len(a.Vals) == 0 {
+							return "true"
+						}
+						return a.Vals[0]
+					}
+				}
+				return def
+			}
+			dur := func(k, def string) time.Duration {
+				d, err := time.ParseDuration(arg(k, def))
+				if err != nil {
+					t.Fatalf("%s: %v", k, err)
+				}
+				return d
+			}
+			now := origin.Add(dur("at", "0s"))
+			switch td.Cmd {
+			case "start":
+				g.Quiet = dur("quiet", "2s")
+				var clients []netip.Addr
+				if c := arg("clients", ""); c != "" {
+					for _, n := range strings.Split(c, ",") {
+						clients = append(clients, addr(n))
+					}
+				}
+				g.Start(now, dur("length", "90s"), arg("early", "") == "true", clients)
+			case "notified":
+				g.Notified(now, addr(arg("client", "?")))
+			case "unreachable":
+				g.Unreachable(now, addr(arg("client", "?")))
+			case "reclaim":
+				g.Reclaim(now, addr(arg("client", "?")))
+			case "request":
+				g.Request(now, addr(arg("client", "?")))
+			case "end":
+				g.End(now, EndAdmin)
+			case "tick":
+				g.Tick(now)
+			default:
+				t.Fatalf("unknown command %q", td.Cmd)
+			}
+			st := g.Status()
+			if !st.Active {
+				return fmt.Sprintf("off: ended at %v (%s), reclaims=%d\n", st.Ended.Sub(origin), st.Why, st.Reclaims)
+			}
+			return fmt.Sprintf("on until %v, pending %d/%d, next tick %v\n", st.Until.Sub(origin), st.Pending, st.Clients, g.Next().Sub(origin))
+		})
+	})
+}
