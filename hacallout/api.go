@@ -200,15 +200,15 @@ func (m *Manager) Clients(vip netip.Addr) []ClientInfo {
 // (on one virtual server, or all), as if it had rebooted.
 func (m *Manager) DropClient(ctx context.Context, vip, client netip.Addr) (int, error) {
 	vip, client = vip.Unmap(), client.Unmap()
-	n := 0
+	seen := map[*dlm.Host]bool{}
 	err := m.cfg.NLM.DropHosts(ctx, func(h *dlm.Host) bool {
 		if h.Addr == client && (!vip.IsValid() || h.VIP == vip) {
-			n++
+			seen[h] = true
 			return true
 		}
 		return false
 	})
-	return n, err
+	return len(seen), err
 }
 
 // Handler serves the control API.
