@@ -329,6 +329,12 @@ func TestPlannedMove(t *testing.T) {
 	if len(blocked) != 1 || blocked[0].Caller != "client2" || blocked[0].Start != 50 || blocked[0].Since.IsZero() {
 		t.Fatalf("blocked request after the move: %+v", locks)
 	}
+	// The blocked request moved with its place in the queue: when c1 lets
+	// go, it is c2's.
+	must(c1.unlock(b, vipX, "f1", 1, 0, 100), nlm.Granted, "c1 unlocks f1")
+	if r := c3.test(b, vipX, "f1", 50, 10); r.Stat != nlm.Denied || r.Holder.SVID != 1 || string(r.Holder.OH) != "1@client2" {
+		t.Fatalf("after c1's unlock the blocked request holds: %+v", r)
+	}
 	// The snapshot is used once.
 	if _, err := os.Stat(filepath.Join(dir, "127.0.0.2", "snapshot.json")); !os.IsNotExist(err) {
 		t.Fatal("the snapshot was not removed after its use")

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"os"
 	"strings"
 	"testing"
+	"time"
 
 	flag "github.com/spf13/pflag"
 )
@@ -56,5 +58,42 @@ func TestParseFlags(t *testing.T) {
 	}
 	if ap, err := parseHostPort("127.0.0.1"); err != nil || ap.Port() != 0 {
 		t.Error(ap, err)
+	}
+}
+
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/nlmd.yaml"
+	os.WriteFile(path, []byte(`
+listen_mode: vip
+nsm_port: 32770
+state_dir: /srv/nlmha
+grace_period: 30s
+vips:
+  - addr: 192.0.2.10
+    name: nfs-a
+  - addr: 192.0.2.11
+`), 0o600)
+	o, _, err := parseFlags([]string{"--config", path, "--grace-period", "45s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.listenMode != "vip" || o.nsmPort != 32770 || o.stateDir != "/srv/nlmha" || o.grace != 45*time.Second ||
+		strings.Join(o.vips, ",") != "192.0.2.10=nfs-a,192.0.2.11" || o.nlmPort != 4045 {
+		t.Fatalf("options %+v", o)
+	}
+	for name, body := range map[string]string{
+		"unknown key":  "grace_periode: 30s\n",
+		"bad duration": "grace_period: soon\n",
+		"bad vip":      "vips:\n  - addr: nowhere\n",
+		"bad mode":     "listen_mode: sideways\n",
+	} {
+		os.WriteFile(path, []byte(body), 0o600)
+		if _, _, err := parseFlags([]string{"--config=" + path}); err == nil {
+			t.Errorf("%s accepted", name)
+		}
+	}
+	if _, _, err := parseFlags([]string{"--config", dir + "/missing.yaml"}); err == nil {
+		t.Error("a missing config file was accepted")
 	}
 }
