@@ -10,14 +10,16 @@ DURATION   ?= 10
 STATICCHECK = honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests start for real: rpcbind/rpcinfo for the
 # portmapper interop, nfs-common for rpc.statd and sm-notify (NSM interop),
-# iproute2 and util-linux for private network namespaces.
+# iproute2 and util-linux for private network namespaces, resource-agents
+# (ocf-tester) and libxml2-utils (its xmllint) for the Pacemaker agent,
+# systemd (systemd-analyze) to check the unit.
 # The peer tools beside the repository install what they need themselves
 # (nlmpeer: libnfs, Ganesha, nfs-common; kernel-client: QEMU and friends).
-TEST_DEBS   = rpcbind nfs-common iproute2 util-linux
+TEST_DEBS   = rpcbind nfs-common iproute2 util-linux resource-agents libxml2-utils systemd
 SHARED     ?= $(abspath ../shared)
 NLMPEER     = $(SHARED)/tools/nlmpeer
 
-.PHONY: all build run test deps lint unit bench fuzz clean
+.PHONY: all build run test deps lint unit bench fuzz clean install
 
 all: build
 
@@ -57,6 +59,16 @@ bench:
 
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
+
+# Install for systemd and the cluster managers (DESTDIR for packaging).
+DESTDIR    ?=
+install: build
+	install -D -m 0755 bin/nlmd $(DESTDIR)/usr/sbin/nlmd
+	install -D -m 0755 bin/nlmadmin $(DESTDIR)/usr/sbin/nlmadmin
+	install -D -m 0644 packaging/nlmd.service $(DESTDIR)/lib/systemd/system/nlmd.service
+	install -D -m 0755 hacallout/ocf/nlmha $(DESTDIR)/usr/lib/ocf/resource.d/nlmha/nlmha
+	install -D -m 0755 hacallout/ctdb/nlmha-nfs-callout $(DESTDIR)/usr/libexec/nlmha/nlmha-nfs-callout
+	test -e $(DESTDIR)/etc/nlmha/nlmd.yaml || install -D -m 0644 packaging/nlmd.yaml $(DESTDIR)/etc/nlmha/nlmd.yaml
 
 clean:
 	rm -rf bin

@@ -97,3 +97,14 @@ vips:
 		t.Error("a missing config file was accepted")
 	}
 }
+
+// The packaged example configuration is valid.
+func TestPackagedConfig(t *testing.T) {
+	o, _, err := parseFlags([]string{"--config", "../../packaging/nlmd.yaml"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.stateDir != "/var/lib/nlmha" || o.grace != 90*time.Second || o.listenMode != "wildcard" {
+		t.Fatalf("%+v", o)
+	}
+}
