@@ -149,9 +149,16 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	res := TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: epoch}
 	fail := func(err error) (TakeoverResult, error) {
 		vs.BeginRelease()
+		m.cfg.Addrs.Stop(vs.Addr())
 		m.cfg.NSM.Detach(vs.Addr())
 		m.cfg.Registry.Finish(vs)
 		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
+	}
+	// The sockets first: notifications leave from them, and their answers
+	// come back to them. Requests that arrive meanwhile wait for the
+	// takeover (the virtual server is Starting).
+	if err := m.cfg.Addrs.Serve(vs.Addr()); err != nil {
+		return fail(err)
 	}
 	snap := m.loadSnapshot(dir, spec.Addr, prev)
 	var started nsm.Started
@@ -172,9 +179,6 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		vs.BeginGrace(true, m.cfg.Notified, started.Clients)
 	}
 	res.NSMState, res.Notifying = started.State, len(started.Clients)
-	if err := m.cfg.Addrs.Serve(vs.Addr()); err != nil {
-		return fail(err)
-	}
 	vs.Serve()
 	res.GraceUntil = graceUntil(vs)
 	res.Took = Duration(time.Since(start))

@@ -236,7 +236,7 @@ type Registry struct {
 // New returns an empty registry; virtual servers join it through Begin.
 func New(cfg Config) *Registry {
 	if cfg.GraceQuiet <= 0 {
-		cfg.GraceQuiet = 2 * time.Second
+		cfg.GraceQuiet = 5 * time.Second
 	}
 	r := &Registry{cfg: cfg, servers: map[netip.Addr]*Server{}, configured: map[netip.Addr]Spec{}}
 	for _, s := range cfg.Servers {
@@ -303,11 +303,14 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	r.mu.RLock()
 	spec, configured := r.configured[a]
 	r.mu.RUnlock()
-	if !configured && !r.cfg.ServeUnknown {
+	if !configured && !r.cfg.ServeUnknown && v == nil {
 		return nil, false
 	}
 	if !configured {
-		spec = Spec{Addr: a}
+		spec = Spec{Addr: a, Name: spec.Name}
+		if v != nil {
+			spec.Name = v.Name()
+		}
 	}
 	if r.cfg.Takeover == nil {
 		// Standalone use (tests, tools): served at once, epoch 1.

@@ -65,7 +65,7 @@ func defaults() *options {
 	return &options{
 		listen: []string{"0.0.0.0", "::"}, listenMode: "wildcard", nlmPort: 4045, nsmPort: 32765, rpcbind: "auto", portmapPort: 111,
 		stateDir: "/var/lib/nlmha", controlSocket: hacallout.DefaultSocket, serveUnknown: true,
-		grace: 90 * time.Second, graceQuiet: 2 * time.Second, notifyGiveUp: 15 * time.Minute, notifyWindow: 256,
+		grace: 90 * time.Second, graceQuiet: 5 * time.Second, notifyGiveUp: 15 * time.Minute, notifyWindow: 256,
 		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000,
 		maxRecord: 16 << 10, shutdownWait: 5 * time.Second, procs: 1, logFormat: "text", logLevel: "info",
 	}

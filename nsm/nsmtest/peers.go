@@ -63,6 +63,15 @@ type Peers struct {
 	lockd        map[uint32]bool
 	callbacks    []Callback
 	changed      chan struct{}
+	onNotify     func(Notification)
+}
+
+// OnNotify makes fn hear of each SM_NOTIFY as it arrives (a simulated
+// client that reclaims its locks).
+func (p *Peers) OnNotify(fn func(Notification)) {
+	p.mu.Lock()
+	p.onNotify = fn
+	p.mu.Unlock()
 }
 
 // Start starts the portmapper on pmPort (0: any free port) and the statd.
@@ -216,7 +225,11 @@ func (p *Peers) notify(_ context.Context, req *sunrpc.Request, res []byte) ([]by
 	p.notes = append(p.notes, n)
 	p.byHost[n.To]++
 	p.signal()
+	fn := p.onNotify
 	p.mu.Unlock()
+	if fn != nil {
+		fn(n)
+	}
 	return res, nil
 }
 
