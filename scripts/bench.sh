@@ -5,12 +5,12 @@
 #
 #   scripts/bench.sh            everything (needs root for the namespaces)
 #   COUNT=5 DURATION=10 REPEAT=3 scripts/bench.sh   (summary: medians)
-#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1   leave out a part
+#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1 / SKIP_FAILOVER=1   leave out a part
 #   SM_NOTIFY_MAX=10000         also time sm-notify with 10 000 clients (minutes)
 #
 # Results go to cache/bench/: go.txt (benchmarks), nlmbench.txt, load.txt
 # (nlmload RESULT lines plus each server's CPU), notify.txt (fan-out),
-# summary.txt.
+# failover.txt (moves), summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -134,10 +134,18 @@ inner_notify() {
 	bin/nlmbench notify --clients 1000,10000 --repeat "$REPEAT" --sm-notify-max "${SM_NOTIFY_MAX:-1000}"
 }
 
+# Moves of a virtual server between two nlmd (1 000 clients holding a lock
+# each): the time a new lock through the address cannot be granted.
+inner_failover() {
+	private_net
+	bin/nlmbench failover --clients 1000 --rounds "$((REPEAT * 3))"
+}
+
 case ${1:-} in
 --inner-nlmd) inner_nlmd; exit ;;
 --inner-ganesha) inner_ganesha; exit ;;
 --inner-notify) inner_notify; exit ;;
+--inner-failover) inner_failover; exit ;;
 esac
 
 mkdir -p "$OUT"
@@ -165,6 +173,11 @@ if [ -z "${SKIP_NOTIFY:-}" ]; then
 			printf "%-22s %10.3f %12.0f\n", k, m, p[2] / m
 		}
 	}' "$OUT/notify.txt" | tee -a "$OUT/summary.txt"
+fi
+if [ -z "${SKIP_FAILOVER:-}" ]; then
+	echo "== virtual server moves between two nlmd (1 000 clients)"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-failover | tee "$OUT/failover.txt"
+	{ echo "virtual server moves (medians)"; grep '^RESULT' "$OUT/failover.txt"; } | tee -a "$OUT/summary.txt"
 fi
 [ -n "${SKIP_LOAD:-}" ] && exit 0
 

@@ -10,7 +10,9 @@
 //	conflicting  one file, one range, non-blocking: most LOCKs are DENIED
 //	             (counted and retried at once)
 //
-// `nlmbench notify` measures the SM_NOTIFY fan-out instead (see notify.go).
+// `nlmbench notify` measures the SM_NOTIFY fan-out instead (notify.go);
+// `nlmbench failover` the moves of a virtual server between two nlmd
+// (failover.go).
 package main
 
 import (
@@ -42,8 +44,13 @@ type options struct {
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "notify" {
-		os.Exit(runNotify(os.Args[2:]))
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "notify":
+			os.Exit(runNotify(os.Args[2:]))
+		case "failover":
+			os.Exit(runFailover(os.Args[2:]))
+		}
 	}
 	var o options
 	fs := flag.NewFlagSet("nlmbench", flag.ContinueOnError)

@@ -5,7 +5,7 @@
 # what nlmd must have done.
 #
 # usage: integration/kernelclient/run.sh [SCENARIO|path/to/scenario.sh ...]
-#        (default: basic procs twoclients notify restart). Needs root and a
+#        (default: basic procs twoclients notify restart move). Needs root and a
 #        built bin/nlmd. nlmd keeps its state in the run directory, so that a
 #        restart within a scenario finds it; it starts with a grace period,
 #        which ends at once when it has no clients to notify.
@@ -16,6 +16,8 @@ tools=${NLMHA_SHARED_TOOLS:-$root/../shared/tools}
 kc=$(cd "$tools/kernel-client" && pwd)
 nlmd=$root/bin/nlmd
 [ -x "$nlmd" ] || { echo "kernelclient: build nlmd first (make build)" >&2; exit 2; }
+# for the two-node scenario (twonodes-server.sh, twonodes-hook.sh)
+export NLMHA_NLMD=$nlmd NLMHA_NLMADMIN=$root/bin/nlmadmin
 [ "$(id -u)" = 0 ] || { echo "kernelclient: must run as root" >&2; exit 2; }
 
 server=10.77.7.1
@@ -30,19 +32,24 @@ check() { # FILE REGEX WHAT
 }
 
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients notify "$here/restart.sh")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients notify "$here/restart.sh" "$here/move.sh")
 for s in "${scenarios[@]}"; do
 	case $s in */*) s=$(readlink -f "$s") ;; esac
 	echo "kernelclient: scenario $s"
 	start=$(date +%s)
-	if ! SERVER_MODE=ganesha-nonlm SERVER_STATD=0 \
-		NLM_SERVER_CMD="exec $nlmd --log-level debug --state-dir \"\$RUN_DIR/nlmha\" --grace-period 15s ${NLMD_ARGS:-}" "$kc/run.sh" "$s"; then
+	cmd="exec $nlmd --log-level debug --state-dir \"\$RUN_DIR/nlmha\" --grace-period 15s ${NLMD_ARGS:-}"
+	hook=
+	if [ "$(basename "$s" .sh)" = move ]; then
+		cmd="exec $here/twonodes-server.sh" hook=$here/twonodes-hook.sh
+	fi
+	if ! SERVER_MODE=ganesha-nonlm SERVER_STATD=0 NLM_SERVER_CMD="$cmd" HOST_HOOK=$hook "$kc/run.sh" "$s"; then
 		echo "kernelclient: FAIL $s (logs: $(readlink -f "$kc/cache/runs/latest"))"
 		fail=1
 		continue
 	fi
 	summary=$kc/cache/runs/latest/rpc-summary.txt
 	log=$kc/cache/runs/latest/nlm-server.log
+	[ "$(basename "$s" .sh)" = move ] && log=$kc/cache/runs/latest/nlm-node1.log
 	echo "kernelclient: $s passed in $(( $(date +%s) - start )) s; checking $summary"
 	check "$summary" "$server +-> +10\.77\.7\.[23] +NLM V4 LOCK Reply" "nlmd's LOCK replies"
 	check "$log" "nsm: monitoring.*mon_name=10\.77\.7\.[23]" "nlmd monitors the client (in process, no statd)"
@@ -51,6 +58,11 @@ for s in "${scenarios[@]}"; do
 		check "$summary" "10\.77\.7\.2 +-> +$server +STAT V1 NOTIFY Call" "the client's SM_NOTIFY to nlmd"
 		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Reply" "nlmd's reply to it"
 		check "$log" "nsm: a monitored host rebooted.*clients_dropped=1" "nlmd dropped the rebooted client's state" ;;
+	move)
+		node2=$kc/cache/runs/latest/nlm-node2.log
+		check "$node2" "hacallout: took over.*planned=true" "node 2 took the address over from the snapshot"
+		check "$log" "hacallout: took over.*notifying=[1-9].*planned=false" "node 1 took it back after node 2 died, notifying"
+		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Call" "SM_NOTIFY from the address to the client" ;;
 	restart)
 		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Call" "nlmd's SM_NOTIFY to the client after its restart"
 		check "$log" "nsm: notification finished.*failed=0 notified=1" "nlmd's notifier reports the client notified" ;;
