@@ -3,11 +3,8 @@ package nsm
 import (
 	"container/heap"
 	"context"
-	"errors"
 	"math/rand/v2"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -135,8 +132,9 @@ type job struct {
 	xid     uint32
 	fresh   int
 	left    int
-	remove  func(file string)
-	logf    func(msg string, args ...any)
+	// acked hears of each peer whose statd answered (its file in notify/).
+	acked func(file string)
+	logf  func(msg string, args ...any)
 	// settled hears of each client's outcome (its address; whether its
 	// statd answered), for the grace period.
 	settled func(client netip.Addr, answered bool)
@@ -319,11 +317,10 @@ func (j *job) send(t *target, now time.Time) {
 	default:
 		msg = sunrpc.AppendGetPortArgs(msg, Prog, Vers, sunrpc.UDP)
 	}
+	// A failed send is retried like a lost one, even for want of a socket
+	// on the address: one that comes a moment later (a listener still being
+	// set up) must not cost the clients their reclaims.
 	if err := j.rpc.SendPacket(j.from, t.peer, msg); err != nil {
-		if errors.Is(err, sunrpc.ErrNoSocket) {
-			j.fail(t, "no socket serves the virtual server's address")
-			return
-		}
 		j.logf("nsm: sending SM_NOTIFY failed; will retry", "peer", t.peer, "err", err)
 	}
 	t.sends++
@@ -399,8 +396,8 @@ func (j *job) handle(d delivery, now time.Time) {
 	j.prog.Done++
 	j.outcome[t.addr] = true
 	j.mu.Unlock()
-	if j.remove != nil {
-		j.remove(t.file)
+	if j.acked != nil {
+		j.acked(t.file)
 	}
 	if j.settled != nil {
 		j.settled(t.addr, true)
@@ -455,32 +452,30 @@ func (j *job) fail(t *target, why string) {
 	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why)
 }
 
-// remover unlinks the files of notified peers off the event loop, which
-// hands them over without ever waiting. A removal lost in a crash only
-// means one more notification next time, so the directory is not synced
-// for each.
-type remover struct {
-	dir   string
+// acker hands the files of notified peers to done off the event loop,
+// which passes them on without ever waiting; done gets them in batches.
+type acker struct {
+	done  func(files []string)
 	mu    sync.Mutex
 	files []string
-	done  bool
+	fin   bool
 	bell  chan struct{}
 	wg    sync.WaitGroup
 }
 
-func newRemover(dir string) *remover {
-	r := &remover{dir: dir, bell: make(chan struct{}, 1)}
+func newAcker(done func(files []string)) *acker {
+	r := &acker{done: done, bell: make(chan struct{}, 1)}
 	r.wg.Go(func() {
 		for {
 			<-r.bell
 			r.mu.Lock()
-			files, done := r.files, r.done
+			files, fin := r.files, r.fin
 			r.files = nil
 			r.mu.Unlock()
-			for _, f := range files {
-				os.Remove(filepath.Join(dir, f))
+			if len(files) > 0 {
+				r.done(files)
 			}
-			if done {
+			if fin {
 				return
 			}
 		}
@@ -488,24 +483,24 @@ func newRemover(dir string) *remover {
 	return r
 }
 
-func (r *remover) ring() {
+func (r *acker) ring() {
 	select {
 	case r.bell <- struct{}{}:
 	default:
 	}
 }
 
-func (r *remover) remove(f string) {
+func (r *acker) add(f string) {
 	r.mu.Lock()
 	r.files = append(r.files, f)
 	r.mu.Unlock()
 	r.ring()
 }
 
-// close removes what is left and waits.
-func (r *remover) close() {
+// close hands over what is left and waits.
+func (r *acker) close() {
 	r.mu.Lock()
-	r.done = true
+	r.fin = true
 	r.mu.Unlock()
 	r.ring()
 	r.wg.Wait()

@@ -15,11 +15,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -109,10 +109,19 @@ type vip struct {
 	// that no write lands in sm/ while the records are being retired.
 	io sync.RWMutex
 
+	// fmu orders the file moves of notified clients' records with the
+	// rewrites of records that are moved (see acked). Lock order: io, fmu,
+	// mu.
+	fmu sync.Mutex
+
 	mu      sync.Mutex
 	state   int32
 	recs    map[string]*entry
 	writing map[string]chan struct{}
+	// pending are the client records still in notify/, by file name: their
+	// clients count as monitored (a crash notifies them again) and, once
+	// they answer, their records move back to sm/ (see acked).
+	pending map[string]*entry
 	job     *job
 	stop    context.CancelFunc
 	jobDone chan struct{}
@@ -123,6 +132,10 @@ type entry struct {
 	// doomed marks a client record found idle by one Prune; the next
 	// Prune removes it unless the client was monitored again in between.
 	doomed bool
+	// pending: the record is in notify/ (as file), its client not yet
+	// notified.
+	pending bool
+	file    string
 }
 
 // New returns a service; register its Programs with cfg.RPC and call
@@ -326,11 +339,14 @@ func (s *Service) restart(v *vip) (Started, error) {
 		return Started{}, err
 	}
 	list := s.load(v, notifyDir)
+	recs, pending := map[string]*entry{}, map[string]*entry{}
+	keepPending(list, recs, pending)
 	v.mu.Lock()
 	v.state = state
-	v.recs = map[string]*entry{}
+	v.recs, v.pending = recs, pending
 	v.mu.Unlock()
-	// Hosts marked as monitored lost their records to the notify list.
+	// Hosts marked as monitored go through Monitor again, which finds
+	// their records waiting in notify/.
 	s.gen.Add(1)
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
 	if !s.cfg.Notify.Disabled {
@@ -359,9 +375,11 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		recs[l.rec.key()] = &entry{rec: l.rec}
 	}
 	list := s.load(v, notifyDir)
+	pending := map[string]*entry{}
+	keepPending(list, recs, pending)
 	v.mu.Lock()
 	v.state = state
-	v.recs = recs
+	v.recs, v.pending = recs, pending
 	v.mu.Unlock()
 	s.gen.Add(1)
 	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
@@ -369,6 +387,57 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		s.notify(v, state, list)
 	}
 	return Started{State: state, Clients: clientsOf(list)}, nil
+}
+
+// keepPending adds the client records of the notify list to recs, unless
+// the client's record is in sm/ too, and to pending by file name.
+//
+// A client being notified stays monitored: its record in notify/ is as
+// durable as one in sm/ (a crash notifies it again), so the reclaims that
+// follow a restart need no record written. After a takeover by a node
+// whose state directory sits on shared storage that is hundreds of fsyncs
+// off the reclaim path (a thousand clients: 1.1 s → 0.3 s to reclaim).
+func keepPending(list []loaded, recs, pending map[string]*entry) {
+	for _, l := range list {
+		if l.rec.Kind != KindClient {
+			continue // SM_MON's lock manager monitors again as rpc.statd expects
+		}
+		k := l.rec.key()
+		if recs[k] != nil {
+			continue
+		}
+		e := &entry{rec: l.rec, pending: true, file: l.file}
+		recs[k], pending[l.file] = e, e
+	}
+}
+
+// acked settles the records of clients whose statd answered: a client
+// still monitored has its record moved back to sm/; any other file is
+// removed. A move or removal lost in a crash only means one more
+// notification next time, so directories are not synced for each.
+func (s *Service) acked(v *vip, files []string) {
+	v.fmu.Lock()
+	defer v.fmu.Unlock()
+	for _, f := range files {
+		v.mu.Lock()
+		e := v.pending[f]
+		delete(v.pending, f)
+		keep := e != nil && v.recs[e.rec.key()] == e
+		if keep {
+			e.pending = false
+		}
+		v.mu.Unlock()
+		from := v.st.path(notifyDir, f)
+		if keep {
+			if err := os.Rename(from, v.st.path(smDir, f)); err != nil {
+				s.log.Warn("nsm: moving a notified client's record back to the monitor list", "vip", v.vs.Addr(), "file", f, "err", err)
+			}
+			continue
+		}
+		if err := os.Remove(from); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("nsm: removing a notified peer's record", "vip", v.vs.Addr(), "file", f, "err", err)
+		}
+	}
 }
 
 // quarantine renames a damaged record file so that it is reported once
@@ -383,8 +452,8 @@ func (s *Service) quarantine(path string) {
 func (s *Service) notify(v *vip, state int32, list []loaded) {
 	from := netip.AddrPortFrom(v.vs.Addr(), s.cfg.Port)
 	j := newJob(s.cfg.Notify, s.cfg.RPC, from, v.vs.Name(), state, list, time.Now())
-	rm := newRemover(filepath.Join(v.st.dir, notifyDir))
-	j.remove = rm.remove
+	rm := newAcker(func(files []string) { s.acked(v, files) })
+	j.acked = rm.add
 	vs := v.vs
 	j.settled = func(client netip.Addr, answered bool) {
 		if answered {
@@ -606,8 +675,8 @@ func (s *Service) Prune(active func(Client) bool) int {
 		}
 		marked := false
 		gone := s.removeIf(v, func(e *entry) bool {
-			if e.rec.Kind != KindClient {
-				return false
+			if e.rec.Kind != KindClient || e.pending {
+				return false // a client being notified: judged once it answered
 			}
 			if active(e.rec.Client(v.vs.Addr())) {
 				e.doomed = false
@@ -644,6 +713,7 @@ func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Add
 	s.mu.Unlock()
 	type change struct {
 		v   *vip
+		e   *entry
 		rec *Record
 	}
 	var changed []change
@@ -668,7 +738,7 @@ func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Add
 			r := *e.rec
 			r.LastState = state
 			e.rec = &r
-			changed = append(changed, change{v, &r})
+			changed = append(changed, change{v, e, &r})
 		}
 		v.mu.Unlock()
 	}
@@ -676,11 +746,7 @@ func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Add
 		return nil, 0, matched
 	}
 	for _, c := range changed {
-		c.v.io.RLock()
-		if err := c.v.st.put(smDir, c.rec); err != nil {
-			s.log.Warn("nsm: recording a client's new state", "vip", c.v.vs.Addr(), "mon_name", c.rec.MonName, "err", err)
-		}
-		c.v.io.RUnlock()
+		s.persist(c.v, c.e, c.rec)
 		switch c.rec.Kind {
 		case KindClient:
 			clients = append(clients, c.rec.Client(c.v.vs.Addr()))
@@ -696,6 +762,32 @@ func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Add
 		}
 	}
 	return clients, callbacks, true
+}
+
+// persist writes rec, the new content of e, to sm/. A record still
+// waiting in notify/ moves with it: written to sm/ first, then removed
+// from notify/, so that a crash in between finds it in one place or both.
+func (s *Service) persist(v *vip, e *entry, rec *Record) {
+	v.io.RLock()
+	defer v.io.RUnlock()
+	v.fmu.Lock()
+	defer v.fmu.Unlock()
+	if err := v.st.put(smDir, rec); err != nil {
+		s.log.Warn("nsm: recording a client's new state", "vip", v.vs.Addr(), "mon_name", rec.MonName, "err", err)
+		return
+	}
+	v.mu.Lock()
+	moved := e.pending && v.pending[e.file] == e
+	if moved {
+		e.pending = false
+		delete(v.pending, e.file)
+	}
+	v.mu.Unlock()
+	if moved {
+		if err := os.Remove(v.st.path(notifyDir, e.file)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("nsm: removing a moved record from the notify list", "vip", v.vs.Addr(), "file", e.file, "err", err)
+		}
+	}
 }
 
 // callBack tells the lock manager that monitored rec by SM_MON that the

@@ -101,14 +101,21 @@ func startNode(t testing.TB, o nodeOpts) *node {
 			vs.Serve()
 			return vs, true
 		}})
-	pc, err := net.ListenPacket("udp4", "0.0.0.0:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.port = uint16(pc.LocalAddr().(*net.UDPAddr).Port)
-	l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", n.port))
-	if err != nil {
-		t.Fatal(err)
+	// One port for both transports: a UDP port whose TCP twin is free.
+	var pc net.PacketConn
+	var l net.Listener
+	for try := 0; l == nil; try++ {
+		var err error
+		if pc, err = net.ListenPacket("udp4", "0.0.0.0:0"); err != nil {
+			t.Fatal(err)
+		}
+		n.port = uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+		if l, err = net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", n.port)); err != nil {
+			pc.Close()
+			if try == 20 {
+				t.Fatal(err)
+			}
+		}
 	}
 	if o.notify.PortmapPort == 0 {
 		o.notify.PortmapPort = o.peers.PortmapPort
@@ -117,6 +124,7 @@ func startNode(t testing.TB, o nodeOpts) *node {
 		o.notify.Timeout = 100 * time.Millisecond
 		o.notify.MaxTimeout = 400 * time.Millisecond
 	}
+	var err error
 	n.svc, err = New(Config{
 		VirtualServers: n.reg, StateDir: o.dir, RPC: n.rpc, Port: n.port, Notify: o.notify,
 		HACallout: o.callout, CalloutTimeout: 2 * time.Second, Resolver: o.resolver,
@@ -283,8 +291,77 @@ func TestRestartNotifiesClients(t *testing.T) {
 		p, _ := b.svc.Progress(vip2)
 		return p.Done == 3 && !p.Finished.IsZero() && len(files(t, filepath.Join(dir, "127.0.0.2", "notify"))) == 0
 	})
-	if got := files(t, filepath.Join(dir, "127.0.0.2", "sm")); len(got) != 0 {
+	// Notified clients stay monitored, until pruned as idle.
+	if got := files(t, filepath.Join(dir, "127.0.0.2", "sm")); len(got) != 3 {
 		t.Fatalf("monitor list after restart: %v", got)
+	}
+}
+
+// A client being notified of a restart stays monitored: its record waits
+// in notify/ and goes back to sm/ once it answers, so its reclaims write
+// nothing, a crash meanwhile notifies it again, and a reboot of the client
+// meanwhile is recorded without the move undoing it.
+func TestNotifiedClientsStayMonitored(t *testing.T) {
+	dir := t.TempDir()
+	a := startNode(t, nodeOpts{dir: dir, grace: time.Hour})
+	ctx := context.Background()
+	for i := range 3 {
+		if err := a.svc.Monitor(ctx, vip2, "c", clientAddr(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.stop()
+	sm, nd := filepath.Join(dir, "127.0.0.2", "sm"), filepath.Join(dir, "127.0.0.2", "notify")
+
+	// Nobody answers: every client stays pending.
+	for i := range 3 {
+		a.peers.SetDead(clientAddr(i), true)
+	}
+	b := startNode(t, nodeOpts{dir: dir, peers: a.peers, grace: time.Hour})
+	gen := b.svc.Generation()
+	for i := range 3 {
+		if err := b.svc.Monitor(ctx, vip2, "c", clientAddr(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b.svc.Generation() != gen || len(files(t, sm)) != 0 || len(files(t, nd)) != 3 {
+		t.Fatalf("reclaims after a restart wrote records: sm/ %v, notify/ %v", files(t, sm), files(t, nd))
+	}
+	if got := b.svc.Prune(func(Client) bool { return false }) + b.svc.Prune(func(Client) bool { return false }); got != 0 {
+		t.Fatalf("pruned %d clients still being notified", got)
+	}
+	// Client 1 reboots meanwhile: its new state lands in sm/ and leaves
+	// notify/.
+	if cl, _, _ := b.svc.rebooted(ctx, clientAddr(1).String(), clientAddr(1), 41, false); len(cl) != 1 {
+		t.Fatalf("reboot of client 1 matched %v", cl)
+	}
+	if len(files(t, sm)) != 1 || len(files(t, nd)) != 2 {
+		t.Fatalf("after client 1's reboot: sm/ %v, notify/ %v", files(t, sm), files(t, nd))
+	}
+	b.stop() // as good as a crash: nothing was answered
+
+	// The restart notifies all three again; now they answer.
+	for i := range 3 {
+		a.peers.SetDead(clientAddr(i), false)
+	}
+	a.peers.Reset()
+	c := startNode(t, nodeOpts{dir: dir, peers: a.peers, grace: time.Hour})
+	if err := c.peers.WaitNotified(3, 10*time.Second); err != nil {
+		t.Fatalf("after the crash %d of 3 clients notified", c.peers.Notified())
+	}
+	waitFor(t, "every record back in sm/", func() bool { return len(files(t, sm)) == 3 && len(files(t, nd)) == 0 })
+	for _, r := range c.svc.Records(vip2) {
+		if want := int32(0); r.Addrs[0] == clientAddr(1) {
+			want = 41
+			if r.LastState != want {
+				t.Fatalf("client 1's last state %d, want %d", r.LastState, want)
+			}
+		}
+	}
+	// Once notified they are ordinary records: idle ones are pruned.
+	idle := func(Client) bool { return false }
+	if got := c.svc.Prune(idle) + c.svc.Prune(idle); got != 3 || len(files(t, sm)) != 0 {
+		t.Fatalf("pruned %d idle clients, sm/ %v", got, files(t, sm))
 	}
 }
 
@@ -645,9 +722,12 @@ func TestDamagedState(t *testing.T) {
 		f := files(t, nd)
 		return slices.Contains(f, "client-torn.json.damaged") && slices.Contains(f, "client-noaddr.json.damaged") && len(f) == 2
 	})
-	if f := files(t, sm); len(f) != 0 {
-		t.Fatalf("sm/ after start: %v", f)
-	}
+	// The good record, notified, is back on the monitor list; the
+	// temporary file is gone.
+	waitFor(t, "the notified record back in sm/", func() bool {
+		f := files(t, sm)
+		return len(f) == 1 && strings.HasPrefix(f[0], "client-127.0.1.2-")
+	})
 }
 
 func TestNextState(t *testing.T) {

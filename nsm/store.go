@@ -20,8 +20,9 @@ import (
 //
 //	state      its NSM state number, decimal text
 //	sm/        monitor records, one JSON file each
-//	notify/    records retired at the last start, to be notified; each is
-//	           removed once its peer answered
+//	notify/    records retired at the last start, to be notified; a
+//	           client's goes back to sm/ once it answered (it stays
+//	           monitored), any other is removed
 //
 // Every write is atomic (write, fsync, rename, fsync the directory), so a
 // crash leaves each file whole, old or new.
@@ -154,7 +155,7 @@ func (s *store) load(sub string) ([]loaded, []damaged) {
 }
 
 // retire moves every monitor record to the notify list: the peers are told
-// of the restart, and monitoring starts afresh as clients lock again.
+// of the restart (clients stay monitored meanwhile, see keepPending).
 // A record already waiting there (an earlier notification that never got
 // through) is replaced by the same peer's newer record.
 func (s *store) retire() error {
