@@ -86,9 +86,16 @@ func (c *cluster) takeover(i int, vip netip.Addr, name string) hacallout.Takeove
 
 func (c *cluster) release(i int, vip netip.Addr) hacallout.ReleaseResult {
 	c.t.Helper()
+	return c.releaseSnap(i, vip, true)
+}
+
+// releaseSnap releases vip on node i, writing a snapshot or not (without
+// one, the next node starts it as after a crash: grace and reclaim).
+func (c *cluster) releaseSnap(i int, vip netip.Addr, snapshot bool) hacallout.ReleaseResult {
+	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	r, err := c.api(i).Release(ctx, vip, true)
+	r, err := c.api(i).Release(ctx, vip, snapshot)
 	if err != nil {
 		c.t.Fatalf("release of %v on node %d: %v", vip, i+1, err)
 	}
@@ -327,7 +334,9 @@ func (c *simClient) doReclaim(stop <-chan struct{}) {
 // times between the nodes by release and takeover (planned: no grace, no
 // reclaim) and three times by killing its node (unplanned: SM_NOTIFY from
 // X, reclaim in X's grace, which ends early once its clients have
-// reclaimed; a new lock through X waits for the end of the grace period).
+// reclaimed; a new lock through X waits for the end of the grace period),
+// and once by the control API without a snapshot (the same, with node 1
+// alive and serving Y).
 // Throughout: no two conflicting holders at once, no acknowledged lock
 // lost, and Y's clients never see a grace period.
 func TestFailover(t *testing.T) {
@@ -449,8 +458,11 @@ func TestFailover(t *testing.T) {
 	}
 	plannedTook := time.Since(start)
 
-	// Unplanned moves: X's node dies (never node 1, which also serves Y).
+	// Moves through grace and reclaim: first one by the control API from
+	// node 1 (which goes on serving Y) to node 2 without a snapshot, then
+	// three by killing X's node (never node 1).
 	type unplanned struct {
+		how           string
 		notified      int
 		graceRefused  bool
 		graceLasted   time.Duration
@@ -458,30 +470,44 @@ func TestFailover(t *testing.T) {
 		reclaimsAfter int64
 	}
 	var ups []unplanned
-	for range 3 {
-		if where == 0 {
+	for i := range 4 {
+		viaAPI := i == 0
+		if viaAPI && where != 0 {
+			c.release(where, x)
+			c.takeover(0, x, "vip-x")
+			where = 0
+		}
+		if !viaAPI && where == 0 {
 			c.release(0, x)
 			c.takeover(1, x, "vip-x")
 			where = 1
 		}
 		time.Sleep(200 * time.Millisecond)
-		dead, to := where, 3-where // 1 → 2, 2 → 1
-		if to == 0 {
-			to = 1
+		dead, to := where, 3-where // node 2 ↔ node 3
+		if viaAPI {
+			to = 1 // node 1 → node 2
 		}
 		before := int64(0)
 		for _, cl := range xs {
 			before += cl.reclaims.Load()
 		}
 		peers.Reset()
-		c.kill(dead)
+		how := "node killed"
+		if viaAPI {
+			how = "control API, no snapshot"
+			if rel := c.releaseSnap(where, x, false); rel.Snapshot {
+				t.Fatalf("release without a snapshot: %+v", rel)
+			}
+		} else {
+			c.kill(dead)
+		}
 		tk := c.takeover(to, x, "vip-x")
 		if tk.Planned || tk.GraceUntil.IsZero() || tk.Notifying == 0 {
-			t.Fatalf("unplanned takeover: %+v", tk)
+			t.Fatalf("takeover after a release without snapshot or a death (%s): %+v", how, tk)
 		}
 		// A new lock through X waits for the end of X's grace period.
 		st, _ := probe.lock(nil, "x-probe", holding{owner: probe.name, start: 0, end: 1, excl: true}, false)
-		var up unplanned
+		up := unplanned{how: how}
 		up.graceRefused = st == nlm.DeniedGracePeriod
 		// ... which ends early, once X's clients have reclaimed.
 		deadline := time.Now().Add(25 * time.Second)
@@ -511,8 +537,10 @@ func TestFailover(t *testing.T) {
 		}
 		up.reclaimsAfter = after - before
 		ups = append(ups, up)
-		checkHolders("after an unplanned move")
-		c.start(dead) // back, empty
+		checkHolders("after a move through grace (" + how + ")")
+		if !viaAPI {
+			c.start(dead) // back, empty
+		}
 		where = to
 	}
 	close(stop)
@@ -541,13 +569,13 @@ func TestFailover(t *testing.T) {
 	}
 	for i, up := range ups {
 		if !up.graceRefused || up.why != virtualserver.EndReclaimed || up.graceLasted > 10*time.Second || up.notified < 13 || up.reclaimsAfter == 0 {
-			t.Errorf("unplanned move %d: %+v", i+1, up)
+			t.Errorf("move through grace %d: %+v", i+1, up)
 		}
 	}
 	med := median(moves)
 	t.Logf("planned moves: %d in %v, each (release + takeover) median %v, max %v", planned, plannedTook.Round(time.Millisecond), med, maxOf(moves))
 	for i, up := range ups {
-		t.Logf("unplanned move %d: %d clients notified from X, grace ended after %v (%s), %d reclaims", i+1, up.notified,
+		t.Logf("move through grace %d (%s): %d clients notified from X, grace ended after %v (%s), %d reclaims", i+1, up.how, up.notified,
 			up.graceLasted.Round(time.Millisecond), up.why, up.reclaimsAfter)
 	}
 	t.Logf("X's clients: %d grants, %d denied, %d DENIED_GRACE_PERIOD, %d calls retried over moves", xg, xd, xgr, xe)
