@@ -467,27 +467,32 @@ func unlockRange(f *dlm.File, owner *dlm.Owner, r dlm.Range) bool {
 }
 
 // wake grants, in arrival order, every queued request that no longer
-// conflicts with what is held.
+// conflicts with what is held. A grant that turns its owner's exclusive
+// range shared (a shared request over its own write lock) may let in a
+// request queued before it, so the queue is walked again after one; any
+// other grant only adds to what conflicts.
 func wake(f *dlm.File) []Grant {
-	ws := f.Waiters()
-	if len(ws) == 0 {
-		return nil
-	}
 	var grants []Grant
-	for _, w := range slices.Clone(ws) {
-		if conflict(f, w.Owner, w.Range, w.Exclusive) != nil {
-			continue
-		}
-		var prev []dlm.Lock
-		f.Overlapping(w.Range, func(h *dlm.Held) bool {
-			if h.Owner() == w.Owner {
-				prev = append(prev, h.Lock())
+	for again := true; again && len(f.Waiters()) > 0; {
+		again = false
+		for _, w := range slices.Clone(f.Waiters()) {
+			if conflict(f, w.Owner, w.Range, w.Exclusive) != nil {
+				continue
 			}
-			return true
-		})
-		f.RemoveWaiter(w)
-		apply(f, w.Owner, w.Range, w.Exclusive, w.Epoch, w.Since)
-		grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
+			var prev []dlm.Lock
+			f.Overlapping(w.Range, func(h *dlm.Held) bool {
+				if h.Owner() == w.Owner {
+					prev = append(prev, h.Lock())
+				}
+				return true
+			})
+			f.RemoveWaiter(w)
+			var buf [8]*dlm.Held
+			if applyNear(f, w.Owner, w.Range, w.Exclusive, w.Epoch, w.Since, touching(f, w.Range, buf[:0])) {
+				again = true
+			}
+			grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
+		}
 	}
 	return grants
 }

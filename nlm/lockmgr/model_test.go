@@ -27,6 +27,48 @@ const (
 type model struct {
 	owners []*dlm.Owner
 	held   map[*dlm.Owner]*[cells]cellMode
+	queue  []modelWaiter // blocked requests, in arrival order
+}
+
+type modelWaiter struct {
+	o    *dlm.Owner
+	r    dlm.Range
+	excl bool
+}
+
+func (m *model) queued(w modelWaiter) int {
+	for i, q := range m.queue {
+		if q == w {
+			return i
+		}
+	}
+	return -1
+}
+
+// settle grants queued requests the way POSIX waiters are woken: in
+// arrival order, every one that no longer conflicts, again and again until
+// none does. It returns them in the order granted.
+func (m *model) settle() []modelWaiter {
+	var granted []modelWaiter
+	for again := true; again; {
+		again = false
+		for i := 0; i < len(m.queue); i++ {
+			w := m.queue[i]
+			if m.conflict(w.o, w.r, w.excl) {
+				continue
+			}
+			c := shared
+			if w.excl {
+				c = exclusive
+			}
+			m.set(w.o, w.r, c)
+			m.queue = append(m.queue[:i], m.queue[i+1:]...)
+			i--
+			granted = append(granted, w)
+			again = true
+		}
+	}
+	return granted
 }
 
 func (m *model) span(r dlm.Range) (int, int) {
@@ -74,7 +116,8 @@ func modelOps(t *testing.T, ops []byte) {
 	fh := []byte("f")
 	ctx := context.Background()
 	for len(ops) >= 4 {
-		op, excl, oi, s, l := ops[0]%4, ops[0]&0x80 != 0, ops[1]%4, int(ops[2]%(cells-1)), int(ops[3]%12)
+		ops0 := ops[0]
+		op, excl, oi, s, l := ops0%4, ops0&0x80 != 0, ops[1]%4, int(ops[2]%(cells-1)), int(ops[3]%12)
 		ops = ops[4:]
 		o := m.owners[oi]
 		r := dlm.Range{Start: uint64(s), End: uint64(s + 1 + l)}
@@ -82,27 +125,55 @@ func modelOps(t *testing.T, ops []byte) {
 			r.End = dlm.Inf
 		}
 		var res Result
+		w := modelWaiter{o, r, excl}
 		switch op {
-		case 0, 1: // lock, non-blocking
+		case 0, 1: // lock, blocking or not
+			block := ops0&0x40 != 0
 			want := m.conflict(o, r, excl)
 			b.Update(ctx, fh, func(f *dlm.File) error {
-				res = mgr.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: excl, Epoch: 1})
+				res = mgr.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: excl, Block: block, Epoch: 1})
 				return nil
 			})
-			if want != (res.Status == Denied) {
-				t.Fatalf("lock %v %v excl=%v: got %v, model conflict=%v", o, r, excl, res.Status, want)
+			wantStat := Granted
+			if want {
+				wantStat = Denied
+				if block {
+					wantStat = Blocked
+				}
 			}
-			if !want {
+			if res.Status != wantStat {
+				t.Fatalf("lock %v %v excl=%v block=%v: got %v, want %v", o, r, excl, block, res.Status, wantStat)
+			}
+			switch {
+			case want && block && m.queued(w) < 0:
+				m.queue = append(m.queue, w)
+			case !want:
 				c := shared
 				if excl {
 					c = exclusive
 				}
 				m.set(o, r, c)
+				if i := m.queued(w); i >= 0 { // satisfied: never granted again
+					m.queue = append(m.queue[:i], m.queue[i+1:]...)
+				}
 			}
 		case 2: // unlock
 			b.Update(ctx, fh, func(f *dlm.File) error { res = mgr.Unlock(f, o, r); return nil })
 			m.set(o, r, free)
-		case 3: // test
+		case 3:
+			if ops0&0x20 != 0 { // cancel
+				b.Update(ctx, fh, func(f *dlm.File) error { res = mgr.Cancel(f, o, r, excl); return nil })
+				wantStat := Denied
+				if i := m.queued(w); i >= 0 {
+					wantStat = Granted
+					m.queue = append(m.queue[:i], m.queue[i+1:]...)
+				}
+				if res.Status != wantStat {
+					t.Fatalf("cancel %v %v excl=%v: got %v, want %v", o, r, excl, res.Status, wantStat)
+				}
+				break
+			}
+			// test
 			want := m.conflict(o, r, excl)
 			b.Read(ctx, fh, func(f *dlm.File) { res = mgr.Test(f, o, r, excl, false) })
 			if want != (res.Status == Denied) {
@@ -110,6 +181,16 @@ func modelOps(t *testing.T, ops []byte) {
 			}
 			if res.HasHolder && (res.Holder.Owner == o || !res.Holder.Range.Overlaps(r)) {
 				t.Fatalf("test %v %v: bad holder %+v", o, r, res.Holder)
+			}
+		}
+		// What the operation woke must be what the model grants.
+		wantGrants := m.settle()
+		if len(res.Grants) != len(wantGrants) {
+			t.Fatalf("op %d by %v on %v: granted %d waiters, model %d (%v)", op, o, r, len(res.Grants), len(wantGrants), wantGrants)
+		}
+		for i, g := range res.Grants {
+			if got := (modelWaiter{g.Waiter.Owner, g.Waiter.Range, g.Waiter.Exclusive}); got != wantGrants[i] {
+				t.Fatalf("grant %d: %v, model %v", i, got, wantGrants[i])
 			}
 		}
 		checkAgainstModel(t, b, m, fh)
@@ -155,6 +236,17 @@ func checkAgainstModel(t *testing.T, b *memdlm.Backend, m *model, fh []byte) {
 			t.Fatalf("tree has %d nodes, Len says %d", n, f.Len())
 		}
 		checkTreap(t, f)
+	})
+	b.Read(context.Background(), fh, func(f *dlm.File) {
+		ws := f.Waiters()
+		if len(ws) != len(m.queue) {
+			t.Fatalf("%d requests queued, model %d", len(ws), len(m.queue))
+		}
+		for i, w := range ws {
+			if got := (modelWaiter{w.Owner, w.Range, w.Exclusive}); got != m.queue[i] {
+				t.Fatalf("queued %d: %v, model %v", i, got, m.queue[i])
+			}
+		}
 	})
 	for _, o := range m.owners {
 		if *got[o] != *m.held[o] {
@@ -216,6 +308,10 @@ func TestModel(t *testing.T) {
 func FuzzModel(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 5, 0x80, 1, 3, 2, 2, 0, 1, 4})
 	f.Add([]byte{1, 2, 10, 11, 0x80, 3, 1, 12, 0, 2, 2, 0, 0})
+	// A blocked reader queued before its owner's... : W1 waits on an
+	// exclusive lock; W2, the holder asking shared over its own lock,
+	// is granted by an unlock elsewhere and lets W1 in.
+	f.Add([]byte{0x80, 1, 1, 15, 0x80, 2, 25, 1, 0x40, 0, 16, 0, 0x40, 1, 16, 10, 2, 2, 25, 1})
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		if len(ops) > 4000 {
 			return
