@@ -22,10 +22,30 @@ func BenchmarkServiceLockUnlock(b *testing.B) {
 }
 
 func benchLockUnlock(b *testing.B, monitored bool) {
-	reg := virtualserver.New(virtualserver.Config{ServeUnknown: true})
+	vcfg := virtualserver.Config{ServeUnknown: true}
+	var reg *virtualserver.Registry
+	var m *nsm.Service
+	if monitored {
+		// As nlmd's takeover does: the status monitor starts with the
+		// virtual server.
+		vcfg.Takeover = func(spec virtualserver.Spec) (*virtualserver.Server, bool) {
+			vs, created := reg.Begin(spec, 1)
+			if !created {
+				return vs, vs.Serving()
+			}
+			if _, err := m.Start(vs, nsm.Restart); err != nil {
+				b.Error(err)
+				return nil, false
+			}
+			vs.Serve()
+			return vs, true
+		}
+	}
+	reg = virtualserver.New(vcfg)
 	cfg := Config{Backend: memdlm.New(), VirtualServers: reg}
 	if monitored {
-		m, err := nsm.New(nsm.Config{VirtualServers: reg, StateDir: b.TempDir(), RPC: &sunrpc.Server{}, Notify: nsm.NotifyConfig{Disabled: true}})
+		var err error
+		m, err = nsm.New(nsm.Config{VirtualServers: reg, StateDir: b.TempDir(), RPC: &sunrpc.Server{}, Notify: nsm.NotifyConfig{Disabled: true}})
 		if err != nil {
 			b.Fatal(err)
 		}
