@@ -175,15 +175,6 @@ func (s *Service) Programs() []sunrpc.Program {
 	}
 }
 
-// garbage turns a decoding failure into GARBAGE_ARGS. Handlers decode with
-// a Decoder on their own stack: no allocation per call.
-func garbage(d *xdr.Decoder) error {
-	if err := d.Err(); err != nil {
-		return fmt.Errorf("%w: %w", sunrpc.ErrGarbageArgs, err)
-	}
-	return nil
-}
-
 // ---- common steps -------------------------------------------------------
 
 // ToRange converts a wire offset and length to a byte range. Version 4
@@ -486,10 +477,7 @@ func (s *Service) null(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte
 
 func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
@@ -498,10 +486,7 @@ func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byt
 
 func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, false)}
@@ -512,10 +497,7 @@ func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byt
 // not monitored.
 func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, false, false)}
@@ -524,10 +506,7 @@ func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []b
 
 func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a CancelArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
@@ -536,10 +515,7 @@ func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []b
 
 func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a UnlockArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
@@ -550,10 +526,7 @@ func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []b
 // and hold no blocked client-side requests, so nothing matches it.
 func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: Denied}
@@ -566,10 +539,7 @@ func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []by
 
 func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
@@ -579,10 +549,7 @@ func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []
 
 func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a LockArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, true)}
@@ -592,10 +559,7 @@ func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []
 
 func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a CancelArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
@@ -605,10 +569,7 @@ func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res 
 
 func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a UnlockArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
@@ -618,10 +579,7 @@ func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res 
 
 func (s *Service) handleGrantedMsg(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a TestArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d, req.Vers)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: Denied}
@@ -637,10 +595,7 @@ func (s *Service) ignoreRes(_ context.Context, req *sunrpc.Request, res []byte) 
 // cookie we generated.
 func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Res
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	s.cb.grantedRes(req.Remote.Addr(), a.Cookie, a.Stat)
@@ -651,10 +606,7 @@ func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res [
 // monitored host reboots. Like Linux lockd, only loopback callers count.
 func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a SMStatus
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	if a := req.Remote.Addr(); a.IsValid() && !a.IsLoopback() {
@@ -675,10 +627,7 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 
 func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a ShareArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, false)}
@@ -687,10 +636,7 @@ func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []by
 
 func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a ShareArgs
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, true)}
@@ -731,10 +677,7 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 // free another's locks by naming it).
 func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Notify
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	vip, name, addr := req.Local.Addr(), string(a.Name), req.Remote.Addr()

@@ -864,13 +864,6 @@ func (s *Service) Programs() []sunrpc.Program {
 	return []sunrpc.Program{{Name: "status", Prog: Prog, Vers: Vers, Procs: procs}}
 }
 
-func garbage(d *xdr.Decoder) error {
-	if err := d.Err(); err != nil {
-		return fmt.Errorf("%w: %w", sunrpc.ErrGarbageArgs, err)
-	}
-	return nil
-}
-
 // fromLoopback tells whether a caller may use the local-only procedures.
 func fromLoopback(req *sunrpc.Request) bool {
 	return req.Remote.Addr().Unmap().IsLoopback()
@@ -946,10 +939,8 @@ func (s *Service) fromUs(remote netip.AddrPort) bool {
 }
 
 func (s *Service) handleStat(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	name := d.String(MaxStrLen)
-	if err := garbage(&d); err != nil {
+	var name string
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { name = d.String(MaxStrLen) }); err != nil {
 		return nil, err
 	}
 	out := StatRes{Res: StatFail}
@@ -971,10 +962,7 @@ func (s *Service) refuse(req *sunrpc.Request, what, why string, args ...any) {
 
 func (s *Service) handleMon(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Mon
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	out := StatRes{Res: StatFail}
@@ -1024,10 +1012,7 @@ func stateReply(res []byte, v *vip) []byte {
 
 func (s *Service) handleUnmon(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a MonID
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	v, err := s.vipOf(ctx, req, a.MyID.MyName)
@@ -1044,10 +1029,7 @@ func (s *Service) handleUnmon(ctx context.Context, req *sunrpc.Request, res []by
 
 func (s *Service) handleUnmonAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a MyID
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	v, err := s.vipOf(ctx, req, a.MyName)
@@ -1092,10 +1074,7 @@ func (s *Service) handleSimuCrash(ctx context.Context, req *sunrpc.Request, res 
 
 func (s *Service) handleNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a StatChge
-	var d xdr.Decoder
-	d.Reset(req.Args)
-	a.Decode(&d)
-	if err := garbage(&d); err != nil {
+	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
 	sender := req.Remote.Addr().Unmap()

@@ -2,7 +2,6 @@ package sunrpc
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -124,14 +123,9 @@ func (p *Portmapper) Programs() []Program {
 	}
 }
 
-func decodeArgs[T any](args []byte, f func(*xdr.Decoder) T) (T, error) {
-	d := xdr.NewDecoder(args)
-	v := f(d)
-	if err := d.Err(); err != nil {
-		var zero T
-		return zero, fmt.Errorf("%w: %w", ErrGarbageArgs, err)
-	}
-	return v, nil
+func decodeArgs[T any](req *Request, f func(*xdr.Decoder) T) (v T, err error) {
+	err = req.DecodeArgs(func(d *xdr.Decoder) { v = f(d) })
+	return v, err
 }
 
 func v2NetID(prot uint32) (string, bool) {
@@ -145,7 +139,7 @@ func v2NetID(prot uint32) (string, bool) {
 }
 
 func (p *Portmapper) setV2(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	m, err := decodeArgs(req.Args, decodeMapping)
+	m, err := decodeArgs(req, decodeMapping)
 	if err != nil {
 		return nil, err
 	}
@@ -158,7 +152,7 @@ func (p *Portmapper) setV2(_ context.Context, req *Request, res []byte) ([]byte,
 }
 
 func (p *Portmapper) unsetV2(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	m, err := decodeArgs(req.Args, decodeMapping)
+	m, err := decodeArgs(req, decodeMapping)
 	if err != nil {
 		return nil, err
 	}
@@ -172,7 +166,7 @@ func (p *Portmapper) unsetV2(_ context.Context, req *Request, res []byte) ([]byt
 }
 
 func (p *Portmapper) getPort(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	m, err := decodeArgs(req.Args, decodeMapping)
+	m, err := decodeArgs(req, decodeMapping)
 	if err != nil {
 		return nil, err
 	}
@@ -209,7 +203,7 @@ func (p *Portmapper) dumpV2(_ context.Context, _ *Request, res []byte) ([]byte, 
 }
 
 func (p *Portmapper) set(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	e, err := decodeArgs(req.Args, decodeRPCB)
+	e, err := decodeArgs(req, decodeRPCB)
 	if err != nil {
 		return nil, err
 	}
@@ -220,7 +214,7 @@ func (p *Portmapper) set(_ context.Context, req *Request, res []byte) ([]byte, e
 }
 
 func (p *Portmapper) unset(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	e, err := decodeArgs(req.Args, decodeRPCB)
+	e, err := decodeArgs(req, decodeRPCB)
 	if err != nil {
 		return nil, err
 	}
@@ -235,7 +229,7 @@ func (p *Portmapper) unset(_ context.Context, req *Request, res []byte) ([]byte,
 // wildcard registration answered by the address the caller reached us on
 // (rpcbind's mergeaddr), so the caller gets an address it can use.
 func (p *Portmapper) getAddr(_ context.Context, req *Request, res []byte) ([]byte, error) {
-	e, err := decodeArgs(req.Args, decodeRPCB)
+	e, err := decodeArgs(req, decodeRPCB)
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nlmha/nlmha/sunrpc/xdr"
 )
 
 // Transport is the transport a request arrived on or a call is made over.
@@ -89,6 +91,27 @@ func (r *Request) AuthSys() (*AuthSysCred, bool) {
 	}
 	return &c, true
 }
+
+// DecodeArgs runs dec over the call's arguments. Arguments that are short
+// or malformed (dec left the decoder in error) are ErrGarbageArgs, which a
+// handler returns as it is. Small enough to inline, so that the arguments
+// dec fills stay on the handler's stack.
+func (r *Request) DecodeArgs(dec func(*xdr.Decoder)) error {
+	var d xdr.Decoder
+	d.Reset(r.Args)
+	dec(&d)
+	if err := d.Err(); err != nil {
+		return &garbageArgsError{err}
+	}
+	return nil
+}
+
+// garbageArgsError is ErrGarbageArgs with its cause, built without a call
+// so that DecodeArgs stays within the inlining budget.
+type garbageArgsError struct{ err error }
+
+func (e *garbageArgsError) Error() string   { return ErrGarbageArgs.Error() + ": " + e.err.Error() }
+func (e *garbageArgsError) Unwrap() []error { return []error{ErrGarbageArgs, e.err} }
 
 // Handler serves one procedure: it decodes req.Args, appends the encoded
 // results to res and returns the extended slice. To answer other than
