@@ -106,6 +106,20 @@ func (a *app) show(v any, table func(w *tabwriter.Writer)) error {
 	return w.Flush()
 }
 
+// onVIP runs fn for a command whose one argument is a virtual server's
+// address, with the control API client and a timeout.
+func (a *app) onVIP(fn func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error) func(*cobra.Command, []string) error {
+	return func(_ *cobra.Command, args []string) error {
+		addr, err := parseVIP(args[0])
+		if err != nil {
+			return err
+		}
+		ctx, cancel := a.ctx()
+		defer cancel()
+		return fn(ctx, a.client(), addr)
+	}
+}
+
 func parseVIP(s string) (netip.Addr, error) {
 	v, err := netip.ParseAddr(s)
 	if err != nil {
@@ -210,14 +224,8 @@ func (a *app) vipCmd() *cobra.Command {
 		Use:   "status VIP",
 		Short: "Show one virtual server; exit 7 when it is not served here",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			addr, err := parseVIP(args[0])
-			if err != nil {
-				return err
-			}
-			ctx, cancel := a.ctx()
-			defer cancel()
-			v, err := a.client().VIP(ctx, addr)
+		RunE: a.onVIP(func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error {
+			v, err := c.VIP(ctx, addr)
 			var ae *hacallout.APIError
 			if errors.As(err, &ae) && ae.Status == 404 {
 				fmt.Fprintf(a.out, "%s is not served here\n", addr)
@@ -233,21 +241,15 @@ func (a *app) vipCmd() *cobra.Command {
 				return &exitError{code: exitNotServed}
 			}
 			return nil
-		},
+		}),
 	})
 	var name string
 	takeover := &cobra.Command{
 		Use:   "takeover VIP",
 		Short: "Start serving a virtual server here (planned: from its release snapshot; else with grace and SM_NOTIFY)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			addr, err := parseVIP(args[0])
-			if err != nil {
-				return err
-			}
-			ctx, cancel := a.ctx()
-			defer cancel()
-			r, err := a.client().Takeover(ctx, addr, name)
+		RunE: a.onVIP(func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error {
+			r, err := c.Takeover(ctx, addr, name)
 			if err != nil {
 				return err
 			}
@@ -263,7 +265,7 @@ func (a *app) vipCmd() *cobra.Command {
 						r.VIP, r.Epoch, r.NSMState, r.Notifying, r.GraceUntil.Local().Format(time.TimeOnly), time.Duration(r.Took))
 				}
 			})
-		},
+		}),
 	}
 	takeover.Flags().StringVar(&name, "name", "", "the virtual server's name in callbacks (default: configured, or its address)")
 	vip.AddCommand(takeover)
@@ -272,14 +274,8 @@ func (a *app) vipCmd() *cobra.Command {
 		Use:   "release VIP",
 		Short: "Stop serving a virtual server here, handing its locks to the next node in a snapshot",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			addr, err := parseVIP(args[0])
-			if err != nil {
-				return err
-			}
-			ctx, cancel := a.ctx()
-			defer cancel()
-			r, err := a.client().Release(ctx, addr, !noSnapshot)
+		RunE: a.onVIP(func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error {
+			r, err := c.Release(ctx, addr, !noSnapshot)
 			if err != nil {
 				return err
 			}
@@ -291,7 +287,7 @@ func (a *app) vipCmd() *cobra.Command {
 				fmt.Fprintf(w, "released %s (epoch %d): %d locks, %d blocked, %d shares; snapshot %v (%s)\n",
 					r.VIP, r.Epoch, r.Locks, r.Waiters, r.Shares, r.Snapshot, time.Duration(r.Took))
 			})
-		},
+		}),
 	}
 	rel.Flags().BoolVar(&noSnapshot, "no-snapshot", false, "drop the locks without a snapshot: the next takeover goes through grace and reclaim")
 	vip.AddCommand(rel)
@@ -305,19 +301,13 @@ func (a *app) vipCmd() *cobra.Command {
 			Use:   action + " VIP",
 			Short: short,
 			Args:  cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				addr, err := parseVIP(args[0])
-				if err != nil {
-					return err
-				}
-				ctx, cancel := a.ctx()
-				defer cancel()
-				v, err := a.client().Grace(ctx, addr, action)
+			RunE: a.onVIP(func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error {
+				v, err := c.Grace(ctx, addr, action)
 				if err != nil {
 					return err
 				}
 				return a.show(v, func(w *tabwriter.Writer) { vipTable(w, []hacallout.VIPStatus{v}) })
-			},
+			}),
 		})
 	}
 	vip.AddCommand(grace)
@@ -325,19 +315,13 @@ func (a *app) vipCmd() *cobra.Command {
 		Use:   "notify VIP",
 		Short: "Send SM_NOTIFY with a new NSM state to every client of a virtual server (they reclaim; their locks stay)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			addr, err := parseVIP(args[0])
-			if err != nil {
-				return err
-			}
-			ctx, cancel := a.ctx()
-			defer cancel()
-			v, err := a.client().Notify(ctx, addr)
+		RunE: a.onVIP(func(ctx context.Context, c *hacallout.Client, addr netip.Addr) error {
+			v, err := c.Notify(ctx, addr)
 			if err != nil {
 				return err
 			}
 			return a.show(v, func(w *tabwriter.Writer) { vipTable(w, []hacallout.VIPStatus{v}) })
-		},
+		}),
 	})
 	return vip
 }
