@@ -132,10 +132,9 @@ type entry struct {
 	// doomed marks a client record found idle by one Prune; the next
 	// Prune removes it unless the client was monitored again in between.
 	doomed bool
-	// pending: the record is in notify/ (as file), its client not yet
-	// notified.
-	pending bool
-	file    string
+	// file is the record's file in notify/ while its client waits to be
+	// notified (it is pending: v.pending[file] is this entry).
+	file string
 }
 
 // New returns a service; register its Programs with cfg.RPC and call
@@ -339,15 +338,7 @@ func (s *Service) restart(v *vip) (Started, error) {
 		return Started{}, err
 	}
 	list := s.load(v, notifyDir)
-	recs, pending := map[string]*entry{}, map[string]*entry{}
-	keepPending(list, recs, pending)
-	v.mu.Lock()
-	v.state = state
-	v.recs, v.pending = recs, pending
-	v.mu.Unlock()
-	// Hosts marked as monitored go through Monitor again, which finds
-	// their records waiting in notify/.
-	s.gen.Add(1)
+	s.setLists(v, state, map[string]*entry{}, list)
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
 	if !s.cfg.Notify.Disabled {
 		s.notify(v, state, list)
@@ -375,6 +366,18 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		recs[l.rec.key()] = &entry{rec: l.rec}
 	}
 	list := s.load(v, notifyDir)
+	s.setLists(v, state, recs, list)
+	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
+	if len(list) > 0 && !s.cfg.Notify.Disabled {
+		s.notify(v, state, list)
+	}
+	return Started{State: state, Clients: clientsOf(list)}, nil
+}
+
+// setLists installs a started virtual server's state number and records:
+// recs from sm/, and the clients of the notify list (see keepPending).
+// Hosts marked as monitored go through Monitor again, which finds them.
+func (s *Service) setLists(v *vip, state int32, recs map[string]*entry, list []loaded) {
 	pending := map[string]*entry{}
 	keepPending(list, recs, pending)
 	v.mu.Lock()
@@ -382,11 +385,6 @@ func (s *Service) adopt(v *vip) (Started, error) {
 	v.recs, v.pending = recs, pending
 	v.mu.Unlock()
 	s.gen.Add(1)
-	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
-	if len(list) > 0 && !s.cfg.Notify.Disabled {
-		s.notify(v, state, list)
-	}
-	return Started{State: state, Clients: clientsOf(list)}, nil
 }
 
 // keepPending adds the client records of the notify list to recs, unless
@@ -406,7 +404,7 @@ func keepPending(list []loaded, recs, pending map[string]*entry) {
 		if recs[k] != nil {
 			continue
 		}
-		e := &entry{rec: l.rec, pending: true, file: l.file}
+		e := &entry{rec: l.rec, file: l.file}
 		recs[k], pending[l.file] = e, e
 	}
 }
@@ -423,20 +421,21 @@ func (s *Service) acked(v *vip, files []string) {
 		e := v.pending[f]
 		delete(v.pending, f)
 		keep := e != nil && v.recs[e.rec.key()] == e
-		if keep {
-			e.pending = false
-		}
 		v.mu.Unlock()
-		from := v.st.path(notifyDir, f)
 		if keep {
-			if err := os.Rename(from, v.st.path(smDir, f)); err != nil {
+			if err := os.Rename(v.st.path(notifyDir, f), v.st.path(smDir, f)); err != nil {
 				s.log.Warn("nsm: moving a notified client's record back to the monitor list", "vip", v.vs.Addr(), "file", f, "err", err)
 			}
 			continue
 		}
-		if err := os.Remove(from); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.log.Warn("nsm: removing a notified peer's record", "vip", v.vs.Addr(), "file", f, "err", err)
-		}
+		s.unlinkNotify(v, f)
+	}
+}
+
+// unlinkNotify removes a file of the notify list that is done with.
+func (s *Service) unlinkNotify(v *vip, f string) {
+	if err := os.Remove(v.st.path(notifyDir, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("nsm: removing a record from the notify list", "vip", v.vs.Addr(), "file", f, "err", err)
 	}
 }
 
@@ -675,7 +674,7 @@ func (s *Service) Prune(active func(Client) bool) int {
 		}
 		marked := false
 		gone := s.removeIf(v, func(e *entry) bool {
-			if e.rec.Kind != KindClient || e.pending {
+			if e.rec.Kind != KindClient || v.pending[e.file] == e {
 				return false // a client being notified: judged once it answered
 			}
 			if active(e.rec.Client(v.vs.Addr())) {
@@ -777,16 +776,13 @@ func (s *Service) persist(v *vip, e *entry, rec *Record) {
 		return
 	}
 	v.mu.Lock()
-	moved := e.pending && v.pending[e.file] == e
+	moved := v.pending[e.file] == e
 	if moved {
-		e.pending = false
 		delete(v.pending, e.file)
 	}
 	v.mu.Unlock()
 	if moved {
-		if err := os.Remove(v.st.path(notifyDir, e.file)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.log.Warn("nsm: removing a moved record from the notify list", "vip", v.vs.Addr(), "file", e.file, "err", err)
-		}
+		s.unlinkNotify(v, e.file)
 	}
 }
 
