@@ -84,14 +84,9 @@ func (c *cluster) takeover(i int, vip netip.Addr, name string) hacallout.Takeove
 	return r
 }
 
-func (c *cluster) release(i int, vip netip.Addr) hacallout.ReleaseResult {
-	c.t.Helper()
-	return c.releaseSnap(i, vip, true)
-}
-
-// releaseSnap releases vip on node i, writing a snapshot or not (without
-// one, the next node starts it as after a crash: grace and reclaim).
-func (c *cluster) releaseSnap(i int, vip netip.Addr, snapshot bool) hacallout.ReleaseResult {
+// release releases vip on node i, writing a snapshot or not (without one,
+// the next node starts it as after a crash: grace and reclaim).
+func (c *cluster) release(i int, vip netip.Addr, snapshot bool) hacallout.ReleaseResult {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -445,7 +440,7 @@ func TestFailover(t *testing.T) {
 		time.Sleep(30 * time.Millisecond) // let the clients work
 		to := (where + 1 + i%2) % 3
 		t0 := time.Now()
-		rel := c.release(where, x)
+		rel := c.release(where, x, true)
 		tk := c.takeover(to, x, "vip-x")
 		moves = append(moves, time.Since(t0))
 		if !rel.Snapshot || !tk.Planned || !tk.GraceUntil.IsZero() || tk.Refused != 0 {
@@ -473,12 +468,12 @@ func TestFailover(t *testing.T) {
 	for i := range 4 {
 		viaAPI := i == 0
 		if viaAPI && where != 0 {
-			c.release(where, x)
+			c.release(where, x, true)
 			c.takeover(0, x, "vip-x")
 			where = 0
 		}
 		if !viaAPI && where == 0 {
-			c.release(0, x)
+			c.release(0, x, true)
 			c.takeover(1, x, "vip-x")
 			where = 1
 		}
@@ -495,7 +490,7 @@ func TestFailover(t *testing.T) {
 		how := "node killed"
 		if viaAPI {
 			how = "control API, no snapshot"
-			if rel := c.releaseSnap(where, x, false); rel.Snapshot {
+			if rel := c.release(where, x, false); rel.Snapshot {
 				t.Fatalf("release without a snapshot: %+v", rel)
 			}
 		} else {
