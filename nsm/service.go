@@ -478,16 +478,25 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 	})
 }
 
-// Progress reports the notification of the virtual server at a: the one
-// running or the last one.
-func (s *Service) Progress(a netip.Addr) (Progress, bool) {
+// startedVIP returns the NSM state of the virtual server at a once its
+// start is over, or nil when it has none here.
+func (s *Service) startedVIP(a netip.Addr) *vip {
 	s.mu.Lock()
 	v := s.vips[a.Unmap()]
 	s.mu.Unlock()
+	if v != nil {
+		<-v.ready
+	}
+	return v
+}
+
+// Progress reports the notification of the virtual server at a: the one
+// running or the last one.
+func (s *Service) Progress(a netip.Addr) (Progress, bool) {
+	v := s.startedVIP(a)
 	if v == nil {
 		return Progress{}, false
 	}
-	<-v.ready
 	v.mu.Lock()
 	j := v.job
 	v.mu.Unlock()
@@ -501,13 +510,10 @@ func (s *Service) Progress(a netip.Addr) (Progress, bool) {
 // state of each client of its running or last notification: "done",
 // "failed" or "pending".
 func (s *Service) NotifyStates(a netip.Addr) map[netip.Addr]string {
-	s.mu.Lock()
-	v := s.vips[a.Unmap()]
-	s.mu.Unlock()
+	v := s.startedVIP(a)
 	if v == nil {
 		return nil
 	}
-	<-v.ready
 	v.mu.Lock()
 	j := v.job
 	v.mu.Unlock()
@@ -531,25 +537,19 @@ func (s *Service) Renotify(ctx context.Context, vs *virtualserver.Server) (Start
 
 // State is the NSM state number of the virtual server at a.
 func (s *Service) State(a netip.Addr) (int32, bool) {
-	s.mu.Lock()
-	v := s.vips[a.Unmap()]
-	s.mu.Unlock()
+	v := s.startedVIP(a)
 	if v == nil {
 		return 0, false
 	}
-	<-v.ready
 	return v.currentState(), v.err == nil
 }
 
 // Records returns copies of the virtual server's monitor records.
 func (s *Service) Records(a netip.Addr) []Record {
-	s.mu.Lock()
-	v := s.vips[a.Unmap()]
-	s.mu.Unlock()
+	v := s.startedVIP(a)
 	if v == nil {
 		return nil
 	}
-	<-v.ready
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	out := make([]Record, 0, len(v.recs))
