@@ -28,7 +28,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/virtualserver"
@@ -117,7 +116,10 @@ type TakeoverResult struct {
 	// of the grace period (zero: none).
 	Notifying  int       `json:"notifying"`
 	GraceUntil time.Time `json:"grace_until,omitzero"`
-	Took       Duration  `json:"took"`
+	// GraceResumed: the previous owner released it during its grace
+	// period, which goes on here.
+	GraceResumed bool     `json:"grace_resumed,omitempty"`
+	Took         Duration `json:"took"`
 }
 
 // Takeover starts serving a virtual server on this node. It is idempotent:
@@ -163,13 +165,19 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	snap := m.loadSnapshot(dir, spec.Addr, prev)
 	var started nsm.Started
 	if snap != nil {
-		in, err := m.cfg.NLM.InstallSnapshot(ctx, snap, vs)
+		in, err := m.cfg.NLM.InstallSnapshot(ctx, snap.Locks, vs)
 		if err != nil {
 			return fail(err)
 		}
 		res.Planned, res.Locks, res.Waiters, res.Shares, res.Refused = true, in.Locks, in.Waiters, in.Shares, in.Refused
 		if started, err = m.cfg.NSM.Start(vs, nsm.Adopt); err != nil {
 			return fail(err)
+		}
+		if snap.Grace != nil {
+			// Released during its grace period: the period goes on here,
+			// for the clients that have not reclaimed yet.
+			vs.ResumeGrace(*snap.Grace)
+			res.GraceResumed = true
 		}
 		os.Remove(filepath.Join(dir, snapshotFile))
 	} else {
@@ -178,13 +186,18 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		}
 		vs.BeginGrace(true, m.cfg.Notified, started.Clients)
 	}
+	// The grace period is set up before the first notification leaves, so
+	// that it counts every answer.
+	if err := m.cfg.NSM.Notify(vs); err != nil {
+		return fail(err)
+	}
 	res.NSMState, res.Notifying = started.State, len(started.Clients)
 	vs.Serve()
 	res.GraceUntil = graceUntil(vs)
 	res.Took = Duration(time.Since(start))
 	m.log.Info("hacallout: took over", "vip", vs.Addr(), "epoch", epoch, "planned", res.Planned, "locks", res.Locks,
 		"waiters", res.Waiters, "shares", res.Shares, "nsm_state", res.NSMState, "notifying", res.Notifying,
-		"grace_until", res.GraceUntil, "took", time.Duration(res.Took))
+		"grace_until", res.GraceUntil, "grace_resumed", res.GraceResumed, "took", time.Duration(res.Took))
 	return res, nil
 }
 
@@ -195,27 +208,26 @@ func graceUntil(vs *virtualserver.Server) time.Time {
 	return time.Time{}
 }
 
-// loadSnapshot returns the snapshot of epoch prev, if that is what the
+// loadSnapshot returns the handoff of epoch prev, if that is what the
 // directory holds. Anything else there is stale (a later epoch ended in a
 // crash) or damaged: reported and removed.
-func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *dlm.Snapshot {
+func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *handoff {
 	path := filepath.Join(dir, snapshotFile)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	var snap *dlm.Snapshot
+	var h handoff
 	if err == nil {
-		snap, err = dlm.UnmarshalSnapshot(b)
+		h, err = unmarshalHandoff(b)
 	}
 	switch {
 	case err != nil:
 		m.log.Warn("hacallout: cannot use the snapshot; clients will reclaim", "vip", vip, "err", err)
-	case snap.VIP != vip || snap.Epoch != prev || prev == 0:
-		m.log.Warn("hacallout: stale snapshot ignored; clients will reclaim", "vip", vip, "snapshot_epoch", snap.Epoch, "previous_epoch", prev)
-		snap = nil
+	case h.Locks.VIP != vip || h.Locks.Epoch != prev || prev == 0:
+		m.log.Warn("hacallout: stale snapshot ignored; clients will reclaim", "vip", vip, "snapshot_epoch", h.Locks.Epoch, "previous_epoch", prev)
 	default:
-		return snap
+		return &h
 	}
 	os.Remove(path)
 	return nil
@@ -241,7 +253,12 @@ type ReleaseResult struct {
 	Locks    int        `json:"locks"`
 	Waiters  int        `json:"waiters"`
 	Shares   int        `json:"shares"`
-	Took     Duration   `json:"took"`
+	// GraceLeft is what was left of its grace period, handed over with the
+	// snapshot (zero: it was not in grace); GracePending the clients that
+	// period still waits for.
+	GraceLeft    Duration `json:"grace_left,omitempty"`
+	GracePending int      `json:"grace_pending,omitempty"`
+	Took         Duration `json:"took"`
 }
 
 // Release stops serving a virtual server on this node, handing its state to
@@ -252,10 +269,17 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	a = a.Unmap()
 	defer m.lock(a)()
 	vs, ok := m.cfg.Registry.Get(a)
-	if !ok || !vs.BeginRelease() {
+	if !ok {
+		return ReleaseResult{VIP: a, Already: true}, nil
+	}
+	grace, ok := vs.BeginRelease()
+	if !ok {
 		return ReleaseResult{VIP: a, Already: true}, nil
 	}
 	res := ReleaseResult{VIP: a, Epoch: vs.Epoch()}
+	if grace != nil {
+		res.GraceLeft, res.GracePending = Duration(grace.Remaining), len(grace.Clients)
+	}
 	m.cfg.Addrs.Stop(a)
 	snap, err := m.cfg.NLM.ReleaseVIP(ctx, a, vs.Epoch())
 	m.cfg.NSM.Detach(a)
@@ -266,7 +290,7 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	path := filepath.Join(virtualserver.Dir(m.cfg.StateDir, a.String()), snapshotFile)
 	if err == nil && snapshot && !m.cfg.NoSnapshot {
 		var b []byte
-		if b, err = dlm.MarshalSnapshot(snap); err == nil {
+		if b, err = marshalHandoff(handoff{Locks: snap, Grace: grace}); err == nil {
 			err = virtualserver.WriteFileAtomic(path, b, 0o600)
 		}
 		res.Snapshot = err == nil
@@ -279,7 +303,8 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 		return res, fmt.Errorf("hacallout: releasing %v: %w", a, err)
 	}
 	m.log.Info("hacallout: released", "vip", a, "epoch", res.Epoch, "snapshot", res.Snapshot, "locks", res.Locks,
-		"waiters", res.Waiters, "shares", res.Shares, "took", time.Duration(res.Took))
+		"waiters", res.Waiters, "shares", res.Shares, "grace_left", time.Duration(res.GraceLeft), "grace_pending", res.GracePending,
+		"took", time.Duration(res.Took))
 	return res, nil
 }
 

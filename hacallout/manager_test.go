@@ -467,3 +467,82 @@ func TestTakeoverOnDemand(t *testing.T) {
 		t.Fatalf("epoch %d: taken over more than once", e)
 	}
 }
+
+// A planned move during a grace period hands the rest of it over (issue
+// seen with the kernel client): a client whose statd could not be reached
+// in time has not reclaimed yet when the address moves on; the next owner
+// stays in grace, notifies it, grants its reclaim, and refuses everyone
+// else the range meanwhile.
+func TestPlannedMoveDuringGrace(t *testing.T) {
+	dir := t.TempDir()
+	peers, err := nsmtest.Start(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peers.Close()
+	a := newNode(t, dir, nodeOpts{peers: peers, logName: "A "})
+	b := newNode(t, dir, nodeOpts{peers: peers, logName: "B "})
+	c := newNode(t, dir, nodeOpts{peers: peers, logName: "C "})
+	c1, c2 := newClient(t, 1), newClient(t, 2)
+	takeover(t, a, vipX)
+	if st := c1.lock(a, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.Granted {
+		t.Fatalf("c1's lock: %v", st)
+	}
+	if st := c2.lock(a, vipX, "f2", 1, 0, 1, true, false, false); st != nlm.Granted {
+		t.Fatalf("c2's lock: %v", st)
+	}
+	a.close()
+	peers.SetDead(c1.addr, true) // c1's statd cannot be reached for now
+	tk := takeover(t, b, vipX)
+	if tk.Planned || tk.GraceUntil.IsZero() || tk.Notifying != 2 {
+		t.Fatalf("unplanned takeover: %+v", tk)
+	}
+	if err := peers.WaitNotified(1, 5*time.Second); err != nil {
+		t.Fatal("c2 not notified")
+	}
+	if st := c2.lock(b, vipX, "f2", 1, 0, 1, true, false, true); st != nlm.Granted {
+		t.Fatalf("c2's reclaim: %v", st)
+	}
+	// Planned move while c1 has not reclaimed.
+	rel := release(t, b, vipX, true)
+	if rel.GraceLeft <= 0 || rel.GracePending != 2 {
+		t.Fatalf("release during grace: %+v", rel)
+	}
+	tk = takeover(t, c, vipX)
+	if !tk.Planned || !tk.GraceResumed || tk.GraceUntil.IsZero() || tk.Locks != 1 {
+		t.Fatalf("planned takeover during grace: %+v", tk)
+	}
+	if st := c2.lock(c, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.DeniedGracePeriod {
+		t.Fatalf("c2 asked for c1's range while c1 has not reclaimed: %v, want DENIED_GRACE_PERIOD", st)
+	}
+	if r := c2.test(c, vipX, "f1", 0, 100); r.Stat != nlm.DeniedGracePeriod {
+		t.Fatalf("TEST of c1's range in the handed-over grace period: %v", r.Stat)
+	}
+	// c1's statd is back: the new owner notifies it (same state number as
+	// B's notification) and its reclaim is granted.
+	peers.Reset()
+	peers.SetDead(c1.addr, false)
+	if err := peers.WaitNotified(1, 5*time.Second); err != nil {
+		t.Fatal("c1 not notified by the new owner")
+	}
+	if n := peers.Notifications()[0]; n.To != c1.addr || n.From.Addr() != vipX || n.State != 3 {
+		t.Fatalf("notification: %+v", n)
+	}
+	if st := c1.lock(c, vipX, "f1", 1, 0, 100, true, false, true); st != nlm.Granted {
+		t.Fatalf("c1's reclaim on the new owner: %v", st)
+	}
+	if st := c2.lock(c, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.DeniedGracePeriod && st != nlm.Denied {
+		t.Fatalf("c2 after c1's reclaim: %v", st)
+	}
+	vs, _ := c.reg.Get(vipX)
+	deadline := time.Now().Add(5 * time.Second)
+	for vs.InGrace(time.Now()) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if g := vs.Grace(); g.Active || g.Why != virtualserver.EndReclaimed || g.Clients != 2 {
+		t.Fatalf("the handed-over grace period: %+v", g)
+	}
+	if st := c2.lock(c, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.Denied {
+		t.Fatalf("c1's lock after grace: c2 got %v", st)
+	}
+}

@@ -306,19 +306,36 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *
 	return Granted
 }
 
+// fenced is the outcome of a request that raced with the release of its
+// virtual server: it is not answered at all (sunrpc.ErrNoReply), so that
+// the client sends it again and the next owner answers. Any answer from
+// here would be wrong: DENIED_GRACE_PERIOD to a reclaim makes a Linux
+// client give the lock up ("lockd: spurious grace period reject?!"), and
+// GRANTED to an UNLOCK after the capture would leave the lock to the next
+// owner. It is never put on the wire.
+const fenced Stat = 1 << 31
+
 // lookupVS finds the virtual server a request was sent to. One being
-// released (or released) here answers DENIED_GRACE_PERIOD, which makes
-// the client retry until the address is served again, by the next node;
-// an address that is no virtual server at all fails.
+// released (or released) here is fenced; an address that is no virtual
+// server at all fails.
 func (s *Service) lookupVS(req *sunrpc.Request) (*virtualserver.Server, Stat) {
 	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
 	if ok {
 		return vs, Granted
 	}
 	if vs != nil {
-		return nil, DeniedGracePeriod
+		return nil, fenced
 	}
 	return nil, Failed
+}
+
+// reply is what a handler returns for a result with status st: the
+// encoded result, or no reply at all for a fenced request.
+func reply(res []byte, st Stat) ([]byte, error) {
+	if st == fenced {
+		return nil, sunrpc.ErrNoReply
+	}
+	return res, nil
 }
 
 // checkFH asks the validator about a version 4 handle (NFSv3's NLM); the
@@ -352,12 +369,11 @@ func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
 	return status(o.res.Status)
 }
 
-// backendStat turns a backend failure into a reply. A virtual server
-// being released answers DENIED_GRACE_PERIOD, which makes clients retry
-// until the address is served again (by the next node).
+// backendStat turns a backend failure into a reply. A request that raced
+// with the release of its virtual server is fenced.
 func (s *Service) backendStat(err error) Stat {
 	if errors.Is(err, errNotServing) || errors.Is(err, dlm.ErrFenced) {
-		return DeniedGracePeriod
+		return fenced
 	}
 	s.log.Warn("nlm: lock backend failed", "err", err)
 	return Failed
@@ -463,9 +479,10 @@ func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs
 		return st.ForVersion(req.Vers)
 	}
 	s.graceNote(o.vs, req, false)
-	// An unlock is never fenced: releasing state is always safe, and a
-	// client must be able to let go of a lock while its virtual server moves.
-	o.kind, o.vs = opUnlock, nil
+	// Fenced like the rest: an unlock applied here after the release took
+	// its snapshot would leave the lock with the next owner. Unanswered, it
+	// is sent again there.
+	o.kind = opUnlock
 	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
 }
 
@@ -481,7 +498,7 @@ func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byt
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
-	return r.Append(res, req.Vers), nil
+	return reply(r.Append(res, req.Vers), r.Stat)
 }
 
 func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -490,7 +507,7 @@ func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byt
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, false)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 // handleNMLock is LOCK for clients without a status monitor: the host is
@@ -501,7 +518,7 @@ func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []b
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, false, false)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -510,7 +527,7 @@ func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []b
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -519,7 +536,7 @@ func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []b
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 // handleGranted: GRANTED is a server-to-client call. We are the server
@@ -543,7 +560,9 @@ func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []
 		return nil, err
 	}
 	r := s.test(ctx, req, &a)
-	s.cb.respond(req, ProcTestRes, r.Append(nil, req.Vers))
+	if r.Stat != fenced {
+		s.cb.respond(req, ProcTestRes, r.Append(nil, req.Vers))
+	}
 	return res, nil
 }
 
@@ -553,7 +572,7 @@ func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, true)}
-	s.cb.respond(req, ProcLockRes, r.Append(nil))
+	s.respond(req, ProcLockRes, &r)
 	return res, nil
 }
 
@@ -563,7 +582,7 @@ func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res 
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
-	s.cb.respond(req, ProcCancelRes, r.Append(nil))
+	s.respond(req, ProcCancelRes, &r)
 	return res, nil
 }
 
@@ -573,8 +592,16 @@ func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res 
 		return nil, err
 	}
 	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
-	s.cb.respond(req, ProcUnlockRes, r.Append(nil))
+	s.respond(req, ProcUnlockRes, &r)
 	return res, nil
+}
+
+// respond sends a *_MSG request's result back as its *_RES call; a fenced
+// request gets none (the client sends the request again).
+func (s *Service) respond(req *sunrpc.Request, proc uint32, r *Res) {
+	if r.Stat != fenced {
+		s.cb.respond(req, proc, r.Append(nil))
+	}
 }
 
 func (s *Service) handleGrantedMsg(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -631,7 +658,7 @@ func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []by
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, false)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -640,7 +667,7 @@ func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []
 		return nil, err
 	}
 	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, true)}
-	return r.Append(res), nil
+	return reply(r.Append(res), r.Stat)
 }
 
 func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, unshare bool) Stat {
@@ -655,7 +682,7 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 	defer s.putOp(o)
 	host := s.cfg.Backend.Host(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
 	if unshare {
-		o.kind, o.host, o.oh = opUnshare, host, a.Share.OH
+		o.kind, o.vs, o.host, o.oh = opUnshare, vs, host, a.Share.OH
 		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
 	}
 	if st := s.monitor(ctx, host); st != Granted {

@@ -408,21 +408,49 @@ func TestSMNotifyCallback(t *testing.T) {
 }
 
 // A request racing with the release of its virtual server adds nothing
-// and is told to retry.
+// and gets no answer, so that the client sends it again to the next owner:
+// DENIED_GRACE_PERIOD to a reclaim would make a Linux client give its
+// lock up.
 func TestReleasedVirtualServerFences(t *testing.T) {
 	e := newEnv(t)
-	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
+	for _, vers := range []uint32{Vers1, Vers3, Vers4} {
+		c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.UDP, vers)
+		mustLock(t, c, lk("held", 1, 0, 10), true, false, Granted)
+	}
 	vs, _ := e.reg.Lookup(netip.MustParseAddr("127.0.0.2"))
 	vs.BeginRelease()
-	mustLock(t, c, lk("a", 1, 0, 10), true, false, DeniedGracePeriod)
-	if n := e.b.Files(); n != 0 {
+	for _, vers := range []uint32{Vers1, Vers3, Vers4} {
+		c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.UDP, vers)
+		short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		for name, call := range map[string]func() error{
+			"reclaim": func() error {
+				_, err := c.Lock(short, &LockArgs{Cookie: []byte("c"), Exclusive: true, Reclaim: true, Lock: lk("a", 1, 0, 10)})
+				return err
+			},
+			"unlock": func() error {
+				_, err := c.Unlock(short, &UnlockArgs{Cookie: []byte("c"), Lock: lk("held", 1, 0, 10)})
+				return err
+			},
+			"test": func() error {
+				_, err := c.Test(short, &TestArgs{Cookie: []byte("c"), Exclusive: true, Lock: lk("held", 2, 0, 10)})
+				return err
+			},
+		} {
+			if err := call(); !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("v%d %s to a released virtual server: %v, want no answer", vers, name, err)
+			}
+		}
+		cancel()
+	}
+	if n := e.b.Files(); n != 1 {
 		t.Fatalf("%d files gained state", n)
 	}
-	var h *dlm.Host
-	e.b.Hosts(func(x *dlm.Host) bool { h = x; return false })
-	if h != nil && h.Locks() != 0 {
-		t.Fatal("counters moved")
-	}
+	e.b.Hosts(func(h *dlm.Host) bool {
+		if want := map[string]int64{"held": 1}[h.Name]; h.Locks() != want {
+			t.Errorf("%s holds %d locks, want %d: a fenced request changed state", h.Name, h.Locks(), want)
+		}
+		return true
+	})
 }
 
 // recordingMonitor stands in for the NSM service at its interface.

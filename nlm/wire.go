@@ -82,7 +82,7 @@ func (s Stat) String() string {
 // know only 0-4: like Linux lockd, a deadlock is reported as DENIED and
 // every other newer failure as DENIED_NOLOCKS.
 func (s Stat) ForVersion(vers uint32) Stat {
-	if vers == Vers4 || s <= DeniedGracePeriod {
+	if vers == Vers4 || s <= DeniedGracePeriod || s == fenced {
 		return s
 	}
 	if s == Deadlck {

@@ -3,6 +3,7 @@ package nsm
 import (
 	"container/heap"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"net/netip"
 	"sync"
@@ -135,6 +136,7 @@ type job struct {
 	// acked hears of each peer whose statd answered (its file in notify/).
 	acked func(file string)
 	logf  func(msg string, args ...any)
+	warnf func(msg string, args ...any)
 	// settled hears of each client's outcome (its address; whether its
 	// statd answered), for the grace period.
 	settled func(client netip.Addr, answered bool)
@@ -321,7 +323,13 @@ func (j *job) send(t *target, now time.Time) {
 	// on the address: one that comes a moment later (a listener still being
 	// set up) must not cost the clients their reclaims.
 	if err := j.rpc.SendPacket(j.from, t.peer, msg); err != nil {
-		j.logf("nsm: sending SM_NOTIFY failed; will retry", "peer", t.peer, "err", err)
+		logf := j.logf
+		if errors.Is(err, sunrpc.ErrNoSocket) && j.warnf != nil {
+			// The address's socket should be there before any notification
+			// leaves (a takeover attaches it first): worth a warning.
+			logf = j.warnf
+		}
+		logf("nsm: sending SM_NOTIFY failed; will retry", "peer", t.peer, "err", err)
 	}
 	t.sends++
 	j.schedule(t, now.Add(t.timeout))

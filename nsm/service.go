@@ -122,9 +122,11 @@ type vip struct {
 	// clients count as monitored (a crash notifies them again) and, once
 	// they answer, their records move back to sm/ (see acked).
 	pending map[string]*entry
-	job     *job
-	stop    context.CancelFunc
-	jobDone chan struct{}
+	// toNotify is the notification a start prepared and Notify launches.
+	toNotify *prepared
+	job      *job
+	stop     context.CancelFunc
+	jobDone  chan struct{}
 }
 
 type entry struct {
@@ -205,8 +207,17 @@ type Started struct {
 	Clients []netip.Addr
 }
 
+// prepared is a notification ready to go: the state announced and the
+// peers to tell.
+type prepared struct {
+	state int32
+	list  []loaded
+}
+
 // Start starts the status monitor of a virtual server that this node takes
-// over. Its notifications' outcomes feed vs's grace period.
+// over. It notifies nobody yet: the caller sets up the grace period that
+// waits for Started.Clients first, then calls Notify, so that no answer to
+// a notification comes back before the period that counts it.
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
@@ -290,7 +301,7 @@ func (s *Service) start(v *vip, mode StartMode) (Started, error) {
 	if mode == Adopt {
 		return s.adopt(v)
 	}
-	return s.restart(v)
+	return s.restart(v, false)
 }
 
 // load reads a list, setting damaged records aside.
@@ -315,8 +326,9 @@ func clientsOf(list []loaded) []netip.Addr {
 	return out
 }
 
-// restart bumps the state, retires the monitor list and notifies it.
-func (s *Service) restart(v *vip) (Started, error) {
+// restart bumps the state and retires the monitor list, to be notified
+// (at once with launch, else by Notify).
+func (s *Service) restart(v *vip, launch bool) (Started, error) {
 	v.io.Lock()
 	defer v.io.Unlock()
 	v.mu.Lock()
@@ -340,8 +352,9 @@ func (s *Service) restart(v *vip) (Started, error) {
 	list := s.load(v, notifyDir)
 	s.setLists(v, state, map[string]*entry{}, list)
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
-	if !s.cfg.Notify.Disabled {
-		s.notify(v, state, list)
+	s.prepare(v, state, list)
+	if launch {
+		s.launch(v)
 	}
 	return Started{State: state, Clients: clientsOf(list)}, nil
 }
@@ -368,8 +381,8 @@ func (s *Service) adopt(v *vip) (Started, error) {
 	list := s.load(v, notifyDir)
 	s.setLists(v, state, recs, list)
 	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
-	if len(list) > 0 && !s.cfg.Notify.Disabled {
-		s.notify(v, state, list)
+	if len(list) > 0 {
+		s.prepare(v, state, list)
 	}
 	return Started{State: state, Clients: clientsOf(list)}, nil
 }
@@ -447,6 +460,40 @@ func (s *Service) quarantine(path string) {
 	}
 }
 
+// prepare readies the notification of list, for Notify; v.io is held.
+func (s *Service) prepare(v *vip, state int32, list []loaded) {
+	if s.cfg.Notify.Disabled {
+		return
+	}
+	v.mu.Lock()
+	v.toNotify = &prepared{state: state, list: list}
+	v.mu.Unlock()
+}
+
+// Notify sends the notifications that the start of the virtual server vs
+// prepared (none after a planned takeover with nobody left to notify).
+func (s *Service) Notify(vs *virtualserver.Server) error {
+	v, err := s.vipFor(context.Background(), vs)
+	if err != nil {
+		return err
+	}
+	v.io.Lock()
+	defer v.io.Unlock()
+	s.launch(v)
+	return nil
+}
+
+// launch starts the prepared notification, if any; v.io is held.
+func (s *Service) launch(v *vip) {
+	v.mu.Lock()
+	p := v.toNotify
+	v.toNotify = nil
+	v.mu.Unlock()
+	if p != nil {
+		s.notify(v, p.state, p.list)
+	}
+}
+
 // notify starts the notification of list; v.io is held.
 func (s *Service) notify(v *vip, state int32, list []loaded) {
 	from := netip.AddrPortFrom(v.vs.Addr(), s.cfg.Port)
@@ -461,7 +508,7 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 			vs.GraceUnreachable(client)
 		}
 	}
-	j.logf = s.log.Debug
+	j.logf, j.warnf = s.log.Debug, s.log.Warn
 	ctx, stop := context.WithCancel(s.ctx)
 	done := make(chan struct{})
 	v.mu.Lock()
@@ -532,8 +579,12 @@ func (s *Service) Renotify(ctx context.Context, vs *virtualserver.Server) (Start
 	if err != nil {
 		return Started{}, err
 	}
-	return s.restart(v)
+	return s.restartAndNotify(v)
 }
+
+// restartAndNotify restarts a served virtual server's monitor and
+// notifies its peers at once (SM_SIMU_CRASH, an admin's renotify).
+func (s *Service) restartAndNotify(v *vip) (Started, error) { return s.restart(v, true) }
 
 // State is the NSM state number of the virtual server at a.
 func (s *Service) State(a netip.Addr) (int32, bool) {
@@ -1059,7 +1110,7 @@ func (s *Service) handleSimuCrash(ctx context.Context, req *sunrpc.Request, res 
 	for _, vs := range targets {
 		v, err := s.vipFor(ctx, vs)
 		if err == nil {
-			_, err = s.restart(v)
+			_, err = s.restartAndNotify(v)
 		}
 		if err != nil {
 			s.log.Error("nsm: SM_SIMU_CRASH", "vip", vs.Addr(), "err", err)

@@ -98,6 +98,9 @@ func startNode(t testing.TB, o nodeOpts) *node {
 			if o.grace > 0 {
 				vs.BeginGrace(true, false, st.Clients)
 			}
+			if err := n.svc.Notify(vs); err != nil {
+				t.Error(err)
+			}
 			vs.Serve()
 			return vs, true
 		}})
@@ -829,7 +832,7 @@ func TestConcurrentMonitor(t *testing.T) {
 				if w == 0 && i == 25 {
 					v, err := n.svc.vipFor(ctx, n.vs(vip2))
 					if err == nil {
-						_, err = n.svc.restart(v)
+						_, err = n.svc.restart(v, true)
 					}
 					if err != nil {
 						t.Error(err)

@@ -593,6 +593,38 @@ func TestSendPacketAndOnReply(t *testing.T) {
 	}
 }
 
+// A socket is the server's as soon as AttachPacket returns: a call sent
+// from it right away (SM_NOTIFY at a takeover) leaves, whereas with
+// `go ServePacket(pc)` it could find no socket yet.
+func TestAttachPacketSendsAtOnce(t *testing.T) {
+	peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 9)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	for i := range 50 {
+		s := &Server{}
+		pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 3)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		serve, err := s.AttachPacket(pc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		from := addrPortOf(pc.LocalAddr())
+		if err := s.SendPacket(from, addrPortOf(peer.LocalAddr()), rawCall(uint32(i), 2, 1, 1, 0, nil)); err != nil {
+			t.Fatalf("round %d: a send right after AttachPacket: %v", i, err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- serve() }()
+		s.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("serve: %v", err)
+		}
+	}
+}
+
 // The IPv6 path: a wildcard udp6/tcp6 socket learns the destination from
 // IPV6_PKTINFO and answers from it.
 func TestIPv6Loopback(t *testing.T) {

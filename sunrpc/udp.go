@@ -42,10 +42,24 @@ var ErrNotUDP = errors.New("sunrpc: ServePacket needs a *net.UDPConn")
 // worker pool cannot take are dropped and counted. It returns
 // ErrServerClosed after Shutdown or Close.
 func (s *Server) ServePacket(pc net.PacketConn) error {
+	serve, err := s.AttachPacket(pc)
+	if err != nil {
+		return err
+	}
+	return serve()
+}
+
+// AttachPacket makes a UDP socket the server's at once — SendPacket finds
+// it as soon as AttachPacket returns — and returns the function that
+// serves it (ServePacket's loop). A caller that sends from the socket
+// right after opening it (SM_NOTIFY at a takeover) attaches it first, so
+// nothing leaves before the socket is there. The caller must run serve:
+// the server counts the socket as active from now on.
+func (s *Server) AttachPacket(pc net.PacketConn) (serve func() error, err error) {
 	s.init()
 	c, ok := pc.(*net.UDPConn)
 	if !ok {
-		return ErrNotUDP
+		return nil, ErrNotUDP
 	}
 	la := c.LocalAddr().(*net.UDPAddr)
 	u := &udpServer{
@@ -57,25 +71,27 @@ func (s *Server) ServePacket(pc net.PacketConn) error {
 		jobs:  make(chan udpJob, orDefault(s.UDPQueue, DefaultUDPQueue)),
 	}
 	if err := u.enablePktinfo(); err != nil {
-		return err
+		return nil, err
 	}
 	if s.UDPBuffer > 0 {
 		SetUDPBuffers(c, s.UDPBuffer)
 	}
 	if !s.trackPacket(u, true) {
 		c.Close()
-		return ErrServerClosed
+		return nil, ErrServerClosed
 	}
-	defer s.trackPacket(u, false)
-	var workers sync.WaitGroup
-	for range orDefault(s.UDPWorkers, defaultUDPWorkers()) {
-		workers.Go(u.work)
-	}
-	err := u.read()
-	u.close()
-	close(u.jobs)
-	workers.Wait()
-	return err
+	return func() error {
+		defer s.trackPacket(u, false)
+		var workers sync.WaitGroup
+		for range orDefault(s.UDPWorkers, defaultUDPWorkers()) {
+			workers.Go(u.work)
+		}
+		err := u.read()
+		u.close()
+		close(u.jobs)
+		workers.Wait()
+		return err
+	}, nil
 }
 
 func (u *udpServer) enablePktinfo() error {

@@ -13,15 +13,18 @@ import (
 // The grace machine as golden scripts (testdata/grace):
 //
 //	start length=DUR [early] [clients=a,b,...] [quiet=DUR] [at=DUR]
-//	notified|unreachable|reclaim|request client=X at=DUR
+//	notified|unreachable|rebooted|reclaim|request client=X at=DUR
 //	end at=DUR
 //	tick at=DUR
+//	release at=DUR               (hands the rest over; prints the handover)
+//	resume at=DUR [quiet=DUR]    (a new owner goes on with it)
 //
 // Times are offsets from an arbitrary origin; each command prints the state.
 func TestGraceScripts(t *testing.T) {
 	origin := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	datadriven.Walk(t, "testdata/grace", func(t *testing.T, path string) {
 		var g Grace
+		var handed *GraceHandover
 		addr := func(name string) netip.Addr { return netip.AddrFrom4([4]byte{10, 0, 0, name[0]}) }
 		datadriven.RunTest(t, path, func(t *testing.T, td *datadriven.TestData) string {
 			arg := func(k, def string) string {
@@ -57,6 +60,28 @@ func TestGraceScripts(t *testing.T) {
 				g.Notified(now, addr(arg("client", "?")))
 			case "unreachable":
 				g.Unreachable(now, addr(arg("client", "?")))
+			case "rebooted":
+				g.Rebooted(now, addr(arg("client", "?")))
+			case "release":
+				h, ok := g.Handover(now)
+				g.End(now, EndReleased)
+				if !ok {
+					handed = nil
+					return "nothing to hand over\n"
+				}
+				handed = &h
+				var b strings.Builder
+				fmt.Fprintf(&b, "handover: remaining %v, early %v, total %d, reclaims %d\n", h.Remaining, h.Early, h.Total, h.Reclaims)
+				for _, c := range h.Clients {
+					fmt.Fprintf(&b, "  %c notified=%v reclaimed=%v\n", 'a'+c.Addr.As4()[3]-'a', c.Notified, c.Reclaimed)
+				}
+				return b.String()
+			case "resume":
+				if handed == nil {
+					t.Fatal("resume without a handover")
+				}
+				g = Grace{Quiet: dur("quiet", "2s")}
+				g.Resume(now, *handed)
 			case "reclaim":
 				g.Reclaim(now, addr(arg("client", "?")))
 			case "request":

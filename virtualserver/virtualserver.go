@@ -100,11 +100,24 @@ func (v *Server) BeginGrace(early, notified bool, clients []netip.Addr) {
 	v.update(now)
 }
 
+// ResumeGrace goes on with the grace period the previous owner handed
+// over (see Grace.Resume).
+func (v *Server) ResumeGrace(h GraceHandover) {
+	v.mu.Lock()
+	now := time.Now()
+	v.grace.Quiet = v.reg.cfg.GraceQuiet
+	v.grace.Resume(now, h)
+	v.update(now)
+}
+
 // GraceNotified records that a client's statd answered the notification.
 func (v *Server) GraceNotified(client netip.Addr) { v.event(client, (*Grace).Notified) }
 
 // GraceUnreachable records that a client could not be notified.
 func (v *Server) GraceUnreachable(client netip.Addr) { v.event(client, (*Grace).Unreachable) }
+
+// GraceRebooted records that a client rebooted: it has nothing to reclaim.
+func (v *Server) GraceRebooted(client netip.Addr) { v.event(client, (*Grace).Rebooted) }
 
 // GraceRequest records a request from a client while in grace: a reclaim
 // or not. Out of grace it costs one atomic load.
@@ -178,22 +191,28 @@ func (v *Server) tick() {
 func (v *Server) Serve() { v.state.CompareAndSwap(int32(Starting), int32(Serving)) }
 
 // BeginRelease fences the virtual server off (Serving turns false) and
-// reports whether it was served or starting; its grace period stops.
-func (v *Server) BeginRelease() bool {
+// reports whether it was served or starting. Its grace period stops here;
+// what was left of it, if one was on, is returned for the next owner.
+func (v *Server) BeginRelease() (*GraceHandover, bool) {
 	for {
 		s := v.state.Load()
 		if State(s) != Serving && State(s) != Starting {
-			return false
+			return nil, false
 		}
 		if v.state.CompareAndSwap(s, int32(Releasing)) {
 			v.mu.Lock()
-			v.grace.End(time.Now(), "released")
+			now := time.Now()
+			h, on := v.grace.Handover(now)
+			v.grace.End(now, EndReleased)
 			v.graceEnd.Store(0)
 			if v.timer != nil {
 				v.timer.Stop()
 			}
 			v.mu.Unlock()
-			return true
+			if !on {
+				return nil, true
+			}
+			return &h, true
 		}
 	}
 }

@@ -35,8 +35,11 @@ func TestLifecycle(t *testing.T) {
 	if same, created := r.Begin(Spec{Addr: v.Addr()}, 8); same != v || created {
 		t.Fatal("Begin replaced a served virtual server")
 	}
-	if !v.BeginRelease() || v.Serving() || v.BeginRelease() {
+	if h, ok := v.BeginRelease(); !ok || h != nil || v.Serving() {
 		t.Fatal("BeginRelease")
+	}
+	if _, ok := v.BeginRelease(); ok {
+		t.Fatal("BeginRelease twice")
 	}
 	r.Finish(v)
 	if _, ok := r.Lookup(v.Addr()); ok || len(taken) != 1 {

@@ -91,9 +91,16 @@ func (b *boundAddrs) Serve(a netip.Addr) error {
 		}
 		closers = append(closers, pc.Close)
 		srv := s.srv
+		// Attached before Serve returns: the takeover's SM_NOTIFYs leave
+		// from this socket right after.
+		servePC, err := srv.AttachPacket(pc)
+		if err != nil {
+			undo()
+			return fmt.Errorf("serving %s/udp: %w", addr, err)
+		}
 		srv.ResumeAddr(a)
 		b.d.serving.Go(func() { logServeErr(b.d.log, srv.Serve(l)) })
-		b.d.serving.Go(func() { logServeErr(b.d.log, srv.ServePacket(pc)) })
+		b.d.serving.Go(func() { logServeErr(b.d.log, servePC()) })
 	}
 	b.socks[a] = closers
 	return nil

@@ -211,7 +211,15 @@ func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
 	for _, c := range clients {
 		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 	}
-	return d.svc.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
+	err := d.svc.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
+	// A rebooted client has nothing left to reclaim: a grace period need
+	// not wait for it.
+	for _, c := range clients {
+		if vs, ok := d.registry.Get(c.VIP); ok {
+			vs.GraceRebooted(c.Addr)
+		}
+	}
+	return err
 }
 
 // reload applies a re-read configuration: virtual servers added to the
@@ -280,8 +288,15 @@ func (d *daemon) listen(srv *sunrpc.Server, port uint16) ([]bool, error) {
 			l.Close()
 			return nil, fmt.Errorf("listening on %s/udp: %w", addr, err)
 		}
+		// Attached here, not in the goroutine: the SM_NOTIFYs of the
+		// virtual servers taken over at start leave from it at once.
+		servePC, err := srv.AttachPacket(pc)
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("serving %s/udp: %w", addr, err)
+		}
 		d.serving.Go(func() { logServeErr(d.log, srv.Serve(l)) })
-		d.serving.Go(func() { logServeErr(d.log, srv.ServePacket(pc)) })
+		d.serving.Go(func() { logServeErr(d.log, servePC()) })
 		if len(fams) == 0 || fams[len(fams)-1] != v6 {
 			fams = append(fams, v6)
 		}
