@@ -36,7 +36,7 @@ import (
 
 var (
 	lifecycleSeed  = flag.Uint64("lifecycle.seed", 0, "replay this seed of the lifecycle model test")
-	lifecycleSeeds = flag.Int("lifecycle.seeds", 500, "sequences the lifecycle model test runs")
+	lifecycleSeeds = flag.Int("lifecycle.seeds", 200, "sequences the lifecycle model test runs")
 )
 
 type lcConfig struct {
