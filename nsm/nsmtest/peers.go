@@ -132,7 +132,8 @@ func (p *Peers) Close() {
 	p.statd.Close()
 }
 
-// SetDead makes the host at a silent: its portmapper never answers.
+// SetDead makes the host at a silent: neither its portmapper nor its
+// statd answers.
 func (p *Peers) SetDead(a netip.Addr, dead bool) {
 	p.mu.Lock()
 	p.dead[a] = dead
@@ -222,6 +223,10 @@ func (p *Peers) notify(_ context.Context, req *sunrpc.Request, res []byte) ([]by
 	}
 	n := Notification{To: req.Local.Addr(), From: req.Remote, MonName: name, State: state, At: time.Now()}
 	p.mu.Lock()
+	if p.dead[n.To] {
+		p.mu.Unlock()
+		return nil, sunrpc.ErrNoReply
+	}
 	p.notes = append(p.notes, n)
 	p.byHost[n.To]++
 	p.signal()
