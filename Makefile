@@ -19,7 +19,7 @@ TEST_DEBS   = rpcbind nfs-common iproute2 util-linux resource-agents libxml2-uti
 SHARED     ?= $(abspath ../shared)
 NLMPEER     = $(SHARED)/tools/nlmpeer
 
-.PHONY: all build run test deps lint unit bench fuzz clean install
+.PHONY: all build run test deps lint unit bench fuzz soak clean install
 
 all: build
 
@@ -59,6 +59,14 @@ bench:
 
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
+
+# Randomized failover sequences for as long as asked: over real nlmd
+# (needs root, like make test) and on the pure lifecycle model.
+SOAK             ?= 10m
+SOAK_MODEL_SEEDS ?= 20000
+soak: deps
+	NLMHA_REQUIRE_PEERS=1 NLMHA_FAILOVER_DURATION=$(SOAK) $(GO) test -count=1 -timeout 0 -run '^TestFailoverRandom$$' -v ./integration
+	$(GO) test -count=1 -timeout 0 -run '^TestLifecycleModel$$' -v ./hacallout -lifecycle.seeds $(SOAK_MODEL_SEEDS)
 
 # Install for systemd and the cluster managers (DESTDIR for packaging).
 DESTDIR    ?=

@@ -45,8 +45,8 @@ import (
 //
 // A failing sequence prints its seed and step list; the seed replays the
 // same steps (timing aside): NLMHA_FAILOVER_SEED=N. make test runs
-// NLMHA_FAILOVER_SEQUENCES sequences (default 3); make soak runs them for
-// NLMHA_FAILOVER_DURATION.
+// NLMHA_FAILOVER_SEQUENCES sequences (default 8, about a minute); make
+// soak runs them for NLMHA_FAILOVER_DURATION.
 func TestFailoverRandom(t *testing.T) {
 	binary(t, "nlmd")
 	if !inNetns(t) {
@@ -55,7 +55,7 @@ func TestFailoverRandom(t *testing.T) {
 	peers := simClients(t)
 	seqs, _ := strconv.Atoi(os.Getenv("NLMHA_FAILOVER_SEQUENCES"))
 	if seqs <= 0 {
-		seqs = 3
+		seqs = 8
 	}
 	var until time.Time
 	if d, err := time.ParseDuration(os.Getenv("NLMHA_FAILOVER_DURATION")); err == nil && d > 0 {

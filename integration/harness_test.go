@@ -73,7 +73,11 @@ func inNetns(t *testing.T, programs ...string) bool {
 	}
 	args := []string{"--net", "--mount", "--propagation", "private", "--", exe,
 		"-test.run", "^" + t.Name() + "$", "-test.v", "-test.count=1"}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	// As long as the test may run (make soak runs with no limit).
+	ctx, cancel := context.Background(), context.CancelFunc(func() {})
+	if d, ok := t.Deadline(); ok {
+		ctx, cancel = context.WithDeadline(ctx, d)
+	}
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "unshare", args...)
 	cmd.Env = append(os.Environ(), inNetnsEnv+"=1")
