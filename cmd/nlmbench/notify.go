@@ -28,6 +28,7 @@ type notifyOptions struct {
 	smMax    int
 	procs    int
 	timeout  time.Duration
+	extra    []string // more nlmd flags
 }
 
 var benchVIP = netip.MustParseAddr("127.0.0.2")
@@ -54,6 +55,7 @@ func runNotify(args []string) int {
 	fs.IntVar(&o.smMax, "sm-notify-max", 1000, "largest client count to measure sm-notify with (it notifies about 70 clients/s here)")
 	fs.IntVar(&o.procs, "procs", 1, "nlmd --procs")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Minute, "longest a run may take")
+	fs.StringArrayVar(&o.extra, "nlmd-arg", nil, "one more nlmd flag (repeatable), e.g. --nlmd-arg=--cpu-profile=/var/tmp/notify.pprof")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nlmbench notify [flags]\n\nSM_NOTIFY fan-out of nlmd (and sm-notify) to simulated client statds.\nRun as root in a private network namespace.\n\nFlags:\n%s", fs.FlagUsages())
 	}
@@ -140,8 +142,9 @@ func notifyNlmd(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
 	}
 	peers.Reset()
 	rcvErr0 := udpRcvbufErrors()
-	cmd := exec.Command(o.nlmd, "--vip", benchVIP.String()+"="+benchVIPName, "--serve-unknown=false", "--rpcbind", "none",
-		"--state-dir", root, "--nsm-port", "32765", "--nlm-port", "4045", "--log-level", "warn", "--procs", strconv.Itoa(o.procs))
+	args := append([]string{"--vip", benchVIP.String() + "=" + benchVIPName, "--serve-unknown=false", "--rpcbind", "none",
+		"--state-dir", root, "--nsm-port", "32765", "--nlm-port", "4045", "--log-level", "warn", "--procs", strconv.Itoa(o.procs)}, o.extra...)
+	cmd := exec.Command(o.nlmd, args...)
 	cmd.Stderr = os.Stderr
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
