@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -92,11 +93,16 @@ func TestCTDBCallout(t *testing.T) {
 	}
 	state := t.TempDir() // shared by the two nodes, as on a cluster file system
 	var socks [2]string
-	for i := range socks {
-		socks[i] = filepath.Join(t.TempDir(), "nlmd.sock")
-		startDaemon(t, nlmd, nlmdArgs(state, "--listen-mode", "vip", "--serve-unknown=false", "--rpcbind", "none",
+	var nodes [2]*proc
+	startNode := func(i int) {
+		os.Remove(socks[i])
+		nodes[i] = startDaemon(t, nlmd, nlmdArgs(state, "--listen-mode", "vip", "--serve-unknown=false", "--rpcbind", "none",
 			"--control-socket", socks[i], "--grace-period", "60s")...)
 		waitFile(t, socks[i])
+	}
+	for i := range socks {
+		socks[i] = filepath.Join(t.TempDir(), "nlmd.sock")
+		startNode(i)
 	}
 	nfsLog := filepath.Join(t.TempDir(), "nfs-callout.log")
 	fakeNFS := filepath.Join(t.TempDir(), "nfs-callout")
@@ -151,6 +157,25 @@ func TestCTDBCallout(t *testing.T) {
 		t.Fatalf("host-a's lock on node 2: TEST %v", st)
 	}
 	lockAs(t, nlmTo(t, hostB, vip, sunrpc.TCP), "host-b", 1, "fh-ctdb-2", nlm.Granted) // no grace
+	// Node 2 dies; node 1 takes the address back (grace: host-a has not
+	// reclaimed, its statd cannot be reached), and hands it on to node 2,
+	// restarted, before host-a reclaimed: the grace period goes with it.
+	nodes[1].stop(syscall.SIGKILL, 5*time.Second)
+	startNode(1)
+	if out := event(0, "takeip", "lo", ip, "8"); !strings.Contains(out, "after an unplanned stop") {
+		t.Fatalf("takeip after node 2 died:\n%s", out)
+	}
+	if out := event(0, "releaseip-pre", "lo", ip, "8"); !strings.Contains(out, "in grace:") || !strings.Contains(out, "handed over") {
+		t.Fatalf("releaseip-pre during grace:\n%s", out)
+	}
+	if out := event(1, "takeip", "lo", ip, "8"); !strings.Contains(out, "its grace period goes on until") {
+		t.Fatalf("takeip during grace on node 2:\n%s", out)
+	}
+	waitServing(t, vip)
+	lockAs(t, nlmTo(t, hostB, vip, sunrpc.TCP), "host-b", 2, "fh-ctdb", nlm.DeniedGracePeriod)
+	if st := reclaimAs(t, nlmTo(t, hostA, vip, sunrpc.TCP), "host-a", 1, "fh-ctdb"); st != nlm.Granted {
+		t.Fatalf("host-a's reclaim in the handed-over grace period: %v", st)
+	}
 	for n := range 2 {
 		event(n, "shutdown")
 	}

@@ -71,6 +71,15 @@ func lockAs(t *testing.T, c *nlm.Client, caller string, svid int32, fh string, w
 	}
 }
 
+// reclaimAs reclaims the lock lockAs takes.
+func reclaimAs(t *testing.T, c *nlm.Client, caller string, svid int32, fh string) nlm.Stat {
+	t.Helper()
+	l := nlm.Lock{CallerName: []byte(caller), FH: []byte(fh), OH: []byte(caller), SVID: svid, Len: 1}
+	return call(t, func(ctx context.Context) (nlm.Res, error) {
+		return c.Lock(ctx, &nlm.LockArgs{Cookie: []byte("c"), Exclusive: true, Reclaim: true, Lock: l, State: 1})
+	}).Stat
+}
+
 func testAs(t *testing.T, c *nlm.Client, caller, fh string) nlm.Stat {
 	t.Helper()
 	l := nlm.Lock{CallerName: []byte(caller), FH: []byte(fh), OH: []byte(caller), SVID: 99, Len: 1}

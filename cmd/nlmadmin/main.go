@@ -257,6 +257,9 @@ func (a *app) vipCmd() *cobra.Command {
 				switch {
 				case r.Already:
 					fmt.Fprintf(w, "%s is already served here (epoch %d)\n", r.VIP, r.Epoch)
+				case r.Planned && r.GraceResumed:
+					fmt.Fprintf(w, "took over %s (epoch %d) from its snapshot: %d locks, %d blocked, %d shares; its grace period goes on until %s, notifying %d clients (%s)\n",
+						r.VIP, r.Epoch, r.Locks, r.Waiters, r.Shares, r.GraceUntil.Local().Format(time.TimeOnly), r.Notifying, time.Duration(r.Took))
 				case r.Planned:
 					fmt.Fprintf(w, "took over %s (epoch %d) from its snapshot: %d locks, %d blocked, %d shares; no grace period (%s)\n",
 						r.VIP, r.Epoch, r.Locks, r.Waiters, r.Shares, time.Duration(r.Took))
@@ -286,6 +289,10 @@ func (a *app) vipCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "released %s (epoch %d): %d locks, %d blocked, %d shares; snapshot %v (%s)\n",
 					r.VIP, r.Epoch, r.Locks, r.Waiters, r.Shares, r.Snapshot, time.Duration(r.Took))
+				if r.GraceLeft > 0 && r.Snapshot {
+					fmt.Fprintf(w, "in grace: %s left, %d clients still to reclaim, handed over with the snapshot\n",
+						time.Duration(r.GraceLeft).Round(time.Millisecond), r.GracePending)
+				}
 			})
 		}),
 	}
