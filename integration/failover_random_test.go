@@ -113,7 +113,6 @@ type randomRun struct {
 	stats map[string]int
 	stop  chan struct{}
 	wg    sync.WaitGroup
-	fail  error
 }
 
 type randomNode struct {
