@@ -54,8 +54,13 @@ type Config struct {
 	// OnSMNotify, if set, handles statd's private SM_NOTIFY callback
 	// (procedure 16); by default the named host's state is dropped.
 	OnSMNotify func(ctx context.Context, st *SMStatus)
-	Callbacks  CallbackConfig
-	Logger     *slog.Logger
+	// UnprivilegedLocal accepts that callback from any local port; by
+	// default, as Linux lockd, only from a privileged one, so that an
+	// unprivileged local user cannot drop other clients' locks. For test
+	// rigs.
+	UnprivilegedLocal bool
+	Callbacks         CallbackConfig
+	Logger            *slog.Logger
 	// Now is the clock grace periods are judged by (default time.Now).
 	Now func() time.Time
 }
@@ -630,7 +635,8 @@ func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res [
 }
 
 // handleSMNotify is the private callback a local statd makes when a
-// monitored host reboots. Like Linux lockd, only loopback callers count.
+// monitored host reboots. Like Linux lockd, only loopback callers from a
+// privileged port count.
 func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a SMStatus
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
@@ -638,6 +644,10 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 	}
 	if a := req.Remote.Addr(); a.IsValid() && !a.IsLoopback() {
 		s.log.Warn("nlm: rejected SM_NOTIFY callback from a remote host", "remote", req.Remote)
+		return res, nil
+	}
+	if req.Remote.Port() >= 1024 && !s.cfg.UnprivilegedLocal {
+		s.log.Warn("nlm: rejected SM_NOTIFY callback from an unprivileged port", "remote", req.Remote)
 		return res, nil
 	}
 	if s.cfg.OnSMNotify != nil {

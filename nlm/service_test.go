@@ -399,11 +399,24 @@ func TestSMNotifyCallback(t *testing.T) {
 	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Denied {
 		t.Fatal("a remote SM_NOTIFY callback was obeyed")
 	}
+	// From loopback but an unprivileged port: any local user could send
+	// it. Refused, as Linux lockd does.
 	if err := c.Msg(ctx(t), ProcSMNotify, (&SMStatus{MonName: []byte("127.0.0.10"), State: 5}).Append(nil)); err != nil {
 		t.Fatal(err)
 	}
+	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Denied {
+		t.Fatal("an SM_NOTIFY callback from an unprivileged local port was obeyed")
+	}
+	local := &sunrpc.Request{Vers: Vers4, Remote: netip.MustParseAddrPort("127.0.0.1:40000"),
+		Args: (&SMStatus{MonName: []byte("127.0.0.10"), State: 5}).Append(nil)}
+	e.svc.handleSMNotify(context.Background(), local, nil)
+	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Denied {
+		t.Fatal("an SM_NOTIFY callback from an unprivileged local port was obeyed")
+	}
+	local.Remote = netip.MustParseAddrPort("127.0.0.1:700")
+	e.svc.handleSMNotify(context.Background(), local, nil)
 	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Granted {
-		t.Fatalf("SM_NOTIFY callback from loopback did not drop the locks: %v", r.Stat)
+		t.Fatalf("SM_NOTIFY callback from a privileged local port did not drop the locks: %v", r.Stat)
 	}
 }
 

@@ -71,7 +71,13 @@ type Config struct {
 	// LockdPortmap is where the lock managers that SM_MON registered are
 	// looked up for their callback (default 127.0.0.1:111).
 	LockdPortmap netip.AddrPort
-	Logger       *slog.Logger
+	// UnprivilegedLocal accepts SM_MON, SM_UNMON, SM_UNMON_ALL and
+	// SM_SIMU_CRASH from any local port; by default they must come from a
+	// privileged one, so that an unprivileged local user cannot make the
+	// status monitor forget or invent peers (rpc.statd checks only for
+	// loopback). For test rigs.
+	UnprivilegedLocal bool
+	Logger            *slog.Logger
 }
 
 // Service is the NSM service of one node.
@@ -856,6 +862,9 @@ func (s *Service) callBack(rec Record, state int32) {
 func (s *Service) callLockd(ctx context.Context, rec Record, state int32) error {
 	opts := sunrpc.ClientOptions{Retransmit: 500 * time.Millisecond, MaxRetransmit: 4 * time.Second}
 	pm, err := sunrpc.Dial(ctx, sunrpc.UDP, s.cfg.LockdPortmap, opts)
+	// The callback itself from a privileged port: Linux lockd takes it
+	// from nowhere else.
+	opts.Reserved = !s.cfg.UnprivilegedLocal
 	if err != nil {
 		return err
 	}
@@ -911,9 +920,17 @@ func (s *Service) Programs() []sunrpc.Program {
 	return []sunrpc.Program{{Name: "status", Prog: Prog, Vers: Vers, Procs: procs}}
 }
 
-// fromLoopback tells whether a caller may use the local-only procedures.
-func fromLoopback(req *sunrpc.Request) bool {
-	return req.Remote.Addr().Unmap().IsLoopback()
+// localCaller tells whether a caller may use the local-only procedures:
+// from loopback, and from a privileged port unless the service is told
+// otherwise. It says why not.
+func (s *Service) localCaller(req *sunrpc.Request) (bool, string) {
+	switch {
+	case !req.Remote.Addr().Unmap().IsLoopback():
+		return false, "not from this host"
+	case req.Remote.Port() >= 1024 && !s.cfg.UnprivilegedLocal:
+		return false, "not from a privileged port"
+	}
+	return true, ""
 }
 
 // validName accepts a host name that can be monitored: no '/', blanks or
@@ -1018,9 +1035,10 @@ func (s *Service) handleMon(ctx context.Context, req *sunrpc.Request, res []byte
 	if verr == nil {
 		out.State = v.currentState()
 	}
+	local, why := s.localCaller(req)
 	switch {
-	case !fromLoopback(req):
-		s.refuse(req, "SM_MON", "not from this host")
+	case !local:
+		s.refuse(req, "SM_MON", why)
 	case verr != nil:
 		s.refuse(req, "SM_MON", "no virtual server for it", "my_name", id.MyName, "local", req.Local, "err", verr)
 	case id.Prog != nlmProg || (id.Proc != nlmProcSMNotify && id.Proc != nlmProcSMNotifyV4):
@@ -1063,9 +1081,10 @@ func (s *Service) handleUnmon(ctx context.Context, req *sunrpc.Request, res []by
 		return nil, err
 	}
 	v, err := s.vipOf(ctx, req, a.MyID.MyName)
+	local, why := s.localCaller(req)
 	switch {
-	case !fromLoopback(req):
-		s.refuse(req, "SM_UNMON", "not from this host")
+	case !local:
+		s.refuse(req, "SM_UNMON", why)
 	case err != nil:
 		s.refuse(req, "SM_UNMON", "no virtual server for it", "my_name", a.MyID.MyName, "err", err)
 	default:
@@ -1080,9 +1099,10 @@ func (s *Service) handleUnmonAll(ctx context.Context, req *sunrpc.Request, res [
 		return nil, err
 	}
 	v, err := s.vipOf(ctx, req, a.MyName)
+	local, why := s.localCaller(req)
 	switch {
-	case !fromLoopback(req):
-		s.refuse(req, "SM_UNMON_ALL", "not from this host")
+	case !local:
+		s.refuse(req, "SM_UNMON_ALL", why)
 	case err != nil:
 		s.refuse(req, "SM_UNMON_ALL", "no virtual server for it", "my_name", a.MyName, "err", err)
 	default:
@@ -1099,8 +1119,8 @@ func (s *Service) handleSimuCrash(ctx context.Context, req *sunrpc.Request, res 
 	if len(req.Args) != 0 {
 		return nil, fmt.Errorf("%w: SM_SIMU_CRASH takes no arguments", sunrpc.ErrGarbageArgs)
 	}
-	if !fromLoopback(req) {
-		s.refuse(req, "SM_SIMU_CRASH", "not from this host")
+	if local, why := s.localCaller(req); !local {
+		s.refuse(req, "SM_SIMU_CRASH", why)
 		return res, nil
 	}
 	targets := s.cfg.VirtualServers.All()

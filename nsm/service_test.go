@@ -55,6 +55,9 @@ type nodeOpts struct {
 	resolver Resolver
 	unknown  bool
 	quiet    bool // no debug log (benchmarks)
+	// strict: the local-only procedures only from privileged ports, as
+	// nlmd runs by default (the tests' own calls come from any port).
+	strict bool
 }
 
 func startNode(t testing.TB, o nodeOpts) *node {
@@ -138,7 +141,8 @@ func startNode(t testing.TB, o nodeOpts) *node {
 			n.mu.Unlock()
 			return nil
 		},
-		Logger: logger(t, o.quiet),
+		UnprivilegedLocal: !o.strict,
+		Logger:            logger(t, o.quiet),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -554,7 +558,7 @@ func TestSMMonAndCallback(t *testing.T) {
 
 // What rpc.statd refuses, we refuse, with the current state in the reply.
 func TestRefusals(t *testing.T) {
-	n := startNode(t, nodeOpts{resolver: fakeResolver{}})
+	n := startNode(t, nodeOpts{resolver: fakeResolver{}, strict: true})
 	good := Mon{MonID: MonID{MonName: "127.0.2.1", MyID: MyID{MyName: "127.0.0.2", Prog: 100021, Vers: 4, Proc: 16}}}
 	req := func(remote string, m Mon) StatRes {
 		r := &sunrpc.Request{Prog: Prog, Vers: Vers, Proc: ProcMon, Local: netip.MustParseAddrPort("127.0.0.2:662"),
@@ -589,10 +593,14 @@ func TestRefusals(t *testing.T) {
 	bad["unresolvable"] = m
 	m = good
 	m.MonID.MyID.MyName = "no-such-vip"
+	bad["from an unprivileged port"] = good
 	for name, m := range bad {
 		remote := "127.0.0.1:700"
-		if name == "remote" {
+		switch name {
+		case "remote":
 			remote = "192.0.2.1:700"
+		case "from an unprivileged port":
+			remote = "127.0.0.1:40000" // any local user (rpc.statd takes it)
 		}
 		if r := req(remote, m); r.Res != StatFail || r.State != 1 {
 			t.Errorf("%s: %+v, want STAT_FAIL with state 1", name, r)
@@ -602,18 +610,46 @@ func TestRefusals(t *testing.T) {
 	if r := req("127.0.0.1:700", m); r.Res != StatSucc {
 		t.Fatalf("unknown my_name: %+v", r)
 	}
-	// Remote SM_UNMON_ALL and SM_SIMU_CRASH do nothing.
+	// Remote or unprivileged SM_UNMON, SM_UNMON_ALL and SM_SIMU_CRASH do
+	// nothing.
 	before := len(n.svc.Records(vip2))
-	r := &sunrpc.Request{Remote: netip.MustParseAddrPort("192.0.2.1:700"), Local: netip.MustParseAddrPort("127.0.0.2:662"), Args: good.MonID.MyID.Append(nil)}
-	if _, err := n.svc.handleUnmonAll(context.Background(), r, nil); err != nil || len(n.svc.Records(vip2)) != before {
-		t.Fatal("a remote SM_UNMON_ALL removed records")
+	for _, remote := range []string{"192.0.2.1:700", "127.0.0.1:40000"} {
+		r := &sunrpc.Request{Remote: netip.MustParseAddrPort(remote), Local: netip.MustParseAddrPort("127.0.0.2:662"), Args: good.MonID.MyID.Append(nil)}
+		if _, err := n.svc.handleUnmonAll(context.Background(), r, nil); err != nil || len(n.svc.Records(vip2)) != before {
+			t.Fatalf("SM_UNMON_ALL from %s removed records", remote)
+		}
+		r.Args = good.MonID.Append(nil)
+		if _, err := n.svc.handleUnmon(context.Background(), r, nil); err != nil || len(n.svc.Records(vip2)) != before {
+			t.Fatalf("SM_UNMON from %s removed records", remote)
+		}
+		r.Args = nil
+		if _, err := n.svc.handleSimuCrash(context.Background(), r, nil); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := n.svc.State(vip2); st != 1 {
+			t.Fatalf("SM_SIMU_CRASH from %s restarted the virtual server", remote)
+		}
 	}
-	r.Args = nil
-	if _, err := n.svc.handleSimuCrash(context.Background(), r, nil); err != nil {
-		t.Fatal(err)
-	}
-	if st, _ := n.svc.State(vip2); st != 1 {
-		t.Fatal("a remote SM_SIMU_CRASH restarted the virtual server")
+	r := &sunrpc.Request{Remote: netip.MustParseAddrPort("192.0.2.1:700"), Local: netip.MustParseAddrPort("127.0.0.2:662")}
+	// Over real sockets: from a privileged port (bound as bindresvport
+	// does) SM_MON is served; from any other it is refused.
+	if os.Geteuid() == 0 {
+		for _, reserved := range []bool{true, false} {
+			c, err := sunrpc.Dial(context.Background(), sunrpc.UDP, netip.AddrPortFrom(vip2, n.port),
+				sunrpc.ClientOptions{Local: mustAddr("127.0.0.1"), Retransmit: 200 * time.Millisecond, Reserved: reserved})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			res, err := c.Call(ctx, Prog, Vers, ProcMon, good.Append(nil))
+			cancel()
+			c.Close()
+			var out StatRes
+			out.Decode(xdr.NewDecoder(res))
+			if err != nil || (out.Res == StatSucc) != reserved {
+				t.Fatalf("SM_MON over UDP from %v (reserved %v): %+v %v", c.LocalAddr(), reserved, out, err)
+			}
+		}
 	}
 	// Garbage is GARBAGE_ARGS, not a panic.
 	r.Args = []byte{0, 0, 0, 9, 'x'}

@@ -38,6 +38,10 @@ type ClientOptions struct {
 	CallTimeout time.Duration
 	// MaxReplySize bounds a reply (a TCP record or a datagram).
 	MaxReplySize int
+	// Reserved binds the client's socket to a privileged port (below
+	// 1024, as bindresvport does; needs root or CAP_NET_BIND_SERVICE):
+	// Linux lockd takes statd's reboot callback only from one.
+	Reserved bool
 }
 
 // Client makes RPC calls to one server. It is safe for concurrent use:
@@ -127,17 +131,55 @@ func (c *Client) LocalAddr() netip.AddrPort {
 }
 
 func (c *Client) dialUDP() error {
-	var laddr *net.UDPAddr
-	if c.opts.Local.IsValid() {
-		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(c.opts.Local, 0))
-	}
-	uc, err := net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(c.remote))
+	var uc *net.UDPConn
+	err := c.withPort(func(port uint16) (err error) {
+		var laddr *net.UDPAddr
+		if c.opts.Local.IsValid() || port != 0 {
+			laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(c.local(), port))
+		}
+		uc, err = net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(c.remote))
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("sunrpc: dial udp %v: %w", c.remote, err)
 	}
 	c.conn = uc
 	go c.readDatagrams(uc)
 	return nil
+}
+
+// local is the source address to bind: the chosen one, or the wildcard of
+// the remote's family when only a port is asked for.
+func (c *Client) local() netip.Addr {
+	switch {
+	case c.opts.Local.IsValid():
+		return c.opts.Local
+	case c.remote.Addr().Is4():
+		return netip.IPv4Unspecified()
+	}
+	return netip.IPv6Unspecified()
+}
+
+// Reserved ports are tried from a random start in [reservedLow, 1024), as
+// bindresvport does; below 600 lie well-known services.
+const reservedLow = 600
+
+// withPort runs bind with port 0, or — Reserved — with privileged ports
+// until one is free.
+func (c *Client) withPort(bind func(port uint16) error) error {
+	if !c.opts.Reserved {
+		return bind(0)
+	}
+	n := 1024 - reservedLow
+	start := rand.IntN(n)
+	var err error
+	for i := range n {
+		err = bind(uint16(reservedLow + (start+i)%n))
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			return err
+		}
+	}
+	return err
 }
 
 // getConn returns the stream connection, dialling if there is none.
@@ -159,10 +201,13 @@ func (c *Client) getConn(ctx context.Context) (net.Conn, error) {
 	if c.unix != "" {
 		conn, err = d.DialContext(ctx, "unix", c.unix)
 	} else {
-		if c.opts.Local.IsValid() {
-			d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(c.opts.Local, 0))
-		}
-		conn, err = d.DialContext(ctx, "tcp", c.remote.String())
+		err = c.withPort(func(port uint16) error {
+			if c.opts.Local.IsValid() || port != 0 {
+				d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(c.local(), port))
+			}
+			conn, err = d.DialContext(ctx, "tcp", c.remote.String())
+			return err
+		})
 	}
 	if err != nil {
 		return nil, fmt.Errorf("sunrpc: dial %v: %w", c.target(), err)

@@ -37,6 +37,7 @@ type fileConfig struct {
 	GraceQuiet    *duration `yaml:"grace_quiet"`
 	NoSnapshot    *bool     `yaml:"no_snapshot"`
 	NoNotify      *bool     `yaml:"no_notify"`
+	UnprivLocal   *bool     `yaml:"unprivileged_local"`
 	NotifyTimeout *duration `yaml:"notify_timeout"`
 	NotifyWindow  *int      `yaml:"notify_window"`
 	HACallout     *string   `yaml:"ha_callout"`
@@ -105,6 +106,7 @@ func loadConfig(path string, o *options) error {
 	setd(&o.graceQuiet, c.GraceQuiet)
 	setp(&o.noSnapshot, c.NoSnapshot)
 	setp(&o.noNotify, c.NoNotify)
+	setp(&o.unprivLocal, c.UnprivLocal)
 	setd(&o.notifyGiveUp, c.NotifyTimeout)
 	setp(&o.notifyWindow, c.NotifyWindow)
 	setp(&o.haCallout, c.HACallout)

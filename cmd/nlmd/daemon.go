@@ -87,27 +87,29 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { d.mgr.GraceEnded(vs, st) },
 	})
 	d.nsm, err = nsm.New(nsm.Config{
-		VirtualServers: d.registry,
-		StateDir:       o.stateDir,
-		RPC:            d.nsmRPC,
-		Port:           o.nsmPort,
-		Notify:         nsm.NotifyConfig{Disabled: o.noNotify, GiveUp: o.notifyGiveUp, Window: o.notifyWindow},
-		HACallout:      o.haCallout,
-		CalloutTimeout: o.calloutWait,
-		OnReboot:       d.dropClients,
-		Logger:         log,
+		VirtualServers:    d.registry,
+		StateDir:          o.stateDir,
+		RPC:               d.nsmRPC,
+		Port:              o.nsmPort,
+		Notify:            nsm.NotifyConfig{Disabled: o.noNotify, GiveUp: o.notifyGiveUp, Window: o.notifyWindow},
+		HACallout:         o.haCallout,
+		CalloutTimeout:    o.calloutWait,
+		OnReboot:          d.dropClients,
+		UnprivilegedLocal: o.unprivLocal,
+		Logger:            log,
 	})
 	if err != nil {
 		return nil, err
 	}
 	cfg := nlm.Config{
-		Backend:        d.backend,
-		VirtualServers: d.registry,
-		Limits:         lockmgr.Limits{LocksPerHost: o.locksPerHost, BlockedPerHost: o.blockedPerHst, SharesPerHost: o.sharesPerHost},
-		RPC:            d.rpc,
-		Port:           o.nlmPort,
-		Monitor:        d.nsm,
-		Logger:         log,
+		Backend:           d.backend,
+		VirtualServers:    d.registry,
+		Limits:            lockmgr.Limits{LocksPerHost: o.locksPerHost, BlockedPerHost: o.blockedPerHst, SharesPerHost: o.sharesPerHost},
+		RPC:               d.rpc,
+		Port:              o.nlmPort,
+		Monitor:           d.nsm,
+		UnprivilegedLocal: o.unprivLocal,
+		Logger:            log,
 	}
 	if o.nfsServer != "" {
 		ap, err := parseHostPort(o.nfsServer)

@@ -44,6 +44,7 @@ type options struct {
 	graceQuiet    time.Duration
 	noSnapshot    bool
 	noNotify      bool
+	unprivLocal   bool
 	notifyGiveUp  time.Duration
 	notifyWindow  int
 	haCallout     string
@@ -118,6 +119,8 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 		"grace period after an unplanned start or takeover (only reclaims are served); it ends early once every client that held locks has reclaimed")
 	fs.DurationVar(&o.graceQuiet, "grace-quiet", o.graceQuiet, "how long a notified client may stay silent before it counts as done reclaiming")
 	fs.BoolVar(&o.noSnapshot, "no-snapshot", o.noSnapshot, "release virtual servers without handing their locks over in a snapshot: every takeover then goes through grace and reclaim")
+	fs.BoolVar(&o.unprivLocal, "unprivileged-local", o.unprivLocal,
+		"accept SM_MON, SM_UNMON, SM_UNMON_ALL, SM_SIMU_CRASH and the lock manager's SM_NOTIFY callback from unprivileged local ports too (test rigs only: any local user could then make clients' locks go)")
 	fs.BoolVar(&o.noNotify, "no-notify", o.noNotify, "do not send SM_NOTIFY to clients when a virtual server restarts (for setups that notify otherwise, e.g. sm-notify on an exported list)")
 	fs.DurationVar(&o.notifyGiveUp, "notify-timeout", o.notifyGiveUp, "how long to keep notifying a client that does not answer (negative: forever)")
 	fs.IntVar(&o.notifyWindow, "notify-window", o.notifyWindow, "clients notified at once (those awaiting a first answer; ones that do not answer within 2 s stop counting)")
