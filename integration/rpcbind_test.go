@@ -120,7 +120,7 @@ func TestRpcbindInterop(t *testing.T) {
 		pm.RegisterSelf(sunrpc.PmapPort, false)
 		waitPortmapper(t, netip.AddrPortFrom(loopback, sunrpc.PmapPort))
 
-		r := &sunrpc.Registrar{Socket: "-"}
+		r := &sunrpc.Registrar{Socket: "-", Options: sunrpc.ClientOptions{Reserved: true}} // changes only from privileged ports
 		if err := r.Register(ctx, ourRegs(port)...); err != nil {
 			t.Fatal(err)
 		}

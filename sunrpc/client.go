@@ -39,8 +39,9 @@ type ClientOptions struct {
 	// MaxReplySize bounds a reply (a TCP record or a datagram).
 	MaxReplySize int
 	// Reserved binds the client's socket to a privileged port (below
-	// 1024, as bindresvport does; needs root or CAP_NET_BIND_SERVICE):
-	// Linux lockd takes statd's reboot callback only from one.
+	// 1024, as bindresvport does), if the process may: Linux lockd takes
+	// statd's reboot callback only from one, and rpcbind changes only from
+	// one.
 	Reserved bool
 }
 
@@ -165,7 +166,8 @@ func (c *Client) local() netip.Addr {
 const reservedLow = 600
 
 // withPort runs bind with port 0, or — Reserved — with privileged ports
-// until one is free.
+// until one is free. Without the privilege to bind one it takes any port:
+// the call is then made as an unprivileged one.
 func (c *Client) withPort(bind func(port uint16) error) error {
 	if !c.opts.Reserved {
 		return bind(0)
@@ -175,7 +177,10 @@ func (c *Client) withPort(bind func(port uint16) error) error {
 	var err error
 	for i := range n {
 		err = bind(uint16(reservedLow + (start+i)%n))
-		if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+		switch {
+		case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):
+			return bind(0)
+		case err == nil || !errors.Is(err, syscall.EADDRINUSE):
 			return err
 		}
 	}

@@ -12,12 +12,20 @@ import (
 
 // Portmapper is an embedded portmapper for hosts and tests without rpcbind:
 // portmap version 2 and rpcbind versions 3 and 4 (NULL, SET, UNSET,
-// GETPORT/GETADDR, DUMP, GETTIME, GETVERSADDR). Like rpcbind, it accepts SET
-// and UNSET only from local callers. Register its Programs with a Server
-// that listens on port 111.
+// GETPORT/GETADDR, DUMP, GETTIME, GETVERSADDR). Register its Programs with
+// a Server that listens on port 111.
+//
+// Like rpcbind, it takes SET and UNSET only from local callers, and only
+// from privileged ports (only root can bind one, so an unprivileged local
+// user cannot send NLM clients to a port of its own); registrations have
+// owners, and only their owner or root removes one.
 type Portmapper struct {
 	// Now is the clock GETTIME reads (default time.Now).
 	Now func() time.Time
+	// Insecure also takes changes from unprivileged local ports, owned by
+	// "unknown" (rpcbind -i; test rigs): such a caller can remove only
+	// what such callers registered.
+	Insecure bool
 
 	mu      sync.Mutex
 	entries []RPCB
@@ -66,7 +74,7 @@ func (p *Portmapper) RegisterSelf(port uint16, v6 bool) {
 			}
 			for _, fam := range fams {
 				reg := Registration{Prog: PmapProg, Vers: vers, Transport: t, V6: fam, Port: port}
-				p.Set(RPCB{Prog: PmapProg, Vers: vers, NetID: reg.NetID(), Addr: reg.uaddr(), Owner: "superuser"})
+				p.Set(RPCB{Prog: PmapProg, Vers: vers, NetID: reg.NetID(), Addr: reg.uaddr(), Owner: ownerRoot})
 			}
 		}
 	}
@@ -84,11 +92,47 @@ func (p *Portmapper) lookup(prog, vers uint32, netid string) (string, bool) {
 	return "", false
 }
 
-// isLocal reports whether a caller may change the table: loopback, or a
-// Unix socket (no IP address at all).
-func isLocal(req *Request) bool {
+// Owners of registrations.
+const (
+	ownerRoot    = "superuser"
+	ownerUnknown = "unknown"
+)
+
+// changer tells who may change the table with this request, and whether
+// anyone: a local caller from a privileged port is root; from another
+// local port only with Insecure, as "unknown"; nobody else.
+func (p *Portmapper) changer(req *Request) (string, bool) {
 	a := req.Remote.Addr()
-	return !a.IsValid() || a.IsLoopback()
+	switch {
+	case !a.IsValid() || !a.Unmap().IsLoopback():
+		return "", false
+	case req.Remote.Port() < 1024:
+		return ownerRoot, true
+	case p.Insecure:
+		return ownerUnknown, true
+	}
+	return "", false
+}
+
+// unsetBy removes what Unset would, if owner may: root removes anything;
+// another owner only when every matching entry is its own (rpcbind
+// refuses the whole UNSET otherwise).
+func (p *Portmapper) unsetBy(owner string, prog, vers uint32, netid string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, x := range p.entries {
+		if x.Prog == prog && x.Vers == vers && (netid == "" || x.NetID == netid) {
+			if owner != ownerRoot && x.Owner != owner {
+				return false
+			}
+			n++
+		}
+	}
+	p.entries = slices.DeleteFunc(p.entries, func(x RPCB) bool {
+		return x.Prog == prog && x.Vers == vers && (netid == "" || x.NetID == netid)
+	})
+	return n > 0
 }
 
 // Programs returns the portmapper's program versions, ready for
@@ -144,11 +188,12 @@ func (p *Portmapper) setV2(_ context.Context, req *Request, res []byte) ([]byte,
 		return nil, err
 	}
 	netid, ok := v2NetID(m.Prot)
-	if !ok || m.Port > 0xffff || !isLocal(req) {
+	owner, may := p.changer(req)
+	if !ok || m.Port > 0xffff || !may {
 		return xdr.AppendBool(res, false), nil
 	}
 	reg := Registration{Prog: m.Prog, Vers: m.Vers, Transport: TCP, Port: uint16(m.Port)}
-	return xdr.AppendBool(res, p.Set(RPCB{Prog: m.Prog, Vers: m.Vers, NetID: netid, Addr: reg.uaddr(), Owner: "unknown"})), nil
+	return xdr.AppendBool(res, p.Set(RPCB{Prog: m.Prog, Vers: m.Vers, NetID: netid, Addr: reg.uaddr(), Owner: owner})), nil
 }
 
 func (p *Portmapper) unsetV2(_ context.Context, req *Request, res []byte) ([]byte, error) {
@@ -156,12 +201,13 @@ func (p *Portmapper) unsetV2(_ context.Context, req *Request, res []byte) ([]byt
 	if err != nil {
 		return nil, err
 	}
-	if !isLocal(req) {
+	owner, may := p.changer(req)
+	if !may {
 		return xdr.AppendBool(res, false), nil
 	}
 	// Like rpcbind: version 2 UNSET ignores the protocol and removes both.
-	a := p.Unset(m.Prog, m.Vers, "tcp")
-	b := p.Unset(m.Prog, m.Vers, "udp")
+	a := p.unsetBy(owner, m.Prog, m.Vers, "tcp")
+	b := p.unsetBy(owner, m.Prog, m.Vers, "udp")
 	return xdr.AppendBool(res, a || b), nil
 }
 
@@ -207,9 +253,11 @@ func (p *Portmapper) set(_ context.Context, req *Request, res []byte) ([]byte, e
 	if err != nil {
 		return nil, err
 	}
-	if _, err := ParseUaddr(e.Addr); err != nil || !isLocal(req) {
+	owner, may := p.changer(req)
+	if _, err := ParseUaddr(e.Addr); err != nil || !may {
 		return xdr.AppendBool(res, false), nil
 	}
+	e.Owner = owner // what the caller is, not what it says (rpcbind does the same)
 	return xdr.AppendBool(res, p.Set(e)), nil
 }
 
@@ -218,10 +266,11 @@ func (p *Portmapper) unset(_ context.Context, req *Request, res []byte) ([]byte,
 	if err != nil {
 		return nil, err
 	}
-	if !isLocal(req) {
+	owner, may := p.changer(req)
+	if !may {
 		return xdr.AppendBool(res, false), nil
 	}
-	return xdr.AppendBool(res, p.Unset(e.Prog, e.Vers, e.NetID)), nil
+	return xdr.AppendBool(res, p.unsetBy(owner, e.Prog, e.Vers, e.NetID)), nil
 }
 
 // getAddr answers GETADDR and GETVERSADDR as rpcbind does: for the network

@@ -59,7 +59,8 @@ func TestNetID(t *testing.T) {
 // 127.0.0.1 and returns it with its address.
 func startPortmapper(t *testing.T, versions ...uint32) (*Portmapper, netip.AddrPort) {
 	t.Helper()
-	pm := &Portmapper{Now: func() time.Time { return time.Unix(1700000000, 0) }}
+	// Insecure: the tests' clients call from unprivileged ports.
+	pm := &Portmapper{Now: func() time.Time { return time.Unix(1700000000, 0) }, Insecure: true}
 	s := &Server{}
 	for _, p := range pm.Programs() {
 		if len(versions) == 0 || slices.Contains(versions, p.Vers) {
@@ -135,6 +136,7 @@ func TestPortmapperV3V4(t *testing.T) {
 			t.Fatalf("GETADDR over TCP (nothing registered for tcp) = %q", ua)
 		}
 		table, err := rb.Dump(ctx, vers)
+		e.Owner = ownerUnknown // who it was, not what it said
 		if err != nil || !slices.Contains(table, e) {
 			t.Fatalf("v%d DUMP = %v, %v", vers, table, err)
 		}
@@ -172,6 +174,44 @@ func TestPortmapperRefusesRemoteChanges(t *testing.T) {
 	}
 	if _, err := pm.set(context.Background(), &Request{Args: []byte{1}}, nil); !errors.Is(err, ErrGarbageArgs) {
 		t.Fatalf("garbage SET args: %v", err)
+	}
+}
+
+// Changes come only from privileged local ports; an unprivileged local
+// user (uid 65534 in the issue) can neither remove nlmd's registration nor
+// put its own port in place. With Insecure, such a caller may change only
+// what such callers registered.
+func TestPortmapperPrivilegedChanges(t *testing.T) {
+	for _, insecure := range []bool{false, true} {
+		pm := &Portmapper{Insecure: insecure}
+		pm.Set(RPCB{Prog: 100021, Vers: 4, NetID: "tcp", Addr: "0.0.0.0.15.205", Owner: "nlmd"})
+		call := func(port uint16, h func(context.Context, *Request, []byte) ([]byte, error), args []byte) bool {
+			res, err := h(context.Background(), &Request{Remote: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port), Args: args}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return res[3] == 1
+		}
+		nlm := appendMapping(nil, Mapping{Prog: 100021, Vers: 4, Prot: IPProtoTCP, Port: 5555})
+		if call(40000, pm.unsetV2, nlm) || call(40000, pm.unset, appendRPCB(nil, RPCB{Prog: 100021, Vers: 4, NetID: "tcp"})) {
+			t.Fatalf("insecure %v: an unprivileged UNSET removed nlmd's registration", insecure)
+		}
+		if call(40000, pm.setV2, appendMapping(nil, Mapping{Prog: 300007, Vers: 1, Prot: IPProtoTCP, Port: 5555})) != insecure {
+			t.Fatalf("insecure %v: unprivileged SET of a new program", insecure)
+		}
+		if insecure && !call(40001, pm.unsetV2, appendMapping(nil, Mapping{Prog: 300007, Vers: 1})) {
+			t.Fatal("an unprivileged caller could not remove what an unprivileged caller registered")
+		}
+		if ua, _ := pm.lookup(100021, 4, "tcp"); ua != "0.0.0.0.15.205" {
+			t.Fatalf("insecure %v: nlmd's registration is now %q", insecure, ua)
+		}
+		// Root (a privileged port) removes and replaces anything.
+		if !call(700, pm.unsetV2, nlm) || !call(700, pm.setV2, nlm) {
+			t.Fatalf("insecure %v: root's UNSET and SET", insecure)
+		}
+		if e := pm.Entries(); len(e) != 1 || e[0].Owner != ownerRoot {
+			t.Fatalf("insecure %v: table %+v", insecure, e)
+		}
 	}
 }
 

@@ -329,7 +329,7 @@ func (d *daemon) register(ctx context.Context, families []bool) error {
 	defer cancel()
 	switch mode {
 	case "system":
-		d.registrar = &sunrpc.Registrar{Owner: "nlmd"}
+		d.registrar = &sunrpc.Registrar{Owner: "nlmd", Options: sunrpc.ClientOptions{Reserved: true}}
 		if err := d.registrar.Register(ctx, d.regs...); err != nil {
 			d.registrar = nil
 			if errors.Is(err, sunrpc.ErrRegisteredElsewhere) {
