@@ -439,11 +439,27 @@ func ListenControl(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("hacallout: another nlmd answers on %s", path)
 	}
 	os.Remove(path)
-	l, err := net.Listen("unix", path)
+	// The socket is made in a directory of our own (mode 0700), given its
+	// mode there and only then renamed into place: created at path, it
+	// would be world-writable for an instant under a lax umask.
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".nlmd-control-")
 	if err != nil {
 		return nil, err
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "sock")
+	l, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	// Closing must not unlink tmp's name, which is gone (nlmd removes the
+	// socket at path when it stops).
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
 		l.Close()
 		return nil, err
 	}

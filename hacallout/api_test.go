@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -136,4 +137,36 @@ func TestControlAPI(t *testing.T) {
 func isStatus(err error, code int) bool {
 	var e *APIError
 	return errors.As(err, &e) && e.Status == code
+}
+
+// The control socket is never open to others, not even for an instant
+// under umask 000 (issue 10, item 11): its name appears with mode 0600
+// already.
+func TestControlSocketNeverWorldWritable(t *testing.T) {
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	sock := filepath.Join(t.TempDir(), "nlmd.sock")
+	for i := range 300 {
+		os.Remove(sock)
+		seen := make(chan os.FileMode, 1)
+		go func() {
+			for {
+				if st, err := os.Lstat(sock); err == nil {
+					seen <- st.Mode().Perm()
+					return
+				}
+			}
+		}()
+		l, err := ListenControl(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mode := <-seen; mode&0o077 != 0 {
+			t.Fatalf("round %d: the control socket showed up with mode %v", i, mode)
+		}
+		l.Close()
+	}
+	if ents, _ := os.ReadDir(filepath.Dir(sock)); len(ents) != 1 {
+		t.Fatalf("left behind: %v", ents)
+	}
 }
