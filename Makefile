@@ -19,7 +19,7 @@ TEST_DEBS   = rpcbind nfs-common iproute2 util-linux resource-agents libxml2-uti
 SHARED     ?= $(abspath ../shared)
 NLMPEER     = $(SHARED)/tools/nlmpeer
 
-.PHONY: all build run test deps lint unit bench fuzz soak clean install
+.PHONY: all build run test deps lint unit bench bench-baseline fuzz soak clean install
 
 all: build
 
@@ -53,9 +53,14 @@ unit:
 	$(GO) test -race -short ./...
 
 # Go benchmarks, then nlmbench and the peer load generator against nlmd and
-# the NFS-Ganesha baseline side by side (needs root; results in cache/bench).
+# the NFS-Ganesha baseline side by side (needs root; results in cache/bench),
+# each figure next to bench/baseline.tsv. bench-baseline records the last
+# run's figures there (BENCH_RECORD=1 make bench: run and record).
 bench:
 	NLMHA_SHARED_TOOLS=$(SHARED)/tools COUNT=$(COUNT) REPEAT=$(REPEAT) DURATION=$(DURATION) scripts/bench.sh
+
+bench-baseline:
+	scripts/bench.sh --record
 
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)

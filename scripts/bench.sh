@@ -1,27 +1,41 @@
 #!/usr/bin/env bash
 # make bench: the Go benchmarks, then load runs against nlmd and against the
 # NFS-Ganesha baseline, side by side on this machine, each server in a
-# private network and mount namespace of its own.
+# private network and mount namespace of its own; then every figure next
+# to the one recorded in bench/baseline.tsv.
 #
 #   scripts/bench.sh            everything (needs root for the namespaces)
 #   COUNT=5 DURATION=10 REPEAT=3 scripts/bench.sh   (summary: medians)
-#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1 / SKIP_FAILOVER=1   leave out a part
+#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1 / SKIP_FAILOVER=1 / SKIP_RECLAIM=1
+#                               leave out a part
+#   NOTIFY_CLIENTS=1000,10000,100000   client counts of the SM_NOTIFY fan-out
 #   SM_NOTIFY_MAX=10000         also time sm-notify with 10 000 clients (minutes)
+#   RECLAIM_CLIENTS="1000 10000 100000"   client counts of the reclaim runs
+#   BENCH_RECORD=1              record this run's figures as the baseline
+#   BENCH_TOLERANCE=1.5         how far a figure may move the bad way before
+#                               it is flagged; BENCH_STRICT=1 fails on one
+#   scripts/bench.sh --compare  the last run's figures against the baseline
+#   scripts/bench.sh --record   record the last run's figures (make bench-baseline)
 #
 # Results go to cache/bench/: go.txt (benchmarks), nlmbench.txt, load.txt
 # (nlmload RESULT lines plus each server's CPU), notify.txt (fan-out),
-# failover.txt (moves), summary.txt.
+# failover.txt (moves), reclaim.txt (reclaims by client count),
+# summary.txt, figures.tsv (name, unit, value, better: what is compared
+# and recorded) and compare.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${BENCH_OUT:-$ROOT/cache/bench}
+BASELINE=${BENCH_BASELINE:-$ROOT/bench/baseline.tsv}
+FIG=$OUT/figures.tsv
 TOOLS=${NLMHA_SHARED_TOOLS:-$(cd .. && pwd)/shared/tools}
 NLMPEER=$TOOLS/nlmpeer
 DURATION=${DURATION:-10}
 COUNT=${COUNT:-5}
 REPEAT=${REPEAT:-1}
 HZ=$(getconf CLK_TCK)
-# get(line, key): a key=value field of a RESULT line; median(",a,b,c").
+# get(line, key): a key=value field of a RESULT line; median(",a,b,c");
+# fig(name, unit, value, better): one figure into figures.tsv.
 AWKLIB='
 function get(line, key,   n, f, i, kv) {
 	n = split(line, f, " ")
@@ -32,6 +46,9 @@ function median(s,   n, a, i, j, t) {
 	n = split(substr(s, 2), a, ",")
 	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
 	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+function fig(name, unit, value, better) {
+	if (value != "") printf "%s\t%s\t%s\t%s\n", name, unit, value, better >> FIG
 }
 '
 
@@ -131,14 +148,97 @@ inner_ganesha() {
 inner_notify() {
 	private_net
 	mount -t tmpfs tmpfs /tmp
-	bin/nlmbench notify --clients 1000,10000 --repeat "$REPEAT" --sm-notify-max "${SM_NOTIFY_MAX:-1000}"
+	bin/nlmbench notify --clients "${NOTIFY_CLIENTS:-1000,10000,100000}" --repeat "$REPEAT" --sm-notify-max "${SM_NOTIFY_MAX:-1000}"
 }
 
 # Moves of a virtual server between two nlmd (1 000 clients holding a lock
-# each): the time a new lock through the address cannot be granted.
+# each): the time a new lock through the address cannot be granted. The
+# state directory is on tmpfs, as for the fan-out.
 inner_failover() {
 	private_net
+	mount -t tmpfs tmpfs /tmp
 	bin/nlmbench failover --clients 1000 --rounds "$((REPEAT * 3))"
+}
+
+# Unplanned moves only, with more and more clients: what each reclaim
+# costs. --grace-quiet 1s: the probe is a notified client that reclaims
+# nothing, so each grace period lasts at least that long.
+inner_reclaim() {
+	private_net
+	mount -t tmpfs tmpfs /tmp
+	local n
+	for n in ${RECLAIM_CLIENTS:-1000 10000 100000}; do
+		bin/nlmbench failover --clients "$n" --moves unplanned --rounds "$REPEAT" --grace-quiet 1s
+	done
+}
+
+# The baseline's figures, for awk: base[name] = value, when[name] = "date
+# commit", border[1..nb] = names in the file's order.
+BASELIB='
+function readbase(file,   line, f) {
+	while ((getline line < file) > 0) {
+		if (line ~ /^#/) continue
+		split(line, f, "\t")
+		if (f[1] == "name") continue
+		base[f[1]] = f[3]; when[f[1]] = f[5] " " f[6]; row[f[1]] = line; border[++nb] = f[1]
+	}
+}
+'
+
+# compare: every figure of the run next to its baseline, flagging those
+# that moved the bad way by more than the tolerance.
+compare() {
+	[ -s "$FIG" ] || { echo "no figures in $FIG: run make bench first" >&2; return 1; }
+	[ -f "$BASELINE" ] || echo "no baseline at $BASELINE yet: make bench-baseline records one"
+	awk -F '\t' -v tol="${BENCH_TOLERANCE:-1.5}" -v file="$BASELINE" -v out="$OUT/regressions" "$BASELIB"'
+	function num(v) { return v >= 1000 || v <= -1000 ? sprintf("%.0f", v) : v >= 10 || v <= -10 ? sprintf("%.1f", v) : sprintf("%.3g", v) }
+	BEGIN {
+		readbase(file)
+		printf "%-56s %-4s %11s %11s %8s\n", "figure", "unit", "baseline", "now", "now/base"
+	}
+	!($1 in base) { printf "%-56s %-4s %11s %11s %8s  (new)\n", $1, $2, "-", num($3), ""; next }
+	{
+		r = base[$1] == 0 ? 1 : $3 / base[$1]
+		flag = ""
+		if (($4 == "lower" && r > tol) || ($4 == "higher" && r < 1 / tol)) {
+			flag = "  REGRESSION (" $4 " is better; baseline of " when[$1] ")"; nbad++
+		} else if (($4 == "lower" && r < 1 / tol) || ($4 == "higher" && r > tol)) flag = "  better"
+		printf "%-56s %-4s %11s %11s %7.2fx%s\n", $1, $2, num(base[$1]), num($3), r, flag
+	}
+	END {
+		printf "%d figure(s) moved the bad way by more than %sx\n", nbad, tol
+		print nbad + 0 > out
+	}' "$FIG" | tee "$OUT/compare.txt"
+	if [ -n "${BENCH_STRICT:-}" ] && [ "$(cat "$OUT/regressions")" -gt 0 ]; then
+		return 1
+	fi
+}
+
+# record: the run's figures become the baseline of their names, stamped
+# with the date and commit; figures this run did not measure keep theirs.
+record() {
+	[ -s "$FIG" ] || { echo "no figures in $FIG: run make bench first" >&2; return 1; }
+	local commit tmp
+	commit=$(git -C "$ROOT" rev-parse --short HEAD)
+	[ -z "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ] || commit="$commit+dirty"
+	mkdir -p "$(dirname "$BASELINE")"
+	tmp=$(mktemp "$BASELINE.XXXXXX")
+	awk -F '\t' -v OFS='\t' -v file="$BASELINE" -v date="$(date -u +%Y-%m-%d)" -v commit="$commit" \
+		-v setup="$(cat "$OUT/setup.txt" 2>/dev/null)" "$BASELIB"'
+	BEGIN { readbase(file) }
+	{ now[$1] = $1 OFS $2 OFS $3 OFS $4 OFS date OFS commit; order[++n] = $1 }
+	END {
+		print "# The figures of make bench that each run is compared with (scripts/bench.sh)."
+		print "# better: the good direction. recorded, commit: when each was measured; the last"
+		print "# recording ran with " setup "."
+		print "# Record anew: make bench-baseline (the last run) or BENCH_RECORD=1 make bench."
+		print "name", "unit", "value", "better", "recorded", "commit"
+		# in the order of the file, this run replacing what it measured; then the new names
+		for (i = 1; i <= nb; i++) print ((border[i] in now) ? now[border[i]] : row[border[i]])
+		for (i = 1; i <= n; i++) if (!(order[i] in base)) print now[order[i]]
+	}' "$FIG" >"$tmp"
+	mv "$tmp" "$BASELINE"
+	echo "recorded $(wc -l <"$FIG") figures in $BASELINE at $commit"
 }
 
 case ${1:-} in
@@ -146,68 +246,136 @@ case ${1:-} in
 --inner-ganesha) inner_ganesha; exit ;;
 --inner-notify) inner_notify; exit ;;
 --inner-failover) inner_failover; exit ;;
+--inner-reclaim) inner_reclaim; exit ;;
+--compare) compare; exit ;;
+--record) record; exit ;;
 esac
 
 mkdir -p "$OUT"
+: >"$FIG"
+echo "$(nproc) CPUs; REPEAT=$REPEAT COUNT=$COUNT DURATION=$DURATION" >"$OUT/setup.txt"
+: >"$OUT/summary.txt"
 if [ -z "${SKIP_GO:-}" ]; then
 	echo "== Go benchmarks (-count $COUNT)"
 	go test -run '^$' -bench . -benchmem -count "$COUNT" -timeout 60m ./... | tee "$OUT/go.txt"
+	# ns/op of every benchmark (median of the counts), by package.
+	awk -v FIG="$FIG" "$AWKLIB"'
+	/^pkg: / { pkg = $2; sub(/^github.com\/nlmha\/nlmha\//, "", pkg) }
+	/^Benchmark/ {
+		name = $1; sub(/^Benchmark/, "", name); sub(/-[0-9]+$/, "", name)
+		for (i = 3; i < NF; i++) if ($(i + 1) == "ns/op") {
+			k = "go." pkg "." name ".ns_op"
+			if (!(k in v)) order[++n] = k
+			v[k] = v[k] "," $i
+		}
+	}
+	END { for (i = 1; i <= n; i++) fig(order[i], "ns", median(v[order[i]]), "lower") }' "$OUT/go.txt"
 fi
 sudo=()
-[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT,SM_NOTIFY_MAX env "PATH=$PATH")
+[ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT,SM_NOTIFY_MAX,NOTIFY_CLIENTS,RECLAIM_CLIENTS env "PATH=$PATH")
 go build -o bin/ ./cmd/...
-: >"$OUT/summary.txt"
 if [ -z "${SKIP_NOTIFY:-}" ]; then
 	echo "== SM_NOTIFY fan-out: nlmd and sm-notify to simulated client statds"
 	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-notify | tee "$OUT/notify.txt"
-	awk "$AWKLIB"'
+	awk -v FIG="$FIG" "$AWKLIB"'
 	/^RESULT/ && get($0, "finished") != "false" {
 		k = get($0, "notifier") " " get($0, "clients")
 		secs[k] = secs[k] "," get($0, "seconds")
+		first[k] = first[k] "," get($0, "first_ms")
+		if (get($0, "max_rss_kb") != "") rss[k] = rss[k] "," get($0, "max_rss_kb")
 		if (!(k in seen)) { seen[k] = 1; order[++n] = k }
 	}
 	END {
-		printf "SM_NOTIFY fan-out (medians of notify.txt)\n%-22s %10s %12s\n", "notifier clients", "seconds", "clients/s"
+		printf "SM_NOTIFY fan-out (medians of notify.txt)\n%-22s %10s %12s %10s %12s\n", "notifier clients", "seconds", "clients/s", "first ms", "peak RSS kB"
 		for (i = 1; i <= n; i++) {
 			k = order[i]; m = median(secs[k]); split(k, p, " ")
-			printf "%-22s %10.3f %12.0f\n", k, m, p[2] / m
+			r = k in rss ? median(rss[k]) : ""
+			printf "%-22s %10.3f %12.0f %10.1f %12s\n", k, m, p[2] / m, median(first[k]), r
+			name = "notify." p[1] "." p[2]
+			fig(name ".seconds", "s", m, "lower")
+			fig(name ".first_ms", "ms", median(first[k]), "lower")
+			fig(name ".max_rss_kb", "KiB", r, "lower")
 		}
 	}' "$OUT/notify.txt" | tee -a "$OUT/summary.txt"
 fi
+# The RESULT lines of nlmbench failover, as figures under PREFIX: those in
+# MS (milliseconds) and the reclaim costs (microseconds).
+failover_figures() { # PREFIX FILE MS
+	awk -v FIG="$FIG" -v prefix="$1" -v msfig="$3" "$AWKLIB"'
+	/^RESULT/ {
+		name = prefix "." get($0, "move") "." get($0, "clients")
+		n = split(msfig, ms, " ")
+		for (i = 1; i <= n; i++) fig(name "." ms[i], "ms", get($0, ms[i]), "lower")
+		n = split("reclaim_p50_us reclaim_p99_us reclaim_us_per_client nlmd_cpu_us_per_client", us, " ")
+		for (i = 1; i <= n; i++) fig(name "." us[i], "us", get($0, us[i]), "lower")
+	}' "$2"
+}
 if [ -z "${SKIP_FAILOVER:-}" ]; then
 	echo "== virtual server moves between two nlmd (1 000 clients)"
 	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-failover | tee "$OUT/failover.txt"
 	{ echo "virtual server moves (medians)"; grep '^RESULT' "$OUT/failover.txt"; } | tee -a "$OUT/summary.txt"
+	failover_figures failover "$OUT/failover.txt" "gap_ms release_ms takeover_ms notified_all_ms reclaimed_all_ms grace_over_ms"
 fi
-[ -n "${SKIP_LOAD:-}" ] && exit 0
+if [ -z "${SKIP_RECLAIM:-}" ]; then
+	echo "== reclaims after unplanned moves, by client count (${RECLAIM_CLIENTS:-1000 10000 100000})"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-reclaim | tee "$OUT/reclaim.txt"
+	awk "$AWKLIB"'
+	/^RESULT/ {
+		if (!n++) printf "reclaims after an unplanned move (medians of the rounds)\n%8s %13s %13s %9s %9s %14s %15s\n", "clients", "notified ms", "reclaimed ms", "p50 us", "p99 us", "phase us/cl.", "nlmd CPU us/cl."
+		printf "%8d %13.1f %13.1f %9.0f %9.0f %14.1f %15.1f\n", get($0, "clients"), get($0, "notified_all_ms"), get($0, "reclaimed_all_ms"),
+			get($0, "reclaim_p50_us"), get($0, "reclaim_p99_us"), get($0, "reclaim_us_per_client"), get($0, "nlmd_cpu_us_per_client")
+	}' "$OUT/reclaim.txt" | tee -a "$OUT/summary.txt"
+	# (the grace period's end is --grace-quiet after the last reclaim: the
+	# probe reclaims nothing)
+	failover_figures reclaim "$OUT/reclaim.txt" "notified_all_ms reclaimed_all_ms"
+fi
+if [ -z "${SKIP_LOAD:-}" ]; then
+	[ -x "$NLMPEER/cache/bin/nlmload" ] || "${sudo[@]}" "$NLMPEER/setup.sh"
+	: >"$OUT/load.txt"
+	: >"$OUT/nlmbench.txt"
+	echo "== nlmd (Ganesha serving NFS without NLM, nlmd serving NLM)"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-nlmd
+	echo "== NFS-Ganesha 4.3 with its own NLM (the baseline)"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-ganesha
+	awk -v FIG="$FIG" "$AWKLIB"'
+	/^RESULT/ {
+		name = "nlmbench." get($0, "transport") "." get($0, "mode") "." get($0, "clients")
+		fig(name ".pairs_per_s", "1/s", get($0, "pairs_per_s"), "higher")
+		fig(name ".lock_p99_us", "us", get($0, "lock_p99_us"), "lower")
+	}' "$OUT/nlmbench.txt"
 
-[ -x "$NLMPEER/cache/bin/nlmload" ] || "${sudo[@]}" "$NLMPEER/setup.sh"
-: >"$OUT/load.txt"
-: >"$OUT/nlmbench.txt"
-echo "== nlmd (Ganesha serving NFS without NLM, nlmd serving NLM)"
-"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-nlmd
-echo "== NFS-Ganesha 4.3 with its own NLM (the baseline)"
-"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-ganesha
-
-# Side by side: nlmd against Ganesha for each shape both ran, medians over
-# the repetitions.
-awk "$AWKLIB"'
-/^RESULT/ {
-	k = get($0, "mode") " " get($0, "conns") " " get($0, "proto"); sv = get($0, "server")
-	pairs[sv, k] = pairs[sv, k] "," get($0, "pairs_per_s")
-	cpu[sv, k] = cpu[sv, k] "," get($0, "server_cpu_us_per_call")
-	p99[sv, k] = p99[sv, k] "," get($0, "lock_p99_us")
-	if (!(k in seen)) { seen[k] = 1; order[++n] = k }
-}
-END {
-	printf "medians of the runs in load.txt\n"
-	printf "%-18s %12s %12s %7s %12s %12s %7s %10s %10s %7s\n", "shape", "nlmd pairs/s", "ganesha", "ratio", "nlmd us/call", "ganesha", "ratio", "nlmd p99", "ganesha", "ratio"
-	for (i = 1; i <= n; i++) {
-		k = order[i]
-		if (!(("nlmd", k) in pairs) || !(("ganesha", k) in pairs)) continue
-		pa = median(pairs["nlmd", k]); pb = median(pairs["ganesha", k])
-		ca = median(cpu["nlmd", k]); cb = median(cpu["ganesha", k])
-		la = median(p99["nlmd", k]); lb = median(p99["ganesha", k])
-		printf "%-18s %12.0f %12.0f %6.2fx %12.2f %12.2f %6.2fx %10.0f %10.0f %6.2fx\n", k, pa, pb, pa / pb, ca, cb, ca / cb, la, lb, la / lb
+	# Side by side: nlmd against Ganesha for each shape both ran, medians
+	# over the repetitions.
+	awk -v FIG="$FIG" "$AWKLIB"'
+	/^RESULT/ {
+		k = get($0, "mode") " " get($0, "conns") " " get($0, "proto"); sv = get($0, "server")
+		pairs[sv, k] = pairs[sv, k] "," get($0, "pairs_per_s")
+		cpu[sv, k] = cpu[sv, k] "," get($0, "server_cpu_us_per_call")
+		p99[sv, k] = p99[sv, k] "," get($0, "lock_p99_us")
+		if (!(k in seen)) { seen[k] = 1; order[++n] = k }
 	}
-}' "$OUT/load.txt" | tee -a "$OUT/summary.txt"
+	END {
+		printf "medians of the runs in load.txt\n"
+		printf "%-18s %12s %12s %7s %12s %12s %7s %10s %10s %7s\n", "shape", "nlmd pairs/s", "ganesha", "ratio", "nlmd us/call", "ganesha", "ratio", "nlmd p99", "ganesha", "ratio"
+		for (i = 1; i <= n; i++) {
+			k = order[i]
+			if (!(("nlmd", k) in pairs) || !(("ganesha", k) in pairs)) continue
+			pa = median(pairs["nlmd", k]); pb = median(pairs["ganesha", k])
+			ca = median(cpu["nlmd", k]); cb = median(cpu["ganesha", k])
+			la = median(p99["nlmd", k]); lb = median(p99["ganesha", k])
+			printf "%-18s %12.0f %12.0f %6.2fx %12.2f %12.2f %6.2fx %10.0f %10.0f %6.2fx\n", k, pa, pb, pa / pb, ca, cb, ca / cb, la, lb, la / lb
+			name = "load." k; gsub(/ /, "-", name)
+			fig(name ".nlmd.pairs_per_s", "1/s", pa, "higher")
+			fig(name ".ganesha.pairs_per_s", "1/s", pb, "higher")
+			fig(name ".pairs_vs_ganesha", "x", sprintf("%.3f", pa / pb), "higher")
+			fig(name ".nlmd.cpu_us_per_call", "us", ca, "lower")
+			fig(name ".ganesha.cpu_us_per_call", "us", cb, "lower")
+			fig(name ".cpu_vs_ganesha", "x", sprintf("%.3f", ca / cb), "lower")
+			fig(name ".nlmd.lock_p99_us", "us", la, "lower")
+		}
+	}' "$OUT/load.txt" | tee -a "$OUT/summary.txt"
+fi
+
+echo "== against the baseline ($BASELINE)"
+compare
+[ -z "${BENCH_RECORD:-}" ] || record
