@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -264,7 +265,7 @@ func (h *randomRun) lossy(vips []netip.Addr, do func()) {
 		if slices.Contains(vips, c.vip) {
 			c.mu.Lock()
 			if c.held != nil {
-				c.needsReclaim = true
+				c.needsReclaim, c.maybeLost = true, false
 			}
 			c.mu.Unlock()
 		}
@@ -614,9 +615,13 @@ func (h *randomRun) endGrace(vip netip.Addr) error {
 		return err
 	}
 	h.step("grace of %v ended by hand", vip)
+	held, err := h.serverLocks(vip)
+	if err != nil {
+		return err
+	}
 	for _, c := range h.clients {
 		if c.vip == vip {
-			c.forfeit()
+			c.forfeit(held)
 		}
 	}
 	if _, err := h.api(n).Grace(ctx, vip, "end"); err != nil {
@@ -645,7 +650,7 @@ func (h *randomRun) check(final bool) error {
 		c.mu.Lock()
 		if c.held != nil {
 			k := lockKey(c.vip, c.name, c.file, c.held.start, c.held.end, c.held.excl)
-			if c.needsReclaim {
+			if c.needsReclaim || (c.maybeLost && !final) {
 				may[k] = true
 			} else {
 				want[k] = true
@@ -658,23 +663,11 @@ func (h *randomRun) check(final bool) error {
 	}
 	have := map[string]bool{}
 	for _, v := range randomVIPs {
-		ctx, cancel := ctx30()
-		r, err := h.api(h.owner[v.addr]).Locks(ctx, v.addr.String(), "", "", 0)
-		cancel()
+		held, err := h.serverLocks(v.addr)
 		if err != nil {
-			return fmt.Errorf("locks of %v: %w", v.addr, err)
+			return err
 		}
-		for _, l := range r.Locks {
-			if l.Blocked {
-				continue
-			}
-			fh, _ := hexDecode(l.FH)
-			end := l.End
-			if end == 0 {
-				end = ^uint64(0)
-			}
-			have[lockKey(l.VIP, l.Caller, strings.TrimPrefix(string(fh), l.VIP.String()+"/"), l.Start, end, l.Exclusive)] = true
-		}
+		maps.Copy(have, held)
 	}
 	for k := range want {
 		if !have[k] {
@@ -690,6 +683,29 @@ func (h *randomRun) check(final bool) error {
 		return errors.New(strings.Join(v, "\n"))
 	}
 	return nil
+}
+
+// serverLocks returns the locks vip's owner holds, by lockKey.
+func (h *randomRun) serverLocks(vip netip.Addr) (map[string]bool, error) {
+	ctx, cancel := ctx30()
+	defer cancel()
+	r, err := h.api(h.owner[vip]).Locks(ctx, vip.String(), "", "", 0)
+	if err != nil {
+		return nil, fmt.Errorf("locks of %v: %w", vip, err)
+	}
+	have := map[string]bool{}
+	for _, l := range r.Locks {
+		if l.Blocked {
+			continue
+		}
+		fh, _ := hexDecode(l.FH)
+		end := l.End
+		if end == 0 {
+			end = ^uint64(0)
+		}
+		have[lockKey(l.VIP, l.Caller, strings.TrimPrefix(string(fh), l.VIP.String()+"/"), l.Start, end, l.Exclusive)] = true
+	}
+	return have, nil
 }
 
 func lockKey(vip netip.Addr, caller, file string, start, end uint64, excl bool) string {
@@ -748,6 +764,7 @@ type rndClient struct {
 	held         *holding
 	file         string
 	needsReclaim bool
+	maybeLost    bool // granted across a lossy moment (see doOne)
 	// forfeited is a lock an admin's end of grace took: a reclaim of it
 	// that is granted anyway is given back.
 	forfeited *holding
@@ -893,7 +910,7 @@ func (c *rndClient) doOne(stop <-chan struct{}) {
 			return
 		}
 		c.mu.Lock()
-		c.held = nil
+		c.held, c.maybeLost = nil, false
 		c.mu.Unlock()
 		c.h.k.release(c.vip.String()+"/"+file, *held)
 		c.unlock(stop, file, *held)
@@ -913,10 +930,11 @@ func (c *rndClient) doOne(stop <-chan struct{}) {
 		c.h.k.acquire(c.vip.String()+"/"+file, hd)
 		c.mu.Lock()
 		c.held, c.file = &hd, file
-		// Granted across a moment the locks may have been lost: maybe by
-		// the node that is gone. It is reclaimed when the notification
-		// comes, like every other.
-		c.needsReclaim = c.h.gen[c.vip].Load() != g0
+		// Granted across a moment the locks may have been lost: by the
+		// node that is gone (which monitored the client first, so the next
+		// owner will tell it to reclaim) or by the next owner (which need
+		// not). Until one or the other shows, it may be missing.
+		c.maybeLost = c.h.gen[c.vip].Load() != g0
 		c.mu.Unlock()
 	case nlm.Denied:
 		c.denied.Add(1)
@@ -958,20 +976,26 @@ func (c *rndClient) doReclaim(stop <-chan struct{}) {
 	}
 	c.reclaims.Add(1)
 	if c.held == held {
-		c.needsReclaim = false
+		c.needsReclaim, c.maybeLost = false, false
 	}
 }
 
 // forfeit: the grace period ends by hand before the client reclaimed.
-func (c *rndClient) forfeit() {
+// A lock granted across a lossy moment is the client's still if the
+// server holds it (granted by the next owner).
+func (c *rndClient) forfeit(server map[string]bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.held == nil || !c.needsReclaim {
+	if c.held == nil || !(c.needsReclaim || c.maybeLost) {
+		return
+	}
+	if c.maybeLost && !c.needsReclaim && server[lockKey(c.vip, c.name, c.file, c.held.start, c.held.end, c.held.excl)] {
+		c.maybeLost = false
 		return
 	}
 	c.h.k.release(c.vip.String()+"/"+c.file, *c.held)
 	c.forfeited = c.held
-	c.held, c.needsReclaim = nil, false
+	c.held, c.needsReclaim, c.maybeLost = nil, false, false
 }
 
 // doReboot: the client host restarts — it forgets its locks — and its
@@ -981,7 +1005,7 @@ func (c *rndClient) doReboot(stop <-chan struct{}) {
 	if c.held != nil {
 		c.h.k.release(c.vip.String()+"/"+c.file, *c.held)
 	}
-	c.held, c.needsReclaim, c.forfeited = nil, false, nil
+	c.held, c.needsReclaim, c.maybeLost, c.forfeited = nil, false, false, nil
 	c.state += 2
 	args := (&nsm.StatChge{MonName: c.addr.String(), State: c.state}).Append(nil)
 	c.mu.Unlock()

@@ -70,7 +70,8 @@ type Monitor interface {
 	// Monitor makes sure the client (caller, addr) of the virtual server
 	// vip is monitored; it returns once that is durable. An error fails the
 	// request with DENIED_NOLOCKS, as Linux lockd does when statd cannot
-	// monitor.
+	// monitor, except one wrapping virtualserver.ErrRetryLater: then the
+	// request is not answered, and the client sends it again.
 	Monitor(ctx context.Context, vip netip.Addr, caller string, addr netip.Addr) error
 	// Generation changes whenever monitoring ends for some client; a host
 	// seen monitored under the current generation still is.
@@ -753,6 +754,9 @@ func (s *Service) monitor(ctx context.Context, h *dlm.Host) Stat {
 		return Granted
 	}
 	if err := m.Monitor(ctx, h.VIP, h.Name, h.Addr); err != nil {
+		if errors.Is(err, virtualserver.ErrRetryLater) {
+			return fenced // the client sends it again
+		}
 		s.log.Warn("nlm: cannot monitor the client; refusing its lock", "host", h.HostKey, "err", err)
 		return DeniedNoLocks
 	}

@@ -46,8 +46,13 @@ func (d *Dir) Records() ([]Record, []error) {
 	var out []Record
 	var errs []error
 	seen := map[string]bool{}
+	states, _, err := d.st.readStates()
+	if err != nil {
+		errs = append(errs, err)
+	}
 	for _, sub := range []string{smDir, notifyDir} {
 		ls, bad := d.st.load(sub)
+		applyStates(ls, states)
 		for _, b := range bad {
 			errs = append(errs, b.err)
 		}

@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,7 +94,30 @@ type Service struct {
 
 	mu   sync.Mutex
 	vips map[netip.Addr]*vip
+
+	// Reboot notifications wait in rebootq for the worker that acts on
+	// them, off the RPC workers (see handleNotify); bell wakes it. dropping
+	// holds, per client record whose drop is queued, a channel closed once
+	// it is done (see Monitor). queued and handled count notifications.
+	rmu                    sync.Mutex
+	rebootq                []*rebootNote
+	dropping               map[dropKey]chan struct{}
+	bell                   chan struct{}
+	rebootsQueued, handled atomic.Uint64
 }
+
+type dropKey struct {
+	vip netip.Addr
+	key string
+}
+
+// rebootQueue bounds the reboot notifications waiting to be acted on: one
+// past it gets no reply, and its sender sends it again.
+const rebootQueue = 1024
+
+// rebootBatch is how many queued notifications one pass handles: their
+// records are written with one file-system sync.
+const rebootBatch = 256
 
 // Stats count what the service saw.
 type Stats struct {
@@ -102,6 +126,7 @@ type Stats struct {
 	NotifyUnknown   atomic.Uint64 // for no monitored host
 	Rejected        atomic.Uint64 // SM_MON/UNMON/UNMON_ALL/SIMU_CRASH refused
 	CallbackFailed  atomic.Uint64 // lock manager callbacks that failed
+	NotifyDropped   atomic.Uint64 // SM_NOTIFY left unanswered: the queue was full
 }
 
 // vip is the NSM state of one virtual server.
@@ -115,14 +140,23 @@ type vip struct {
 	// that no write lands in sm/ while the records are being retired.
 	io sync.RWMutex
 
-	// fmu orders the file moves of notified clients' records with the
-	// rewrites of records that are moved (see acked). Lock order: io, fmu,
-	// mu.
-	fmu sync.Mutex
+	// fmu orders the file moves of notified clients' records (see acked)
+	// and the writes of the reboot journal. Lock order: io, fmu, mu.
+	fmu          sync.Mutex
+	journalLines int // lines in the reboot journal
 
-	mu      sync.Mutex
-	state   int32
-	recs    map[string]*entry
+	// detached is set, under io held exclusively, when the virtual server
+	// leaves this node: no writer touches its directory after that (the
+	// next owner may be writing it already).
+	detached bool
+
+	mu    sync.Mutex
+	state int32
+	recs  map[string]*entry
+	// byName and byAddr index recs by the names and addresses a reboot
+	// notification may give (see Record.matches).
+	byName  map[string][]*entry
+	byAddr  map[netip.Addr][]*entry
 	writing map[string]chan struct{}
 	// pending are the client records still in notify/, by file name: their
 	// clients count as monitored (a crash notifies them again) and, once
@@ -167,12 +201,13 @@ func New(cfg Config) (*Service, error) {
 	if !cfg.LockdPortmap.IsValid() {
 		cfg.LockdPortmap = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), sunrpc.PmapPort)
 	}
-	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}}
+	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}, dropping: map[dropKey]chan struct{}{}, bell: make(chan struct{}, 1)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.gen.Store(1)
+	s.wg.Go(s.rebootWorker)
 	if cfg.HACallout != "" {
 		s.callout = newCallout(cfg.HACallout, cfg.CalloutTimeout, s.log)
 	}
@@ -263,8 +298,16 @@ func (s *Service) Detach(a netip.Addr) {
 		stop()
 		<-done
 	}
+	// Fence: wait for the writes in progress, and let no other start.
+	v.io.Lock()
+	v.detached = true
+	v.io.Unlock()
 	s.gen.Add(1)
 }
+
+// ErrDetached reports a write to the state of a virtual server that left
+// this node meanwhile.
+var ErrDetached = errors.New("nsm: virtual server released")
 
 // vipFor returns the started NSM state of vs.
 func (s *Service) vipFor(ctx context.Context, vs *virtualserver.Server) (*vip, error) {
@@ -302,7 +345,7 @@ func (s *Service) start(v *vip, mode StartMode) (Started, error) {
 		return Started{}, err
 	}
 	v.st = st
-	v.recs = map[string]*entry{}
+	v.setRecs(map[string]*entry{})
 	v.writing = map[string]chan struct{}{}
 	if mode == Adopt {
 		return s.adopt(v)
@@ -356,7 +399,9 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 		return Started{}, err
 	}
 	list := s.load(v, notifyDir)
+	s.loadStates(v, list)
 	s.setLists(v, state, map[string]*entry{}, list)
+	s.foldJournal(v)
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
 	s.prepare(v, state, list)
 	if launch {
@@ -381,11 +426,16 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		}
 	}
 	recs := map[string]*entry{}
-	for _, l := range s.load(v, smDir) {
+	sm := s.load(v, smDir)
+	list := s.load(v, notifyDir)
+	s.loadStates(v, sm, list)
+	for _, l := range sm {
 		recs[l.rec.key()] = &entry{rec: l.rec}
 	}
-	list := s.load(v, notifyDir)
 	s.setLists(v, state, recs, list)
+	if v.journalLines > len(recs)+len(list) {
+		s.foldJournal(v)
+	}
 	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
 	if len(list) > 0 {
 		s.prepare(v, state, list)
@@ -401,9 +451,89 @@ func (s *Service) setLists(v *vip, state int32, recs map[string]*entry, list []l
 	keepPending(list, recs, pending)
 	v.mu.Lock()
 	v.state = state
-	v.recs, v.pending = recs, pending
+	v.setRecs(recs)
+	v.pending = pending
 	v.mu.Unlock()
 	s.gen.Add(1)
+}
+
+// setRecs installs the records and indexes them; v.mu is held (or v is
+// not shared yet).
+func (v *vip) setRecs(recs map[string]*entry) {
+	v.recs = recs
+	v.byName, v.byAddr = map[string][]*entry{}, map[netip.Addr][]*entry{}
+	for _, e := range recs {
+		v.index(e)
+	}
+}
+
+// putRec adds a record; v.mu is held.
+func (v *vip) putRec(key string, e *entry) {
+	v.recs[key] = e
+	v.index(e)
+}
+
+// delRec removes a record; v.mu is held.
+func (v *vip) delRec(key string) {
+	e := v.recs[key]
+	if e == nil {
+		return
+	}
+	delete(v.recs, key)
+	drop := func(l []*entry) []*entry { return slices.DeleteFunc(l, func(x *entry) bool { return x == e }) }
+	for _, n := range e.names() {
+		if l := drop(v.byName[n]); len(l) > 0 {
+			v.byName[n] = l
+		} else {
+			delete(v.byName, n)
+		}
+	}
+	for _, a := range e.rec.Addrs {
+		a = a.Unmap()
+		if l := drop(v.byAddr[a]); len(l) > 0 {
+			v.byAddr[a] = l
+		} else {
+			delete(v.byAddr, a)
+		}
+	}
+}
+
+func (v *vip) index(e *entry) {
+	for _, n := range e.names() {
+		v.byName[n] = append(v.byName[n], e)
+	}
+	for _, a := range e.rec.Addrs {
+		v.byAddr[a.Unmap()] = append(v.byAddr[a.Unmap()], e)
+	}
+}
+
+// names are the names a notification may call the record's host by.
+func (e *entry) names() []string {
+	if e.rec.Caller != "" && e.rec.Caller != e.rec.MonName {
+		return []string{e.rec.MonName, e.rec.Caller}
+	}
+	return []string{e.rec.MonName}
+}
+
+// matching returns the records a notification from sender naming monName
+// is about (Record.matches), each once; v.mu is held.
+func (v *vip) matching(monName string, sender netip.Addr) []*entry {
+	var out []*entry
+	add := func(l []*entry) {
+		for _, e := range l {
+			if !slices.Contains(out, e) {
+				out = append(out, e)
+			}
+		}
+	}
+	if monName != "" {
+		add(v.byName[monName])
+		if a, err := netip.ParseAddr(monName); err == nil {
+			add(v.byAddr[a.Unmap()])
+		}
+	}
+	add(v.byAddr[sender.Unmap()])
+	return out
 }
 
 // keepPending adds the client records of the notify list to recs, unless
@@ -640,8 +770,28 @@ func (s *Service) Monitor(ctx context.Context, vipAddr netip.Addr, caller string
 		return err
 	}
 	c := Client{VIP: v.vs.Addr(), Caller: caller, Addr: addr.Unmap()}
-	return s.add(ctx, v, clientKey(c.Caller, c.Addr), func() *Record { return clientRecord(c, v.vs.Name(), time.Now()) })
+	key := clientKey(c.Caller, c.Addr)
+	if ch := s.dropWait(c.VIP, key); ch != nil {
+		// The client rebooted and its old state is about to be dropped:
+		// what it asks for now must come after, or the drop would take it
+		// too.
+		t := time.NewTimer(dropWaitMax)
+		defer t.Stop()
+		select {
+		case <-ch:
+		case <-t.C:
+			return fmt.Errorf("nsm: %s's reboot is still being handled: %w", caller, virtualserver.ErrRetryLater)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return s.add(ctx, v, key, func() *Record { return clientRecord(c, v.vs.Name(), time.Now()) })
 }
+
+// dropWaitMax bounds how long a rebooted client's request waits for its
+// old state to go; past it the request is not answered and the client
+// sends it again.
+const dropWaitMax = 2 * time.Second
 
 // add creates the record under key unless it exists. Concurrent adds of
 // one key write it once; adds of different keys write in parallel.
@@ -668,11 +818,14 @@ func (s *Service) add(ctx context.Context, v *vip, key string, mk func() *Record
 
 		rec := mk()
 		v.io.RLock()
-		err := v.st.put(smDir, rec)
+		err := fmt.Errorf("%w: %w", ErrDetached, virtualserver.ErrRetryLater)
+		if !v.detached {
+			err = v.st.put(smDir, rec)
+		}
 		v.mu.Lock()
 		delete(v.writing, key)
 		if err == nil {
-			v.recs[key] = &entry{rec: rec}
+			v.putRec(key, &entry{rec: rec})
 		}
 		v.mu.Unlock()
 		v.io.RUnlock()
@@ -690,12 +843,15 @@ func (s *Service) add(ctx context.Context, v *vip, key string, mk func() *Record
 func (s *Service) removeIf(v *vip, pred func(*entry) bool) []*Record {
 	v.io.RLock()
 	defer v.io.RUnlock()
+	if v.detached {
+		return nil
+	}
 	v.mu.Lock()
 	var gone []*Record
 	for k, e := range v.recs {
 		if pred(e) {
 			gone = append(gone, e.rec)
-			delete(v.recs, k)
+			v.delRec(k)
 		}
 	}
 	v.mu.Unlock()
@@ -754,25 +910,74 @@ func (s *Service) Prune(active func(Client) bool) int {
 
 // ---- reboot notifications ------------------------------------------------
 
-// rebooted handles an SM_NOTIFY: the host monName, calling from sender,
-// says it restarted with state. self marks our own notification come back
-// to us (a client record with a virtual server's own address: this node is
-// its own client): it is news for the lock managers that monitored the
-// virtual server by SM_MON, not a client reboot. It returns what it did,
-// for logs and tests.
-func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Addr, state int32, self bool) (clients []Client, callbacks int, matched bool) {
+// rebootNote is an SM_NOTIFY being acted on: the host monName, calling
+// from sender, says it restarted with state. self marks our own
+// notification come back to us (from a virtual server's NSM port: this
+// node is its own client): it is news for the lock managers that monitored
+// the virtual server by SM_MON, not a client reboot.
+type rebootNote struct {
+	monName string
+	sender  netip.Addr
+	state   int32
+	self    bool
+	// What matching it changed, and what is left to do: records to write
+	// (by virtual server), lock managers to call back, clients to drop.
+	out     rebootOutcome
+	changed map[*vip]map[*entry]*Record
+	calls   []Record
+	done    chan struct{}
+}
+
+// rebootOutcome is what one notification did, for logs and tests.
+type rebootOutcome struct {
+	clients   []Client
+	callbacks int
+	matched   bool
+}
+
+// takeReboot takes a reboot notification: the records it is about are found
+// (through the index) and take its state at once, so that a retransmission
+// is known for one; writing them, calling lock managers back and dropping
+// the clients' state is queued for the reboot worker. It reports false,
+// changing nothing, when the queue is full.
+func (s *Service) takeReboot(n *rebootNote) bool {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if len(s.rebootq) >= rebootQueue {
+		return false
+	}
+	s.match(n)
+	if len(n.changed) == 0 {
+		s.logReboot(n)
+		return true
+	}
+	n.done = make(chan struct{})
+	for v, recs := range n.changed {
+		for e := range recs {
+			s.dropping[dropKey{v.vs.Addr(), e.rec.key()}] = n.done
+		}
+	}
+	s.rebootq = append(s.rebootq, n)
+	s.rebootsQueued.Add(1)
+	// The clients' next monitored request goes through Monitor again,
+	// which waits for the drop (see Monitor).
+	s.gen.Add(1)
+	select {
+	case s.bell <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// match finds the records n is about on every virtual server and gives
+// those with another state n's.
+func (s *Service) match(n *rebootNote) {
 	s.mu.Lock()
 	vips := make([]*vip, 0, len(s.vips))
 	for _, v := range s.vips {
 		vips = append(vips, v)
 	}
 	s.mu.Unlock()
-	type change struct {
-		v   *vip
-		e   *entry
-		rec *Record
-	}
-	var changed []change
 	for _, v := range vips {
 		select {
 		case <-v.ready:
@@ -783,64 +988,187 @@ func (s *Service) rebooted(ctx context.Context, monName string, sender netip.Add
 			continue
 		}
 		v.mu.Lock()
-		for _, e := range v.recs {
-			if (self && e.rec.Kind == KindClient) || !e.rec.matches(monName, sender) {
+		for _, e := range v.matching(n.monName, n.sender) {
+			if n.self && e.rec.Kind == KindClient {
 				continue
 			}
-			matched = true
-			if state != 0 && e.rec.LastState == state {
+			n.out.matched = true
+			if n.state != 0 && e.rec.LastState == n.state {
 				continue
 			}
 			r := *e.rec
-			r.LastState = state
+			r.LastState = n.state
 			e.rec = &r
-			changed = append(changed, change{v, e, &r})
+			if n.changed == nil {
+				n.changed = map[*vip]map[*entry]*Record{}
+			}
+			if n.changed[v] == nil {
+				n.changed[v] = map[*entry]*Record{}
+			}
+			n.changed[v][e] = &r
+			switch r.Kind {
+			case KindClient:
+				n.out.clients = append(n.out.clients, r.Client(v.vs.Addr()))
+			case KindSMMon:
+				n.out.callbacks++
+				n.calls = append(n.calls, r)
+			}
 		}
 		v.mu.Unlock()
 	}
-	if len(changed) == 0 {
-		return nil, 0, matched
-	}
-	for _, c := range changed {
-		s.persist(c.v, c.e, c.rec)
-		switch c.rec.Kind {
-		case KindClient:
-			clients = append(clients, c.rec.Client(c.v.vs.Addr()))
-		case KindSMMon:
-			s.callBack(*c.rec, state)
-			callbacks++
-		}
-	}
-	s.runCallout("sm-notify", monName, sender.String(), fmt.Sprint(state))
-	if len(clients) > 0 && s.cfg.OnReboot != nil {
-		if err := s.cfg.OnReboot(ctx, clients); err != nil {
-			s.log.Warn("nsm: dropping a rebooted client's state failed", "mon_name", monName, "err", err)
-		}
-	}
-	return clients, callbacks, true
 }
 
-// persist writes rec, the new content of e, to sm/. A record still
-// waiting in notify/ moves with it: written to sm/ first, then removed
-// from notify/, so that a crash in between finds it in one place or both.
-func (s *Service) persist(v *vip, e *entry, rec *Record) {
+// rebootWorker acts on the queued notifications, in batches: whatever
+// queued while it worked on the last batch goes in the next, so that
+// notifications matching thousands of records cost one file-system sync
+// per virtual server and one drop of the clients' state.
+func (s *Service) rebootWorker() {
+	for {
+		select {
+		case <-s.bell:
+		case <-s.ctx.Done():
+			return
+		}
+		for {
+			s.rmu.Lock()
+			batch := s.rebootq[:min(len(s.rebootq), rebootBatch)]
+			s.rebootq = s.rebootq[len(batch):]
+			if len(s.rebootq) == 0 {
+				s.rebootq = nil
+			}
+			s.rmu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			s.rebooted(s.ctx, batch)
+			s.handled.Add(uint64(len(batch)))
+		}
+	}
+}
+
+// rebooted does what the notifications of a batch left to do.
+func (s *Service) rebooted(ctx context.Context, batch []*rebootNote) {
+	changed := map[*vip]map[*entry]*Record{}
+	var clients []Client
+	for _, n := range batch {
+		for v, recs := range n.changed {
+			if changed[v] == nil {
+				changed[v] = map[*entry]*Record{}
+			}
+			for e, r := range recs {
+				changed[v][e] = r // the last change of an entry wins
+			}
+		}
+		clients = append(clients, n.out.clients...)
+		for _, r := range n.calls {
+			s.callBack(r, n.state)
+		}
+		s.runCallout("sm-notify", n.monName, n.sender.String(), fmt.Sprint(n.state))
+		s.logReboot(n)
+	}
+	for v, recs := range changed {
+		s.persist(v, recs)
+	}
+	if len(clients) > 0 && s.cfg.OnReboot != nil {
+		if err := s.cfg.OnReboot(ctx, clients); err != nil {
+			s.log.Warn("nsm: dropping rebooted clients' state failed", "clients", len(clients), "err", err)
+		}
+	}
+	s.rmu.Lock()
+	for _, n := range batch {
+		for k, ch := range s.dropping {
+			if ch == n.done {
+				delete(s.dropping, k)
+			}
+		}
+		close(n.done)
+	}
+	s.rmu.Unlock()
+}
+
+// dropWait returns the channel to wait on before client record key of
+// vip may gain state again: its reboot is being acted on. Nil when it is
+// not.
+func (s *Service) dropWait(vip netip.Addr, key string) chan struct{} {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	return s.dropping[dropKey{vip, key}]
+}
+
+func (s *Service) logReboot(n *rebootNote) {
+	o := &n.out
+	switch {
+	case !o.matched:
+		s.stats.NotifyUnknown.Add(1)
+		s.log.Info("nsm: SM_NOTIFY about a host not monitored here; ignored", "mon_name", n.monName, "sender", n.sender, "state", n.state)
+	case len(o.clients) == 0 && o.callbacks == 0:
+		s.stats.NotifyDuplicate.Add(1)
+		s.log.Info("nsm: SM_NOTIFY with a state already seen; ignored", "mon_name", n.monName, "sender", n.sender, "state", n.state)
+	default:
+		s.stats.NotifyAccepted.Add(1)
+		s.log.Info("nsm: a monitored host rebooted", "mon_name", n.monName, "sender", n.sender, "state", n.state,
+			"clients_dropped", len(o.clients), "lock_managers_called", o.callbacks)
+	}
+}
+
+// persist records the peers' new states in the reboot journal: one
+// write and one fsync, however many records. Nothing is written once the
+// virtual server has left this node.
+func (s *Service) persist(v *vip, recs map[*entry]*Record) {
 	v.io.RLock()
 	defer v.io.RUnlock()
-	v.fmu.Lock()
-	defer v.fmu.Unlock()
-	if err := v.st.put(smDir, rec); err != nil {
-		s.log.Warn("nsm: recording a client's new state", "vip", v.vs.Addr(), "mon_name", rec.MonName, "err", err)
+	if v.detached {
 		return
 	}
+	v.fmu.Lock()
+	defer v.fmu.Unlock()
+	states := make(map[string]int32, len(recs))
+	for _, r := range recs {
+		states[r.fileName()] = r.LastState
+	}
+	if err := v.st.appendStates(states); err != nil {
+		s.log.Warn("nsm: recording rebooted peers' new state", "vip", v.vs.Addr(), "records", len(states), "err", err)
+		return
+	}
+	v.journalLines += len(states)
 	v.mu.Lock()
-	moved := v.pending[e.file] == e
-	if moved {
-		delete(v.pending, e.file)
+	live := len(v.recs)
+	v.mu.Unlock()
+	if v.journalLines > 2*live+256 {
+		s.foldJournal(v)
+	}
+}
+
+// foldJournal rewrites the reboot journal with the states of the records
+// there are: it grew past them (records pruned, states superseded). v.fmu
+// is held (or v is not shared yet).
+func (s *Service) foldJournal(v *vip) {
+	states := map[string]int32{}
+	v.mu.Lock()
+	for _, e := range v.recs {
+		if e.rec.LastState != 0 {
+			states[e.rec.fileName()] = e.rec.LastState
+		}
 	}
 	v.mu.Unlock()
-	if moved {
-		s.unlinkNotify(v, e.file)
+	if err := v.st.writeStates(states); err != nil {
+		s.log.Warn("nsm: folding the reboot journal", "vip", v.vs.Addr(), "err", err)
+		return
 	}
+	v.journalLines = len(states)
+}
+
+// loadStates gives loaded records the states of the reboot journal.
+func (s *Service) loadStates(v *vip, lists ...[]loaded) {
+	states, lines, err := v.st.readStates()
+	if err != nil {
+		s.log.Warn("nsm: cannot read the reboot journal; repeated notifications may drop state again", "vip", v.vs.Addr(), "err", err)
+		return
+	}
+	for _, l := range lists {
+		applyStates(l, states)
+	}
+	v.journalLines = lines
 }
 
 // callBack tells the lock manager that monitored rec by SM_MON that the
@@ -1144,19 +1472,14 @@ func (s *Service) handleNotify(ctx context.Context, req *sunrpc.Request, res []b
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
-	sender := req.Remote.Addr().Unmap()
-	clients, callbacks, matched := s.rebooted(ctx, a.MonName, sender, a.State, s.fromUs(req.Remote))
-	switch {
-	case !matched:
-		s.stats.NotifyUnknown.Add(1)
-		s.log.Info("nsm: SM_NOTIFY about a host not monitored here; ignored", "mon_name", a.MonName, "sender", sender, "state", a.State)
-	case len(clients) == 0 && callbacks == 0:
-		s.stats.NotifyDuplicate.Add(1)
-		s.log.Info("nsm: SM_NOTIFY with a state already seen; ignored", "mon_name", a.MonName, "sender", sender, "state", a.State)
-	default:
-		s.stats.NotifyAccepted.Add(1)
-		s.log.Info("nsm: a monitored host rebooted", "mon_name", a.MonName, "sender", sender, "state", a.State,
-			"clients_dropped", len(clients), "lock_managers_called", callbacks)
+	// Only the matching happens here (through the index); the rest is
+	// the reboot worker's, after the reply: a notification that matches
+	// thousands of records must not hold an RPC worker, nor the others
+	// behind it. Unanswered when the queue is full: the sender retransmits.
+	n := &rebootNote{monName: a.MonName, sender: req.Remote.Addr().Unmap(), state: a.State, self: s.fromUs(req.Remote)}
+	if !s.takeReboot(n) {
+		s.stats.NotifyDropped.Add(1)
+		return nil, sunrpc.ErrNoReply
 	}
 	return res, nil
 }

@@ -209,7 +209,12 @@ func (n *node) call(local, to netip.Addr, proc uint32, args []byte) []byte {
 	return res
 }
 
+// rebootedClients returns what OnReboot was told, once the notifications
+// queued so far have been acted on.
 func (n *node) rebootedClients() [][]Client {
+	waitFor(n.t, "reboot notifications handled", func() bool {
+		return n.svc.handled.Load() >= n.svc.rebootsQueued.Load()
+	})
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return slices.Clone(n.rebooted)
@@ -307,7 +312,7 @@ func TestRestartNotifiesClients(t *testing.T) {
 // A client being notified of a restart stays monitored: its record waits
 // in notify/ and goes back to sm/ once it answers, so its reclaims write
 // nothing, a crash meanwhile notifies it again, and a reboot of the client
-// meanwhile is recorded without the move undoing it.
+// meanwhile is recorded (in the reboot journal) and survives the crash.
 func TestNotifiedClientsStayMonitored(t *testing.T) {
 	dir := t.TempDir()
 	a := startNode(t, nodeOpts{dir: dir, grace: time.Hour})
@@ -337,13 +342,18 @@ func TestNotifiedClientsStayMonitored(t *testing.T) {
 	if got := b.svc.Prune(func(Client) bool { return false }) + b.svc.Prune(func(Client) bool { return false }); got != 0 {
 		t.Fatalf("pruned %d clients still being notified", got)
 	}
-	// Client 1 reboots meanwhile: its new state lands in sm/ and leaves
-	// notify/.
-	if cl, _, _ := b.svc.rebooted(ctx, clientAddr(1).String(), clientAddr(1), 41, false); len(cl) != 1 {
-		t.Fatalf("reboot of client 1 matched %v", cl)
+	// Client 1 reboots meanwhile: its new state goes to the reboot
+	// journal; its record stays in notify/.
+	note := &rebootNote{monName: clientAddr(1).String(), sender: clientAddr(1), state: 41}
+	if !b.svc.takeReboot(note) || len(note.out.clients) != 1 {
+		t.Fatalf("reboot of client 1 matched %v", note.out.clients)
 	}
-	if len(files(t, sm)) != 1 || len(files(t, nd)) != 2 {
+	b.rebootedClients() // acted on
+	if len(files(t, sm)) != 0 || len(files(t, nd)) != 3 {
 		t.Fatalf("after client 1's reboot: sm/ %v, notify/ %v", files(t, sm), files(t, nd))
+	}
+	if recs, _ := mustOpen(t, dir).Records(); !slices.ContainsFunc(recs, func(r Record) bool { return r.Addrs[0] == clientAddr(1) && r.LastState == 41 }) {
+		t.Fatalf("client 1's new state is not on disk: %+v", recs)
 	}
 	b.stop() // as good as a crash: nothing was answered
 
@@ -926,4 +936,106 @@ func TestSelfNotification(t *testing.T) {
 	if got := n.rebootedClients(); len(got) != 1 || got[0][0].Caller != "self" {
 		t.Fatalf("rebooted: %v", got)
 	}
+}
+
+// One SM_NOTIFY matching thousands of records (one address, many
+// caller_names) is answered at once — only the matching runs on the RPC
+// worker — and acted on in one batch: every record written with one
+// file-system sync, one OnReboot for all (issue 10, item 1). Meanwhile
+// other calls are served.
+func TestRebootOffTheRequestPath(t *testing.T) {
+	n := startNode(t, nodeOpts{quiet: true})
+	ctx := context.Background()
+	host := clientAddr(1)
+	const names = 3000
+	for i := range names {
+		if err := n.svc.Monitor(ctx, vip2, fmt.Sprintf("name-%d", i), host); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	n.call(host, vip2, ProcNotify, (&StatChge{MonName: host.String(), State: 9}).Append(nil))
+	answered := time.Since(start)
+	got := n.rebootedClients()
+	acted := time.Since(start)
+	if len(got) != 1 || len(got[0]) != names {
+		t.Fatalf("OnReboot calls: %d, first with %d clients; want one with %d", len(got), len(got[0]), names)
+	}
+	if answered > 500*time.Millisecond {
+		t.Fatalf("SM_NOTIFY answered after %v: the work is on the request path", answered)
+	}
+	// Durable: read back from disk.
+	d, err := OpenDir(n.dir, vip2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, errs := d.Records()
+	if len(errs) > 0 || len(recs) != names {
+		t.Fatalf("%d records read back, errors %v", len(recs), errs)
+	}
+	for _, r := range recs {
+		if r.LastState != 9 {
+			t.Fatalf("record %s on disk has state %d", r.Caller, r.LastState)
+		}
+	}
+	t.Logf("%d records: answered in %v, acted on in %v", names, answered, acted)
+}
+
+// Once a virtual server has left this node, nothing more is written into
+// its directory — not a reboot's records, not a new client's — even by
+// a writer that found it before (issue 10, item 6): the next owner may be
+// using it already.
+func TestDetachFencesWriters(t *testing.T) {
+	n := startNode(t, nodeOpts{})
+	ctx := context.Background()
+	if err := n.svc.Monitor(ctx, vip2, "one", clientAddr(1)); err != nil {
+		t.Fatal(err)
+	}
+	v := n.svc.startedVIP(vip2)
+	sm := filepath.Join(n.dir, "127.0.0.2", "sm")
+	before := files(t, sm)
+	stat := func() time.Time {
+		st, err := os.Stat(sm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.ModTime()
+	}
+	mtime := stat()
+	n.svc.Detach(vip2)
+	// A reboot handled with the records found before the release...
+	v.mu.Lock()
+	var e *entry
+	for _, x := range v.recs {
+		e = x
+	}
+	v.mu.Unlock()
+	r := *e.rec
+	r.LastState = 77
+	n.svc.persist(v, map[*entry]*Record{e: &r})
+	// ... and a new client monitored through it.
+	if err := n.svc.add(ctx, v, clientKey("two", clientAddr(2)), func() *Record {
+		return clientRecord(Client{VIP: vip2, Caller: "two", Addr: clientAddr(2)}, "127.0.0.2", time.Now())
+	}); !errors.Is(err, ErrDetached) || !errors.Is(err, virtualserver.ErrRetryLater) {
+		t.Fatalf("monitoring through a released virtual server: %v", err)
+	}
+	if after := files(t, sm); !slices.Equal(after, before) || !stat().Equal(mtime) {
+		t.Fatalf("sm/ changed after the release: %v -> %v", before, after)
+	}
+	if _, err := os.Stat(filepath.Join(n.dir, "127.0.0.2", journalFile)); !os.IsNotExist(err) {
+		t.Fatalf("the reboot journal was written after the release: %v", err)
+	}
+	recs, _ := mustOpen(t, n.dir).Records()
+	if len(recs) != 1 || recs[0].LastState != 0 {
+		t.Fatalf("records on disk: %+v", recs)
+	}
+}
+
+func mustOpen(t *testing.T, dir string) *Dir {
+	t.Helper()
+	d, err := OpenDir(dir, vip2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }

@@ -9,11 +9,17 @@
 package virtualserver
 
 import (
+	"errors"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 )
+
+// ErrRetryLater reports a request that cannot be served now but will be
+// soon, when the client sends it again (its virtual server is moving, or
+// the client's reboot is being handled): services answer nothing.
+var ErrRetryLater = errors.New("virtualserver: retry later")
 
 // State is where a virtual server is in its lifecycle on this node.
 type State int32

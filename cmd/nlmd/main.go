@@ -131,7 +131,7 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.Int64Var(&o.blockedPerHst, "max-blocked-per-host", o.blockedPerHst, "blocked lock requests one client host may have queued (0: no limit)")
 	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", o.sharesPerHost, "share reservations one client host may hold (0: no limit)")
 	fs.IntVar(&o.maxRecord, "max-request-size", o.maxRecord, "largest RPC request accepted, in bytes (a TCP record or a UDP datagram)")
-	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", o.shutdownWait, "how long SIGTERM waits for calls in progress")
+	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", o.shutdownWait, "how long SIGTERM waits for calls in progress (nlmd exits at most a second after it)")
 	fs.IntVar(&o.procs, "procs", o.procs,
 		"CPUs nlmd may run Go code on at once (GOMAXPROCS; 0: all). NLM is light work: one CPU serves about 100k calls/s, and on a node shared with the NFS server more only add scheduling overhead")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", o.cpuProfile, "write a CPU profile (pprof) of the whole run to this file, for performance work")
@@ -255,8 +255,19 @@ func main() {
 		break
 	}
 	log.Info("nlmd: shutting down")
-	if err := d.shutdown(); err != nil {
-		log.Error("nlmd: shutdown", "err", err)
+	// The timeout is kept whatever hangs: the virtual servers are released
+	// (with snapshots) first, so what an exit cuts short is only calls in
+	// progress, which their clients send again.
+	done := make(chan error, 1)
+	go func() { done <- d.shutdown() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			log.Error("nlmd: shutdown", "err", err)
+		}
+		log.Info("nlmd: stopped")
+	case <-time.After(o.shutdownWait + time.Second):
+		log.Error("nlmd: shutdown did not finish in time; exiting", "shutdown_timeout", o.shutdownWait)
+		os.Exit(1)
 	}
-	log.Info("nlmd: stopped")
 }
