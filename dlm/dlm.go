@@ -190,9 +190,13 @@ var (
 type Backend interface {
 	// Host returns the interned host for key.
 	Host(key HostKey) *Host
+	// HostLimited is Host for a request: nil when the host would be new
+	// and its client address already has as many hosts as allowed.
+	HostLimited(key HostKey) *Host
 	// Owner returns the interned owner for key.
 	Owner(key OwnerKey) *Owner
-	// OwnerOf is Owner for a request's decoded caller_name, without the
+	// OwnerOf is Owner for a request's decoded caller_name (nil, as with
+	// HostLimited, when its host would be one too many), without the
 	// allocation of a key.
 	OwnerOf(vip, addr netip.Addr, name []byte, svid int32) *Owner
 	// Hosts calls fn for every known host until fn returns false.

@@ -18,6 +18,25 @@ type Registry struct {
 	nextID atomic.Uint32
 	hosts  [16]hostShard
 	owners [64]ownerShard
+
+	// perAddr counts the hosts of each client address (per virtual
+	// server), against maxPerAddr; only a new host and Sweep touch it.
+	limitMu    sync.Mutex
+	maxPerAddr int
+	perAddr    map[addrKey]int
+}
+
+type addrKey struct{ vip, addr netip.Addr }
+
+// SetHostLimit bounds the hosts one client address may have through one
+// virtual server — caller_names, as clients call themselves — at n (0: no
+// bound). A host beyond it is not created: HostLimited and OwnerLimited
+// return nil. One address could otherwise make the service keep as many
+// hosts, owners and monitor records as it has names to send.
+func (r *Registry) SetHostLimit(n int) {
+	r.limitMu.Lock()
+	r.maxPerAddr = n
+	r.limitMu.Unlock()
 }
 
 type hostShard struct {
@@ -37,7 +56,7 @@ type ownerShard struct {
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	r := &Registry{seed: maphash.MakeSeed()}
+	r := &Registry{seed: maphash.MakeSeed(), perAddr: map[addrKey]int{}}
 	r.gen.Store(1)
 	for i := range r.hosts {
 		r.hosts[i].m = map[HostKey]*Host{}
@@ -53,19 +72,51 @@ func (r *Registry) hostShard(k *HostKey) *hostShard {
 }
 
 // Host returns the interned host for key.
-func (r *Registry) Host(key HostKey) *Host {
+func (r *Registry) Host(key HostKey) *Host { return r.host(key, false) }
+
+// HostLimited is Host for a request: nil when the host is new and its
+// address has as many as SetHostLimit allows.
+func (r *Registry) HostLimited(key HostKey) *Host { return r.host(key, true) }
+
+func (r *Registry) host(key HostKey, limited bool) *Host {
 	key.VIP, key.Addr = key.VIP.Unmap(), key.Addr.Unmap()
 	s := r.hostShard(&key)
 	gen := r.gen.Load()
 	s.mu.Lock()
 	h := s.m[key]
 	if h == nil {
+		if !r.admit(key, limited) {
+			s.mu.Unlock()
+			return nil
+		}
 		h = &Host{HostKey: key, id: r.nextID.Add(1)}
 		s.m[key] = h
 	}
 	h.used.Store(gen)
 	s.mu.Unlock()
 	return h
+}
+
+// admit counts a new host of key's address, unless limited and the
+// address is at its bound.
+func (r *Registry) admit(key HostKey, limited bool) bool {
+	k := addrKey{key.VIP, key.Addr}
+	r.limitMu.Lock()
+	defer r.limitMu.Unlock()
+	if limited && r.maxPerAddr > 0 && r.perAddr[k] >= r.maxPerAddr {
+		return false
+	}
+	r.perAddr[k]++
+	return true
+}
+
+func (r *Registry) forget(key HostKey) {
+	k := addrKey{key.VIP, key.Addr}
+	r.limitMu.Lock()
+	if r.perAddr[k]--; r.perAddr[k] <= 0 {
+		delete(r.perAddr, k)
+	}
+	r.limitMu.Unlock()
 }
 
 // ownerHash mixes the parts of an owner's identity; nameHash is the hash of
@@ -85,16 +136,18 @@ func (o *Owner) is(vip, addr netip.Addr, name []byte, svid int32) bool {
 // Owner returns the interned owner for key.
 func (r *Registry) Owner(key OwnerKey) *Owner {
 	key.VIP, key.Addr = key.VIP.Unmap(), key.Addr.Unmap()
-	return r.owner(maphash.String(r.seed, key.Name), key.VIP, key.Addr, []byte(key.Name), key.SVID)
+	return r.owner(maphash.String(r.seed, key.Name), key.VIP, key.Addr, []byte(key.Name), key.SVID, false)
 }
 
 // OwnerOf returns the interned owner of a request, from the caller_name
-// bytes it decoded: no allocation once the owner exists.
+// bytes it decoded: no allocation once the owner exists. It is nil when
+// the owner's host would be new and its address is at the bound of
+// SetHostLimit.
 func (r *Registry) OwnerOf(vip, addr netip.Addr, name []byte, svid int32) *Owner {
-	return r.owner(maphash.Bytes(r.seed, name), vip.Unmap(), addr.Unmap(), name, svid)
+	return r.owner(maphash.Bytes(r.seed, name), vip.Unmap(), addr.Unmap(), name, svid, true)
 }
 
-func (r *Registry) owner(nameHash uint64, vip, addr netip.Addr, name []byte, svid int32) *Owner {
+func (r *Registry) owner(nameHash uint64, vip, addr netip.Addr, name []byte, svid int32, limited bool) *Owner {
 	h := ownerHash(nameHash, vip, addr, svid)
 	s := &r.owners[h%uint64(len(r.owners))]
 	gen := r.gen.Load()
@@ -108,7 +161,10 @@ func (r *Registry) owner(nameHash uint64, vip, addr netip.Addr, name []byte, svi
 		}
 	}
 	s.mu.Unlock()
-	host := r.Host(HostKey{VIP: vip, Name: string(name), Addr: addr}) // lock order: never an owner shard, then a host shard
+	host := r.host(HostKey{VIP: vip, Name: string(name), Addr: addr}, limited) // lock order: never an owner shard, then a host shard
+	if host == nil {
+		return nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, o := range s.m[h] {
@@ -174,6 +230,7 @@ func (r *Registry) Sweep() {
 		for k, h := range s.m {
 			if h.Idle() && h.owners.Load() == 0 && stale(h.used.Load()) {
 				delete(s.m, k)
+				r.forget(k)
 			}
 		}
 		s.mu.Unlock()

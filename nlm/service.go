@@ -99,6 +99,7 @@ type Stats struct {
 	GrantedCallbacks atomic.Uint64 // GRANTED callbacks the client took
 	RefusedCallbacks atomic.Uint64 // ... it refused (the grant was taken back)
 	CallbackFailures atomic.Uint64 // failed attempts (retried with backoff)
+	TooManyNames     atomic.Uint64 // requests refused: their address has too many caller_names
 }
 
 // Stats returns the service's counters.
@@ -238,6 +239,7 @@ type op struct {
 	rng     dlm.Range
 	excl    bool
 	inGrace bool
+	limited bool // the owner would be one name too many for its address
 	res     lockmgr.Result
 	update  func(*dlm.File) error
 	read    func(*dlm.File)
@@ -309,7 +311,20 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *
 	}
 	o.vs, o.rng = vs, rng
 	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), req.Remote.Addr(), l.CallerName, l.SVID)
+	if o.owner == nil {
+		o.limited = true
+		return DeniedNoLocks
+	}
 	return Granted
+}
+
+// tooManyNames refuses a request whose caller_name would be one too many
+// for its address (the backend's host limit): one address could otherwise
+// make the service keep a host, an owner and a monitor record for every
+// name it sends.
+func (s *Service) tooManyNames(vs *virtualserver.Server, req *sunrpc.Request) {
+	s.stats.TooManyNames.Add(1)
+	s.log.Warn("nlm: refused: too many caller_names from one address", "vip", vs.Addr(), "client", req.Remote.Addr())
 }
 
 // fenced is the outcome of a request that raced with the release of its
@@ -414,6 +429,9 @@ func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) Te
 	o := s.getOp()
 	defer s.putOp(o)
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+		if o.limited {
+			s.tooManyNames(o.vs, req)
+		}
 		out.Stat = st.ForVersion(req.Vers)
 		return out
 	}
@@ -436,6 +454,9 @@ func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, mo
 	o := s.getOp()
 	defer s.putOp(o)
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+		if o.limited {
+			s.tooManyNames(o.vs, req)
+		}
 		return st.ForVersion(req.Vers)
 	}
 	o.owner.SetOH(a.Lock.OH)
@@ -462,6 +483,9 @@ func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs
 	o := s.getOp()
 	defer s.putOp(o)
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+		if o.limited {
+			return Denied // a host that does not exist waits for nothing
+		}
 		return st.ForVersion(req.Vers)
 	}
 	s.graceNote(o.vs, req, false)
@@ -482,6 +506,9 @@ func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs
 	o := s.getOp()
 	defer s.putOp(o)
 	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+		if o.limited {
+			return Granted // a host that does not exist holds nothing
+		}
 		return st.ForVersion(req.Vers)
 	}
 	s.graceNote(o.vs, req, false)
@@ -691,7 +718,14 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 	}
 	o := s.getOp()
 	defer s.putOp(o)
-	host := s.cfg.Backend.Host(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
+	host := s.cfg.Backend.HostLimited(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
+	if host == nil {
+		if unshare {
+			return Granted // a host that does not exist shares nothing
+		}
+		s.tooManyNames(vs, req)
+		return DeniedNoLocks.ForVersion(req.Vers)
+	}
 	if unshare {
 		o.kind, o.vs, o.host, o.oh = opUnshare, vs, host, a.Share.OH
 		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)

@@ -535,3 +535,43 @@ func TestMonitorBeforeLock(t *testing.T) {
 		t.Fatalf("SHARE of an unmonitorable host: %v %v", r.Stat, err)
 	}
 }
+
+// One address cannot make the service keep a host (owner, monitor record)
+// for every caller_name it sends (issue 10, item 8): past the bound, LOCK,
+// NM_LOCK, TEST and SHARE under a new name are DENIED_NOLOCKS, UNLOCK is
+// GRANTED (the name holds nothing) and CANCEL DENIED; known names and
+// other addresses go on; a sweep frees the slots of names gone idle.
+func TestCallerNamesPerAddress(t *testing.T) {
+	e := newEnv(t)
+	e.b.SetHostLimit(3)
+	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
+	for i := range 3 {
+		mustLock(t, c, lk(fmt.Sprint("name-", i), 1, uint64(i)*10, 10), true, false, Granted)
+	}
+	mustLock(t, c, lk("name-3", 1, 100, 10), true, false, DeniedNoLocks)
+	if r := mustTest(t, c, lk("name-3", 1, 100, 10), true); r.Stat != DeniedNoLocks {
+		t.Fatalf("TEST under one name too many: %v", r.Stat)
+	}
+	r, err := c.Share(ctx(t), &ShareArgs{Cookie: []byte("s"), Share: Share{CallerName: []byte("name-3"), FH: []byte("f"), OH: []byte("o"), Mode: 1, Access: 1}})
+	if err != nil || r.Stat != DeniedNoLocks {
+		t.Fatalf("SHARE under one name too many: %v %v", r.Stat, err)
+	}
+	u, err := c.Unlock(ctx(t), &UnlockArgs{Cookie: []byte("u"), Lock: lk("name-4", 1, 0, 10)})
+	if err != nil || u.Stat != Granted {
+		t.Fatalf("UNLOCK under one name too many: %v %v", u.Stat, err)
+	}
+	mustLock(t, c, lk("name-0", 1, 50, 10), true, false, Granted) // a known name
+	other := e.client(t, "127.0.0.11", "127.0.0.2", sunrpc.TCP, Vers4)
+	mustLock(t, other, lk("name-3", 1, 100, 10), true, false, Granted) // another address
+	if got := e.svc.Stats().TooManyNames.Load(); got != 3 {
+		t.Fatalf("refusals counted: %d", got)
+	}
+	// name-2 lets go; two sweeps later its slot is free.
+	if u, _ := c.Unlock(ctx(t), &UnlockArgs{Cookie: []byte("u"), Lock: lk("name-2", 1, 20, 10)}); u.Stat != Granted {
+		t.Fatal("unlock")
+	}
+	e.b.Sweep()
+	e.b.Sweep()
+	e.b.Sweep()
+	mustLock(t, c, lk("name-3", 1, 200, 10), true, false, Granted)
+}

@@ -44,6 +44,7 @@ type fileConfig struct {
 	HACalloutWait *duration `yaml:"ha_callout_timeout"`
 	NFSServer     *string   `yaml:"nfs_server"`
 	MaxLocks      *int64    `yaml:"max_locks_per_host"`
+	MaxPerAddr    *int      `yaml:"max_clients_per_address"`
 	MaxBlocked    *int64    `yaml:"max_blocked_per_host"`
 	MaxShares     *int64    `yaml:"max_shares_per_host"`
 	MaxRequest    *int      `yaml:"max_request_size"`
@@ -113,6 +114,7 @@ func loadConfig(path string, o *options) error {
 	setd(&o.calloutWait, c.HACalloutWait)
 	setp(&o.nfsServer, c.NFSServer)
 	setp(&o.locksPerHost, c.MaxLocks)
+	setp(&o.namesPerAddr, c.MaxPerAddr)
 	setp(&o.blockedPerHst, c.MaxBlocked)
 	setp(&o.sharesPerHost, c.MaxShares)
 	setp(&o.maxRecord, c.MaxRequest)

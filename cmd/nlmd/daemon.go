@@ -76,6 +76,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		return nil, err
 	}
 	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
+	d.backend.SetHostLimit(o.namesPerAddr)
 	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
 	// in bursts of hundreds of datagrams, and a datagram dropped by the
 	// kernel costs its sender a retransmission timeout.

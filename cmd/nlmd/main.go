@@ -51,6 +51,7 @@ type options struct {
 	calloutWait   time.Duration
 	nfsServer     string
 	locksPerHost  int64
+	namesPerAddr  int
 	blockedPerHst int64
 	sharesPerHost int64
 	maxRecord     int
@@ -67,7 +68,7 @@ func defaults() *options {
 		listen: []string{"0.0.0.0", "::"}, listenMode: "wildcard", nlmPort: 4045, nsmPort: 32765, rpcbind: "auto", portmapPort: 111,
 		stateDir: "/var/lib/nlmha", controlSocket: hacallout.DefaultSocket, serveUnknown: true,
 		grace: 90 * time.Second, graceQuiet: 5 * time.Second, notifyGiveUp: 15 * time.Minute, notifyWindow: 256,
-		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000,
+		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000, namesPerAddr: 256,
 		maxRecord: 16 << 10, shutdownWait: 5 * time.Second, procs: 1, logFormat: "text", logLevel: "info",
 	}
 }
@@ -127,6 +128,8 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringVar(&o.haCallout, "ha-callout", o.haCallout, "program run like rpc.statd's --ha-callout: add-client MON_NAME MY_NAME, del-client MON_NAME MY_NAME, sm-notify MON_NAME SENDER STATE")
 	fs.DurationVar(&o.calloutWait, "ha-callout-timeout", o.calloutWait, "how long one HA callout may run before it is killed")
 	fs.StringVar(&o.nfsServer, "nfs-server", o.nfsServer, "NFS server to check NLMv4 file handles with (HOST or HOST:PORT); unknown handles get NLM4_STALE_FH. Empty: handles are not checked")
+	fs.IntVar(&o.namesPerAddr, "max-clients-per-address", o.namesPerAddr,
+		"client hosts (caller_names) one address may have through one virtual server, with their owners and monitor records (0: no limit); a request under one more name is DENIED_NOLOCKS. Raise it for many clients behind one NAT address")
 	fs.Int64Var(&o.locksPerHost, "max-locks-per-host", o.locksPerHost, "lock ranges one client host may hold (0: no limit); beyond it LOCK is DENIED_NOLOCKS")
 	fs.Int64Var(&o.blockedPerHst, "max-blocked-per-host", o.blockedPerHst, "blocked lock requests one client host may have queued (0: no limit)")
 	fs.Int64Var(&o.sharesPerHost, "max-shares-per-host", o.sharesPerHost, "share reservations one client host may hold (0: no limit)")
