@@ -1,9 +1,13 @@
 package nsm
 
 import (
+	"fmt"
 	"maps"
+	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -49,5 +53,43 @@ func TestJournalAppend(t *testing.T) {
 	got, lines, err := st.readStates()
 	if err != nil || lines != 3 || !maps.Equal(got, map[string]int32{"a.json": 9, "b.json": 5}) {
 		t.Fatalf("journal: %v, %d lines, %v", got, lines, err)
+	}
+}
+
+// The index answers what Record.matches would, on random records and
+// notifications.
+func TestMatchingIndex(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	names := []string{"a", "b", "c", "127.0.9.1", "127.0.9.2", ""}
+	addrs := []netip.Addr{netip.MustParseAddr("127.0.9.1"), netip.MustParseAddr("127.0.9.2"), netip.MustParseAddr("::ffff:127.0.9.3")}
+	for range 200 {
+		v := &vip{}
+		v.setRecs(map[string]*entry{})
+		for i := range rng.IntN(12) {
+			r := &Record{Kind: KindClient, MonName: names[rng.IntN(len(names)-1)], Caller: names[rng.IntN(len(names))], Addrs: []netip.Addr{addrs[rng.IntN(len(addrs))].Unmap()}} // records keep addresses unmapped
+			if rng.IntN(3) == 0 {
+				r.Kind, r.Caller = KindSMMon, ""
+			}
+			v.putRec(fmt.Sprint(i), &entry{rec: r})
+		}
+		if rng.IntN(2) == 0 && len(v.recs) > 0 {
+			v.delRec(fmt.Sprint(rng.IntN(len(v.recs))))
+		}
+		mon, sender := names[rng.IntN(len(names))], addrs[rng.IntN(len(addrs))]
+		var want []*entry
+		for _, e := range v.recs {
+			if e.rec.matches(mon, sender) {
+				want = append(want, e)
+			}
+		}
+		got := v.matching(mon, sender)
+		if len(got) != len(want) {
+			t.Fatalf("notification %q from %v: index found %d records, matches %d", mon, sender, len(got), len(want))
+		}
+		for _, e := range want {
+			if !slices.Contains(got, e) {
+				t.Fatalf("notification %q from %v: the index misses %+v", mon, sender, *e.rec)
+			}
+		}
 	}
 }

@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/sirupsen/logrus"
-	logrusslog "github.com/sirupsen/logrus/hooks/slog"
 
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
@@ -27,11 +25,6 @@ import (
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/virtualserver"
 )
-
-// slogFor bridges the packages' log/slog output into logrus.
-func slogFor(l *logrus.Logger) *slog.Logger {
-	return slog.New(logrusslog.NewHandler(l, nil))
-}
 
 // daemon is a running nlmd.
 type daemon struct {

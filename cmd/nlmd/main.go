@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"runtime"
@@ -16,7 +17,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
+	logrusslog "github.com/sirupsen/logrus/hooks/slog"
 	flag "github.com/spf13/pflag"
 
 	"github.com/nlmha/nlmha/hacallout"
@@ -201,6 +204,13 @@ func newLogger(o *options) (*logrus.Logger, error) {
 	return l, nil
 }
 
+// Each log message gets this many lines per interval; a count of the rest
+// follows (see throttle).
+const (
+	logThrottleInterval = 10 * time.Second
+	logThrottleBurst    = 20
+)
+
 func main() {
 	o, _, err := parseFlags(os.Args[1:])
 	if errors.Is(err, flag.ErrHelp) {
@@ -219,7 +229,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, "nlmd:", err)
 		os.Exit(2)
 	}
-	log := slogFor(lr)
+	th := newThrottle(logrusslog.NewHandler(lr, nil), logThrottleInterval, logThrottleBurst)
+	log := slog.New(th)
+	go func() {
+		for now := range time.Tick(logThrottleInterval) {
+			th.flush(now)
+		}
+	}()
 	if o.procs > 0 && os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(o.procs)
 	}
@@ -241,6 +257,9 @@ func main() {
 		log.Error("nlmd: cannot start", "err", err)
 		os.Exit(1)
 	}
+	d.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "nlm_log_lines_suppressed_total", Help: "Log lines held back because the same message came too often (their counts are logged).",
+	}, func() float64 { return float64(th.st.suppressed.Load()) }))
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	for {
