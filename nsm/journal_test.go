@@ -1,6 +1,8 @@
 package nsm
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -8,7 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/nlmha/nlmha/sunrpc/xdr"
 )
 
 // FuzzJournal: any journal reads without failing (lines that do not parse
@@ -91,5 +98,60 @@ func TestMatchingIndex(t *testing.T) {
 				t.Fatalf("notification %q from %v: the index misses %+v", mon, sender, *e.rec)
 			}
 		}
+	}
+}
+
+// slowResolver answers after a while, counting lookups.
+type slowResolver struct {
+	delay time.Duration
+	n     atomic.Int32
+}
+
+func (r *slowResolver) LookupNetIP(ctx context.Context, _, host string) ([]netip.Addr, error) {
+	r.n.Add(1)
+	select {
+	case <-time.After(r.delay):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if host == "peer.example" {
+		return []netip.Addr{netip.MustParseAddr("127.0.2.1")}, nil
+	}
+	return nil, errors.New("no such host")
+}
+
+// Name lookups happen off the UDP workers (issue 10, item 10): with DNS
+// slow, SM_STAT of a name gets no answer until the lookup is done (its
+// retransmission gets it, from the cache), and SM_STAT of an address is
+// answered at once meanwhile. A name is looked up once for many calls.
+func TestNameLookupsOffTheWorkers(t *testing.T) {
+	r := &slowResolver{delay: 700 * time.Millisecond}
+	n := startNode(t, nodeOpts{resolver: r, quiet: true})
+	var wg sync.WaitGroup
+	stat := func(name string) (StatRes, time.Duration) {
+		t0 := time.Now()
+		var out StatRes
+		out.Decode(xdr.NewDecoder(n.call(mustAddr("127.0.0.1"), vip2, ProcStat, xdr.AppendString(nil, name))))
+		return out, time.Since(t0)
+	}
+	for range 20 {
+		wg.Go(func() {
+			if out, took := stat("peer.example"); out.Res != StatSucc || took < 500*time.Millisecond {
+				t.Errorf("SM_STAT of a name: %+v after %v", out, took)
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond)
+	for range 20 {
+		if out, took := stat("127.0.0.9"); out.Res != StatSucc || took > 300*time.Millisecond {
+			t.Errorf("SM_STAT of an address while names are looked up: %+v after %v", out, took)
+		}
+	}
+	wg.Wait()
+	if got := r.n.Load(); got != 1 {
+		t.Fatalf("%d lookups of one name", got)
+	}
+	if out, took := stat("peer.example"); out.Res != StatSucc || took > 100*time.Millisecond {
+		t.Fatalf("cached SM_STAT: %+v after %v", out, took)
 	}
 }

@@ -86,6 +86,7 @@ type Service struct {
 	cfg     Config
 	log     *slog.Logger
 	callout *callout
+	names   *names
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -207,6 +208,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.gen.Store(1)
+	s.names = newNames(cfg.Resolver, cfg.ResolveTimeout)
 	s.wg.Go(s.rebootWorker)
 	if cfg.HACallout != "" {
 		s.callout = newCallout(cfg.HACallout, cfg.CalloutTimeout, s.log)
@@ -1276,33 +1278,11 @@ func validName(n string) bool {
 	return true
 }
 
-// resolve turns a host name into addresses; an address stands for itself.
-func (s *Service) resolve(ctx context.Context, name string) ([]netip.Addr, error) {
-	if a, err := netip.ParseAddr(name); err == nil {
-		return []netip.Addr{a.Unmap()}, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.ResolveTimeout)
-	defer cancel()
-	addrs, err := s.cfg.Resolver.LookupNetIP(ctx, "ip", name)
-	if err != nil {
-		return nil, err
-	}
-	if len(addrs) == 0 {
-		return nil, fmt.Errorf("nsm: %q has no address", name)
-	}
-	// IPv4 first: SM_NOTIFY to a client goes to its first address.
-	out := make([]netip.Addr, 0, len(addrs))
-	for _, a := range addrs {
-		if a = a.Unmap(); a.Is4() {
-			out = append(out, a)
-		}
-	}
-	for _, a := range addrs {
-		if !a.Unmap().Is4() {
-			out = append(out, a)
-		}
-	}
-	return out, nil
+// resolve turns a host name into addresses through the name cache; an
+// address stands for itself. A request over UDP does not wait for a
+// lookup in progress: errPending, and it gets no reply (see names).
+func (s *Service) resolve(ctx context.Context, req *sunrpc.Request, name string) ([]netip.Addr, error) {
+	return s.names.resolve(ctx, name, req.Transport != sunrpc.UDP)
 }
 
 // vipOf finds the virtual server an SM_* request is about: the one whose
@@ -1339,7 +1319,11 @@ func (s *Service) handleStat(ctx context.Context, req *sunrpc.Request, res []byt
 	if v, err := s.vipOf(ctx, req, ""); err == nil {
 		out.State = v.currentState()
 		if validName(name) {
-			if _, err := s.resolve(ctx, name); err == nil {
+			_, err := s.resolve(ctx, req, name)
+			if errors.Is(err, errPending) {
+				return nil, sunrpc.ErrNoReply // the retransmission finds the answer
+			}
+			if err == nil {
 				out.Res = StatSucc
 			}
 		}
@@ -1374,7 +1358,10 @@ func (s *Service) handleMon(ctx context.Context, req *sunrpc.Request, res []byte
 	case !validName(a.MonID.MonName) || len(id.MyName) > MaxStrLen || strings.ContainsFunc(id.MyName, unicode.IsSpace):
 		s.refuse(req, "SM_MON", "bad host name", "mon_name", a.MonID.MonName, "my_name", id.MyName)
 	default:
-		addrs, err := s.resolve(ctx, a.MonID.MonName)
+		addrs, err := s.resolve(ctx, req, a.MonID.MonName)
+		if errors.Is(err, errPending) {
+			return nil, sunrpc.ErrNoReply // the retransmission finds the answer
+		}
 		if err != nil {
 			s.refuse(req, "SM_MON", "cannot resolve mon_name", "mon_name", a.MonID.MonName, "err", err)
 			break

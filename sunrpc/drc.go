@@ -89,6 +89,17 @@ func (c *replyCache) finish(k drcKey, reply []byte) {
 	}
 }
 
+// forget drops a call begun with begin that was not answered on purpose
+// (its handler said ErrNoReply: not now): its retransmission is a new
+// call, not a repeat of one that had no answer.
+func (c *replyCache) forget(k drcKey) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.entries[k]; ok {
+		c.remove(el)
+	}
+}
+
 func (c *replyCache) remove(el *list.Element) {
 	delete(c.entries, el.Value.(*drcEntry).key)
 	c.lru.Remove(el)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -389,6 +390,36 @@ func TestDuplicateRequestCache(t *testing.T) {
 	exchange(rawCall(102, 2, testProg, 1, procEcho, nil))
 	if s.Stats().DRCHits != 1 {
 		t.Fatal("idempotent procedure was cached")
+	}
+}
+
+// A non-idempotent call its handler chose not to answer (ErrNoReply: not
+// now) is not cached as answered: its retransmission runs again and gets
+// the reply. Otherwise a call held back once (a virtual server moving, a
+// name being resolved) would never be answered over UDP.
+func TestDRCForgetsCallsNotAnswered(t *testing.T) {
+	var calls atomic.Int32
+	s := &Server{}
+	s.Register(Program{Prog: 400001, Vers: 1, Procs: []Proc{1: {Name: "LATER", NonIdempotent: true,
+		Handler: func(_ context.Context, _ *Request, res []byte) ([]byte, error) {
+			if calls.Add(1) == 1 {
+				return nil, ErrNoReply
+			}
+			return res, nil
+		}}}})
+	port := serve(t, s, "127.0.0.2")
+	c, err := Dial(context.Background(), UDP, ap(t, "127.0.0.2", port), ClientOptions{Retransmit: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := c.Call(ctx, 400001, 1, 1, nil); err != nil {
+		t.Fatalf("the retransmission of a call not answered: %v", err)
+	}
+	if calls.Load() != 2 {
+		t.Fatalf("handler ran %d times", calls.Load())
 	}
 }
 

@@ -271,7 +271,10 @@ func (u *udpServer) serve(req *Request, j udpJob) {
 	if act != actReply {
 		reply = nil
 	}
-	if cached {
+	switch {
+	case cached && act == actDrop:
+		s.drc.forget(key)
+	case cached:
 		s.drc.finish(key, reply)
 	}
 	if reply != nil {
