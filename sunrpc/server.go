@@ -191,6 +191,11 @@ type Server struct {
 	// IdleTimeout closes a TCP connection that sends nothing for this long
 	// while no call of it is in progress.
 	IdleTimeout time.Duration
+	// MaxConns caps the TCP connections served at once (0: no cap): a new
+	// one past it closes the one that has been idle longest, so that a
+	// host holding thousands of connections open cannot use up the
+	// process's descriptors and lock out new clients.
+	MaxConns int
 	// RecordTimeout closes a TCP connection that starts a record and does
 	// not finish it in this time.
 	RecordTimeout time.Duration
@@ -432,11 +437,12 @@ type Stats struct {
 	MalformedHeaders uint64 // messages too short to answer or not calls
 	RecordErrors     uint64 // TCP connections closed for a record-marking violation
 	DRCHits          uint64 // retransmissions answered from the duplicate request cache
+	ConnsEvicted     uint64 // idle TCP connections closed to make room (MaxConns)
 	DRCInProgress    uint64 // retransmissions dropped while the original was running
 }
 
 type serverStats struct {
-	calls, udpQueueDrops, udpOversize, stoppedDrops, malformed, recordErrors, drcHits, drcInProgress atomic.Uint64
+	calls, udpQueueDrops, udpOversize, stoppedDrops, malformed, recordErrors, drcHits, drcInProgress, evicted atomic.Uint64
 }
 
 // Stats returns a snapshot of the server's counters.
@@ -451,6 +457,7 @@ func (s *Server) Stats() Stats {
 		RecordErrors:     st.recordErrors.Load(),
 		DRCHits:          st.drcHits.Load(),
 		DRCInProgress:    st.drcInProgress.Load(),
+		ConnsEvicted:     st.evicted.Load(),
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -420,6 +421,48 @@ func TestDRCForgetsCallsNotAnswered(t *testing.T) {
 	}
 	if calls.Load() != 2 {
 		t.Fatalf("handler ran %d times", calls.Load())
+	}
+}
+
+// With MaxConns, a new connection past the cap closes the one idle
+// longest, not the new one: a host holding connections open cannot lock
+// out new clients (issue 10, item 7).
+func TestMaxConnsEvictsTheIdlest(t *testing.T) {
+	s, _ := newTestServerWith(&Server{MaxConns: 3})
+	port := serve(t, s, "127.0.0.2")
+	target := net.JoinHostPort("127.0.0.2", fmt.Sprint(port))
+	var idle []net.Conn
+	for range 3 {
+		c, err := net.Dial("tcp4", target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+		time.Sleep(30 * time.Millisecond) // so that they are idle since different ticks
+	}
+	// A busy one: it keeps calling.
+	busy := dial(t, TCP, ap(t, "127.0.0.2", port), ClientOptions{})
+	ctx := callCtx(t)
+	for range 3 {
+		if _, err := busy.Call(ctx, testProg, 1, procEcho, nil); err != nil {
+			t.Fatalf("a new client past the cap: %v", err)
+		}
+	}
+	// One of the idle connections (the idlest, as far as the server's
+	// coarse clock tells) was closed to make room.
+	closed := 0
+	for _, c := range idle {
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			closed++
+		}
+	}
+	if closed != 1 {
+		t.Fatalf("%d idle connections closed, want 1", closed)
+	}
+	if s.Stats().ConnsEvicted != 1 {
+		t.Fatalf("evicted %d", s.Stats().ConnsEvicted)
 	}
 }
 

@@ -82,6 +82,9 @@ func (s *Server) trackConn(c *serverConn, add bool) bool {
 		if s.shutdown.Load() {
 			return false
 		}
+		if s.MaxConns > 0 && len(s.conns) >= s.MaxConns {
+			s.evictIdlest()
+		}
 		s.conns[c] = struct{}{}
 		s.active.Add(1)
 	} else {
@@ -89,6 +92,30 @@ func (s *Server) trackConn(c *serverConn, add bool) bool {
 		s.active.Done()
 	}
 	return true
+}
+
+// evictIdlest closes the connection that has been idle longest (none with
+// a call in progress or a record arriving, if it can help it); s.mu is
+// held. A scan, but only when the server is full.
+func (s *Server) evictIdlest() {
+	var victim *serverConn
+	var vBusy bool
+	var vSince int64
+	for c := range s.conns {
+		if c.closed.Load() {
+			continue
+		}
+		busy := c.busy.Load() != 0 || c.recordStart.Load() != 0
+		since := c.lastActive.Load()
+		if victim == nil || (vBusy && !busy) || (vBusy == busy && since < vSince) {
+			victim, vBusy, vSince = c, busy, since
+		}
+	}
+	if victim != nil {
+		s.stats.evicted.Add(1)
+		s.logger().Debug("sunrpc: closing the idlest connection to make room", "remote", victim.remote)
+		victim.abort()
+	}
 }
 
 // serverConn is one TCP connection.

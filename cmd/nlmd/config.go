@@ -45,6 +45,7 @@ type fileConfig struct {
 	NFSServer     *string   `yaml:"nfs_server"`
 	MaxLocks      *int64    `yaml:"max_locks_per_host"`
 	MaxPerAddr    *int      `yaml:"max_clients_per_address"`
+	MaxConns      *int      `yaml:"max_connections"`
 	MaxBlocked    *int64    `yaml:"max_blocked_per_host"`
 	MaxShares     *int64    `yaml:"max_shares_per_host"`
 	MaxRequest    *int      `yaml:"max_request_size"`
@@ -115,6 +116,7 @@ func loadConfig(path string, o *options) error {
 	setp(&o.nfsServer, c.NFSServer)
 	setp(&o.locksPerHost, c.MaxLocks)
 	setp(&o.namesPerAddr, c.MaxPerAddr)
+	setp(&o.maxConns, c.MaxConns)
 	setp(&o.blockedPerHst, c.MaxBlocked)
 	setp(&o.sharesPerHost, c.MaxShares)
 	setp(&o.maxRecord, c.MaxRequest)

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -50,6 +51,24 @@ type daemon struct {
 	started   time.Time
 }
 
+// connLimits returns the caps of NLM and NSM TCP connections. Given one
+// (--max-connections), it is NLM's; by default the process's descriptor
+// limit less a reserve for state files, callbacks, listeners and the
+// control and metrics sockets (an eighth, at least 256) is shared out, a
+// quarter to NSM (local lock managers, reboot notifications over TCP).
+func connLimits(nlm int) (int, int) {
+	if nlm <= 0 {
+		var rl syscall.Rlimit
+		if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<24 {
+			return 0, 0 // unknown or as good as none: no cap
+		}
+		n := int(rl.Cur)
+		total := max(n-max(256, n/8), 64)
+		return max(total*3/4, 32), max(total/4, 16)
+	}
+	return nlm, max(nlm/4, 16)
+}
+
 func parseVIPs(specs []string) ([]virtualserver.Spec, error) {
 	var out []virtualserver.Spec
 	for _, s := range specs {
@@ -73,8 +92,9 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
 	// in bursts of hundreds of datagrams, and a datagram dropped by the
 	// kernel costs its sender a retransmission timeout.
-	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics}
-	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics}
+	nlmConns, nsmConns := connLimits(o.maxConns)
+	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nlmConns}
+	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nsmConns}
 	d.registry = virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, GraceQuiet: o.graceQuiet,
 		// Hooks into the manager, which exists by the first request.
 		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return d.mgr.TakeoverHook(s) },

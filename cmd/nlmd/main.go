@@ -55,6 +55,7 @@ type options struct {
 	nfsServer     string
 	locksPerHost  int64
 	namesPerAddr  int
+	maxConns      int
 	blockedPerHst int64
 	sharesPerHost int64
 	maxRecord     int
@@ -131,6 +132,8 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringVar(&o.haCallout, "ha-callout", o.haCallout, "program run like rpc.statd's --ha-callout: add-client MON_NAME MY_NAME, del-client MON_NAME MY_NAME, sm-notify MON_NAME SENDER STATE")
 	fs.DurationVar(&o.calloutWait, "ha-callout-timeout", o.calloutWait, "how long one HA callout may run before it is killed")
 	fs.StringVar(&o.nfsServer, "nfs-server", o.nfsServer, "NFS server to check NLMv4 file handles with (HOST or HOST:PORT); unknown handles get NLM4_STALE_FH. Empty: handles are not checked")
+	fs.IntVar(&o.maxConns, "max-connections", o.maxConns,
+		"TCP connections NLM serves at once; a new one past it closes the longest idle (0: the descriptor limit less a reserve for state files and callbacks)")
 	fs.IntVar(&o.namesPerAddr, "max-clients-per-address", o.namesPerAddr,
 		"client hosts (caller_names) one address may have through one virtual server, with their owners and monitor records (0: no limit); a request under one more name is DENIED_NOLOCKS. Raise it for many clients behind one NAT address")
 	fs.Int64Var(&o.locksPerHost, "max-locks-per-host", o.locksPerHost, "lock ranges one client host may hold (0: no limit); beyond it LOCK is DENIED_NOLOCKS")

@@ -86,7 +86,7 @@ type stateCollector struct {
 	d *daemon
 
 	vipInfo, epoch, graceActive, graceLeft, locks, blocked, shares, clients, nsmState, notify *prometheus.Desc
-	callbacks, nsmNotify, nsmRefused, nsmCallbackFail, rpcDrops                               *prometheus.Desc
+	callbacks, nsmNotify, nsmRefused, nsmCallbackFail, rpcDrops, refusedNames                 *prometheus.Desc
 }
 
 func newStateCollector(d *daemon) *stateCollector {
@@ -103,16 +103,17 @@ func newStateCollector(d *daemon) *stateCollector {
 		nsmState:        prometheus.NewDesc("nlm_nsm_state", "The virtual server's NSM state number.", vip, nil),
 		notify:          prometheus.NewDesc("nlm_notify_clients", "Clients of the virtual server's last SM_NOTIFY round, by result (done, failed, pending).", []string{"vip", "result"}, nil),
 		callbacks:       prometheus.NewDesc("nlm_granted_callbacks_total", "GRANTED callbacks, by result (accepted, refused, failed attempt).", []string{"result"}, nil),
-		nsmNotify:       prometheus.NewDesc("nlm_nsm_notifications_received_total", "SM_NOTIFY received from clients, by result (accepted, duplicate, unknown).", []string{"result"}, nil),
+		nsmNotify:       prometheus.NewDesc("nlm_nsm_notifications_received_total", "SM_NOTIFY received from clients, by result (accepted, duplicate, unknown, queue_full).", []string{"result"}, nil),
 		nsmRefused:      prometheus.NewDesc("nlm_nsm_refused_total", "SM_MON, SM_UNMON, SM_UNMON_ALL and SM_SIMU_CRASH refused.", nil, nil),
 		nsmCallbackFail: prometheus.NewDesc("nlm_nsm_callback_failures_total", "Reboot callbacks to local lock managers (SM_MON) that failed.", nil, nil),
-		rpcDrops:        prometheus.NewDesc("nlm_rpc_dropped_total", "Datagrams and messages dropped by the RPC servers, by reason.", []string{"server", "reason"}, nil),
+		rpcDrops:        prometheus.NewDesc("nlm_rpc_dropped_total", "Datagrams, messages and connections dropped by the RPC servers, by reason.", []string{"server", "reason"}, nil),
+		refusedNames:    prometheus.NewDesc("nlm_refused_caller_names_total", "Requests refused because their address has as many caller_names as allowed (--max-clients-per-address).", nil, nil),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.vipInfo, c.epoch, c.graceActive, c.graceLeft, c.locks, c.blocked, c.shares, c.clients,
-		c.nsmState, c.notify, c.callbacks, c.nsmNotify, c.nsmRefused, c.nsmCallbackFail, c.rpcDrops} {
+		c.nsmState, c.notify, c.callbacks, c.nsmNotify, c.nsmRefused, c.nsmCallbackFail, c.rpcDrops, c.refusedNames} {
 		ch <- d
 	}
 }
@@ -153,6 +154,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.nsmNotify, ms.NotifyAccepted.Load(), "accepted")
 	counter(c.nsmNotify, ms.NotifyDuplicate.Load(), "duplicate")
 	counter(c.nsmNotify, ms.NotifyUnknown.Load(), "unknown")
+	counter(c.nsmNotify, ms.NotifyDropped.Load(), "queue_full")
 	counter(c.nsmRefused, ms.Rejected.Load())
 	counter(c.nsmCallbackFail, ms.CallbackFailed.Load())
 	for name, srv := range map[string]*sunrpc.Server{"nlm": c.d.rpc, "nsm": c.d.nsmRPC} {
@@ -162,5 +164,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.rpcDrops, st.StoppedDrops, name, "address_stopped")
 		counter(c.rpcDrops, st.MalformedHeaders, name, "malformed")
 		counter(c.rpcDrops, st.RecordErrors, name, "bad_record")
+		counter(c.rpcDrops, st.ConnsEvicted, name, "connection_evicted")
 	}
+	counter(c.refusedNames, ns.TooManyNames.Load())
 }
