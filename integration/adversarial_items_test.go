@@ -83,7 +83,7 @@ const (
 	advCallersCount       = 3000
 	advMaxRecordsPerAddr  = 1024
 	advMaxHeapGrowthMB    = 32
-	advPerAddressLogMatch = `(?i)per[- ]address`
+	advPerAddressLogMatch = `(?i)level=warn.*(too many|limit|refus).*address`
 	// Item 9: the malformed flood and the log lines it may cause (a
 	// summary every few seconds, not a line per record).
 	advGarbageFor      = 8 * time.Second
@@ -100,12 +100,6 @@ const (
 	// opens whatever window there is between bind and chmod.
 	advChmodDelay = 500 * time.Millisecond
 )
-
-// advStormArgs are nlmd flags for items 1 and 6, whose storms need one
-// address with many caller_names: once nlmd bounds clients per address
-// (item 8), these items must lift that bound (e.g. a flag setting it to
-// 0), or they would test item 8's bound rather than their own fix.
-var advStormArgs []string
 
 // lockCallers has the remote host lock byte i of one file under caller_name
 // PREFIXi, for i < n, and reports what it was told.
@@ -133,7 +127,7 @@ func (e *advEnv) lockCallers(t *testing.T, r *advReport, prefix string, n int) m
 // and a real client's own reboot notification must drop its lock within
 // advRebootActedMax.
 func advNotifyStorm(e *advEnv, t *testing.T, r *advReport) {
-	d := e.startNlmd(t, advNlmdOpts{extra: advStormArgs})
+	d := e.startNlmd(t, advNlmdOpts{extra: e.stormArgs})
 	held := r.hold()
 	e.lockCallers(t, r, "adv-storm-", e.n(advStormCallers))
 	real := netip.MustParseAddr("127.0.0.5")
@@ -472,7 +466,7 @@ func advPortmapperOwners(e *advEnv, t *testing.T, r *advReport) {
 // within its --shutdown-timeout (plus a margin), and the released virtual
 // server's sm/ must not change after its release snapshot was written.
 func advShutdownFence(e *advEnv, t *testing.T, r *advReport) {
-	opts := advNlmdOpts{extra: append([]string{"--shutdown-timeout", advShutdownTimeout.String()}, advStormArgs...)}
+	opts := advNlmdOpts{extra: append([]string{"--shutdown-timeout", advShutdownTimeout.String()}, e.stormArgs...)}
 	d := e.startNlmd(t, opts)
 	held := r.hold()
 	e.lockCallers(t, r, "adv-shut-", e.n(advShutdownCallers))
