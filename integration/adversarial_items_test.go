@@ -709,6 +709,7 @@ func advDNS(e *advEnv, t *testing.T, r *advReport) {
 // it must never be reachable by others (world-writable with searchable
 // parents), and uid 65534, trying to connect all along, must never get in.
 func advControlSocket(e *advEnv, t *testing.T, r *advReport) {
+	requirePeers(t, "strace")
 	base, err := os.MkdirTemp("", "nlmha-adv-ctl-")
 	if err != nil {
 		t.Fatal(err)

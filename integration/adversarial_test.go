@@ -57,7 +57,7 @@ func TestAdversarial(t *testing.T) {
 	if _, err := os.Stat(binary(t, "nlmattack")); err != nil {
 		t.Fatalf("nlmattack not built in NLMHA_BIN=%s: %v", os.Getenv("NLMHA_BIN"), err)
 	}
-	if !inNetns(t, "prlimit", "strace") {
+	if !inNetns(t, "prlimit") {
 		return
 	}
 	e := newAdvEnv(t)
