@@ -292,6 +292,31 @@ func (f *File) RemoveWaiter(w *Waiter) {
 	f.compact()
 }
 
+// RemoveWaiters takes several blocked requests out of the queue in one
+// pass (a release that grants thousands at once would otherwise walk the
+// queue once per grant).
+func (f *File) RemoveWaiters(ws []*Waiter) {
+	if f.more == nil || len(ws) == 0 {
+		return
+	}
+	if len(ws) == 1 {
+		f.RemoveWaiter(ws[0])
+		return
+	}
+	gone := make(map[*Waiter]struct{}, len(ws))
+	for _, w := range ws {
+		gone[w] = struct{}{}
+	}
+	f.more.waiters = slices.DeleteFunc(f.more.waiters, func(w *Waiter) bool {
+		if _, ok := gone[w]; ok {
+			f.note(w.Owner, w.Owner.Host, 0, -1, 0)
+			return true
+		}
+		return false
+	})
+	f.compact()
+}
+
 // Shares returns the share reservations. The slice must not be changed.
 func (f *File) Shares() []*Share {
 	if f.more == nil {

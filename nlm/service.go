@@ -99,6 +99,10 @@ type Stats struct {
 	GrantedCallbacks atomic.Uint64 // GRANTED callbacks the client took
 	RefusedCallbacks atomic.Uint64 // ... it refused (the grant was taken back)
 	CallbackFailures atomic.Uint64 // failed attempts (retried with backoff)
+	CallbacksGivenUp atomic.Uint64 // GRANTED callbacks never answered in their lifetime (the lock stays granted)
+	CallbacksDropped atomic.Uint64 // callbacks left out by a bound (peers, per-peer queue)
+	ResDropped       atomic.Uint64 // *_RES calls not sent (no port known, or the send failed)
+	PortLookups      atomic.Uint64 // lookups of clients' lockd ports (rpcbind queries)
 	TooManyNames     atomic.Uint64 // requests refused: their address has too many caller_names
 }
 

@@ -475,7 +475,8 @@ func wake(f *dlm.File) []Grant {
 	var grants []Grant
 	for again := true; again && len(f.Waiters()) > 0; {
 		again = false
-		for _, w := range slices.Clone(f.Waiters()) {
+		var granted []*dlm.Waiter
+		for _, w := range f.Waiters() {
 			if conflict(f, w.Owner, w.Range, w.Exclusive) != nil {
 				continue
 			}
@@ -486,13 +487,16 @@ func wake(f *dlm.File) []Grant {
 				}
 				return true
 			})
-			f.RemoveWaiter(w)
 			var buf [8]*dlm.Held
 			if applyNear(f, w.Owner, w.Range, w.Exclusive, w.Epoch, w.Since, touching(f, w.Range, buf[:0])) {
 				again = true
 			}
+			granted = append(granted, w)
 			grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
 		}
+		// Out of the queue in one pass, after it (what is granted is held
+		// already, which is what later waiters are checked against).
+		f.RemoveWaiters(granted)
 	}
 	return grants
 }
