@@ -755,6 +755,21 @@ func advControlSocket(e *advEnv, t *testing.T, r *advReport) {
 		"-e", fmt.Sprintf("inject=chmod,fchmod,fchmodat:delay_enter=%d", advChmodDelay.Microseconds())}
 	d := e.startNlmd(t, advNlmdOpts{state: state, wrap: wrap, umask0: true, noWait: true,
 		extra: []string{"--control-socket", sock}})
+	// Under strace nlmd is strace's child, which strace leaves running if
+	// it is itself killed: stop nlmd itself, so that it releases and exits
+	// as it would (this runs before startNlmd's cleanup).
+	t.Cleanup(func() {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", d.pid, d.pid))
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				syscall.Kill(pid, syscall.SIGTERM)
+			}
+		}
+		select {
+		case <-d.done:
+		case <-time.After(10 * time.Second):
+		}
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for {
@@ -774,15 +789,6 @@ func advControlSocket(e *advEnv, t *testing.T, r *advReport) {
 		Errors              map[string]int
 	}
 	intruder.finish(t, 20*time.Second, &ir)
-	// Under strace nlmd is strace's child: stop nlmd itself, so that it
-	// releases and exits as it would.
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", d.pid, d.pid)); err == nil {
-		for _, f := range strings.Fields(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				syscall.Kill(pid, syscall.SIGTERM)
-			}
-		}
-	}
 	var seen []string
 	world := 0
 	for _, l := range looks {
