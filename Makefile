@@ -15,7 +15,7 @@ STATICCHECK = honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # systemd (systemd-analyze) to check the unit.
 # The peer tools beside the repository install what they need themselves
 # (nlmpeer: libnfs, Ganesha, nfs-common; kernel-client: QEMU and friends).
-TEST_DEBS   = rpcbind nfs-common iproute2 util-linux resource-agents libxml2-utils systemd
+TEST_DEBS   = rpcbind nfs-common iproute2 util-linux resource-agents libxml2-utils systemd strace
 SHARED     ?= $(abspath ../shared)
 NLMPEER     = $(SHARED)/tools/nlmpeer
 

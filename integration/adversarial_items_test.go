@@ -64,6 +64,9 @@ const (
 	advMsgCount      = 8000
 	advMsgRate       = 10000
 	advMsgPacketsPer = 1.0
+	// Beyond one reply's worth per datagram, a few port lookups of the
+	// source (its absence is remembered, for longer each time).
+	advMsgExtraPackets = 8
 	// Item 6: records and pipelined notifications at SIGTERM; the
 	// shutdown timeout and the margin allowed past it.
 	advShutdownCallers  = 250
@@ -284,8 +287,9 @@ func advMsgFlood(e *advEnv, t *testing.T, r *advReport) {
 	received := m.sum("nlm_rpc_requests_total", `procedure="TEST_MSG"`) + drops
 	r.figure("TEST_MSG received by nlmd", "%.0f (%.0f of them dropped)", received, drops)
 	per := float64(rx) / max(1, received)
-	r.check("packets toward the source per datagram received", per <= advMsgPacketsPer, fmt.Sprintf("%.2f (%d packets)", per, rx),
-		fmt.Sprintf("≤ %.1f", advMsgPacketsPer))
+	r.check("packets toward the source per datagram received", float64(rx) <= advMsgPacketsPer*received+advMsgExtraPackets,
+		fmt.Sprintf("%.4f (%d packets for %.0f datagrams)", per, rx, received),
+		fmt.Sprintf("≤ %.1f per datagram + %d lookups", advMsgPacketsPer, advMsgExtraPackets))
 	r.probe(base, under)
 	r.resources(peak, advDefaultBounds)
 	r.serving(d)
@@ -559,6 +563,12 @@ func advDescriptors(e *advEnv, t *testing.T, r *advReport) {
 // Its monitor records must stay under a per-address bound, past which it
 // is told DENIED_NOLOCKS and nlmd logs why; memory must come back.
 func advCallersPerAddress(e *advEnv, t *testing.T, r *advReport) {
+	// The attack is 3 000 LOCKs sent as fast as they go: nlmd serves (or
+	// refuses) each on its one CPU, and the good client's calls queue
+	// behind them for the length of the burst (44–72 ms measured), which no
+	// fix of the per-address bound shortens. What it must not do is stall:
+	// before the bound, 3 000 durable records made it 197 ms.
+	r.floor = 150 * time.Millisecond
 	d := e.startNlmd(t, advNlmdOpts{})
 	held := r.hold()
 	base := e.baseline(t, false)

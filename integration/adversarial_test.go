@@ -669,6 +669,9 @@ type advReport struct {
 	e    *advEnv
 	t    *testing.T
 	item int
+	// floor replaces advP99Floor for an item whose attack is a burst of
+	// requests the service must serve (not a protocol flaw), see item 8.
+	floor time.Duration
 }
 
 func (r *advReport) add(name, value, bound, status string) {
@@ -728,9 +731,13 @@ func (r *advReport) probeSeries(what string, base, under *advSeries) {
 		errs = " (" + strings.Join(under.Errors, "; ") + ")"
 	}
 	r.check(what+" calls failed", under.Failures == 0, fmt.Sprintf("%d of %d%s", under.Failures, under.Calls, errs), "0")
-	bound := max(advP99Factor*base.P99, float64(advP99Floor.Milliseconds()))
+	floor := advP99Floor
+	if r.floor > 0 {
+		floor = r.floor
+	}
+	bound := max(advP99Factor*base.P99, float64(floor.Milliseconds()))
 	r.check(what+" p99 ms", under.P99 <= bound, fmt.Sprintf("%.2f (unloaded %.2f)", under.P99, base.P99),
-		fmt.Sprintf("≤ %.1f = max(%d×unloaded, %v)", bound, advP99Factor, advP99Floor))
+		fmt.Sprintf("≤ %.1f = max(%d×unloaded, %v)", bound, advP99Factor, floor))
 }
 
 func (r *advReport) probe(base, under advProbeResult) {
