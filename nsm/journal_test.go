@@ -155,3 +155,21 @@ func TestNameLookupsOffTheWorkers(t *testing.T) {
 		t.Fatalf("cached SM_STAT: %+v after %v", out, took)
 	}
 }
+
+// A client record's file name carries its address, which is what starts
+// the notification before the records are read.
+func TestClientOfFile(t *testing.T) {
+	for _, a := range []string{"127.0.0.1", "192.0.2.77", "::1", "2001:db8::7", "fe80::1"} {
+		addr := netip.MustParseAddr(a)
+		r := clientRecord(Client{Caller: "some-name", Addr: addr}, "vip", time.Now())
+		got, ok := clientOfFile(r.fileName())
+		if !ok || got != addr {
+			t.Fatalf("%s: %v %v from %q", a, got, ok, r.fileName())
+		}
+	}
+	for _, n := range []string{"sm_mon-0011223344556677.json", "client-127.0.0.1.json", "client-nope-0011223344556677.json", "client-127.0.0.1-00112233.json"} {
+		if a, ok := clientOfFile(n); ok {
+			t.Fatalf("%q read as %v", n, a)
+		}
+	}
+}

@@ -261,6 +261,12 @@ type prepared struct {
 // over. It notifies nobody yet: the caller sets up the grace period that
 // waits for Started.Clients first, then calls Notify, so that no answer to
 // a notification comes back before the period that counts it.
+//
+// The records themselves load after Start returns: who is to be notified
+// is known from the notify list's file names, so the first SM_NOTIFY can
+// leave at once (100 000 records take about a second to read); whatever
+// needs the records (monitoring, reboot notifications, the admin's
+// queries) waits for them.
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
@@ -268,17 +274,22 @@ func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, erro
 	s.mu.Lock()
 	s.vips[a] = v
 	s.mu.Unlock()
-	var st Started
-	st, v.err = s.start(v, mode)
-	close(v.ready)
-	if v.err != nil {
+	st, load, err := s.start(v, mode)
+	if err != nil {
+		v.err = err
+		close(v.ready)
 		s.mu.Lock()
 		if s.vips[a] == v {
 			delete(s.vips, a)
 		}
 		s.mu.Unlock()
+		return st, err
 	}
-	return st, v.err
+	s.wg.Go(func() {
+		load()
+		close(v.ready)
+	})
+	return st, nil
 }
 
 // Detach stops the status monitor of a virtual server this node releases:
@@ -341,18 +352,85 @@ func (s *Service) lookupVIP(ctx context.Context, a netip.Addr) (*vip, error) {
 // ErrNotServed reports an address that is not a virtual server here.
 var ErrNotServed = errors.New("nsm: not a virtual server of this node")
 
-func (s *Service) start(v *vip, mode StartMode) (Started, error) {
+// start does what Start must before it returns — the directory, the
+// state number, the retired monitor list, the notification prepared from
+// the notify list's names — and returns what loads the records.
+func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	st, err := openStore(VIPDir(s.cfg.StateDir, v.vs.Addr().String()))
 	if err != nil {
-		return Started{}, err
+		return Started{}, nil, err
 	}
 	v.st = st
 	v.setRecs(map[string]*entry{})
 	v.writing = map[string]chan struct{}{}
+	v.io.Lock()
+	defer v.io.Unlock()
+	var state int32
 	if mode == Adopt {
-		return s.adopt(v)
+		state, err = s.adoptState(v)
+	} else {
+		state, err = s.restartState(v)
 	}
-	return s.restart(v, false)
+	if err != nil {
+		return Started{}, nil, err
+	}
+	names, err := v.st.list(notifyDir)
+	if err != nil {
+		return Started{}, nil, err
+	}
+	targets := s.targetsOf(v, names)
+	if mode == Restart || len(targets) > 0 {
+		s.prepare(v, state, targets)
+	}
+	load := func() {
+		v.io.Lock()
+		defer v.io.Unlock()
+		if mode == Adopt {
+			s.adoptLists(v, state)
+		} else {
+			s.restartLists(v, state)
+		}
+	}
+	return Started{State: state, Clients: clientsOf(targets)}, load, nil
+}
+
+// targetsOf returns who a notify list names are to be notified: a client
+// by the address its file's name carries (no need to read it), any other
+// record read now (SM_MON records, a handful).
+func (s *Service) targetsOf(v *vip, names []string) []loaded {
+	out := make([]loaded, 0, len(names))
+	var others []string
+	for _, n := range names {
+		if a, ok := clientOfFile(n); ok {
+			out = append(out, loaded{file: n, rec: &Record{Kind: KindClient, MonName: a.String(), Addrs: []netip.Addr{a}}})
+		} else {
+			others = append(others, n)
+		}
+	}
+	if len(others) > 0 {
+		for _, l := range s.load(v, notifyDir) {
+			if slices.Contains(others, l.file) {
+				out = append(out, l)
+			}
+		}
+	}
+	return out
+}
+
+// clientOfFile reads the address in a client record's file name
+// ("client-ADDRESS-DIGEST.json", see Record.fileName).
+func clientOfFile(name string) (netip.Addr, bool) {
+	rest, ok := strings.CutPrefix(name, KindClient+"-")
+	if !ok {
+		return netip.Addr{}, false
+	}
+	rest, ok = strings.CutSuffix(rest, ".json")
+	i := strings.LastIndexByte(rest, '-')
+	if !ok || i < 0 || len(rest)-i-1 != 16 {
+		return netip.Addr{}, false
+	}
+	a, err := netip.ParseAddr(rest[:i])
+	return a.Unmap(), err == nil
 }
 
 // load reads a list, setting damaged records aside.
@@ -378,7 +456,8 @@ func clientsOf(list []loaded) []netip.Addr {
 }
 
 // restart bumps the state and retires the monitor list, to be notified
-// (at once with launch, else by Notify).
+// (at once with launch, else by Notify): SM_SIMU_CRASH, an admin's
+// renotify. The virtual server is served; its records load right here.
 func (s *Service) restart(v *vip, launch bool) (Started, error) {
 	v.io.Lock()
 	defer v.io.Unlock()
@@ -389,22 +468,11 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 		stop()
 		<-done
 	}
-	prev, rerr := v.st.readState()
-	if rerr != nil {
-		s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
-	}
-	state := nextState(prev, rerr, time.Now())
-	if err := v.st.writeState(state); err != nil {
+	state, err := s.restartState(v)
+	if err != nil {
 		return Started{}, err
 	}
-	if err := v.st.retire(); err != nil {
-		return Started{}, err
-	}
-	list := s.load(v, notifyDir)
-	s.loadStates(v, list)
-	s.setLists(v, state, map[string]*entry{}, list)
-	s.foldJournal(v)
-	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
+	list := s.restartLists(v, state)
 	s.prepare(v, state, list)
 	if launch {
 		s.launch(v)
@@ -412,11 +480,36 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 	return Started{State: state, Clients: clientsOf(list)}, nil
 }
 
-// adopt carries the state number and the monitor list on, and resumes the
-// notification of what was left to notify.
-func (s *Service) adopt(v *vip) (Started, error) {
-	v.io.Lock()
-	defer v.io.Unlock()
+// restartState bumps the state number and retires the monitor list to
+// the notify list; v.io is held.
+func (s *Service) restartState(v *vip) (int32, error) {
+	prev, rerr := v.st.readState()
+	if rerr != nil {
+		s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
+	}
+	state := nextState(prev, rerr, time.Now())
+	if err := v.st.writeState(state); err != nil {
+		return 0, err
+	}
+	if err := v.st.retire(); err != nil {
+		return 0, err
+	}
+	return state, nil
+}
+
+// restartLists loads the notify list after a restart; v.io is held.
+func (s *Service) restartLists(v *vip, state int32) []loaded {
+	list := s.load(v, notifyDir)
+	s.loadStates(v, list)
+	s.setLists(v, state, map[string]*entry{}, list)
+	s.foldJournal(v)
+	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
+	return list
+}
+
+// adoptState carries the state number on (a damaged or missing one starts
+// from the clock); v.io is held.
+func (s *Service) adoptState(v *vip) (int32, error) {
 	state, rerr := v.st.readState()
 	if rerr != nil || state == 0 {
 		if rerr != nil {
@@ -424,9 +517,15 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		}
 		state = nextState(state, rerr, time.Now())
 		if err := v.st.writeState(state); err != nil {
-			return Started{}, err
+			return 0, err
 		}
 	}
+	return state, nil
+}
+
+// adoptLists loads the monitor and notify lists as they are; v.io is
+// held.
+func (s *Service) adoptLists(v *vip, state int32) {
 	recs := map[string]*entry{}
 	sm := s.load(v, smDir)
 	list := s.load(v, notifyDir)
@@ -439,10 +538,6 @@ func (s *Service) adopt(v *vip) (Started, error) {
 		s.foldJournal(v)
 	}
 	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
-	if len(list) > 0 {
-		s.prepare(v, state, list)
-	}
-	return Started{State: state, Clients: clientsOf(list)}, nil
 }
 
 // setLists installs a started virtual server's state number and records:
@@ -509,12 +604,18 @@ func (v *vip) index(e *entry) {
 	}
 }
 
-// names are the names a notification may call the record's host by.
+// names are the names a notification may call the record's host by, but
+// for a mon_name that is one of its addresses (a client's always is): that
+// one is found through byAddr (see matching).
 func (e *entry) names() []string {
-	if e.rec.Caller != "" && e.rec.Caller != e.rec.MonName {
-		return []string{e.rec.MonName, e.rec.Caller}
+	var out []string
+	if a, err := netip.ParseAddr(e.rec.MonName); err != nil || !slices.ContainsFunc(e.rec.Addrs, func(x netip.Addr) bool { return x.Unmap() == a.Unmap() }) {
+		out = append(out, e.rec.MonName)
 	}
-	return []string{e.rec.MonName}
+	if e.rec.Caller != "" && e.rec.Caller != e.rec.MonName {
+		out = append(out, e.rec.Caller)
+	}
+	return out
 }
 
 // matching returns the records a notification from sender naming monName
@@ -611,17 +712,19 @@ func (s *Service) prepare(v *vip, state int32, list []loaded) {
 // Notify sends the notifications that the start of the virtual server vs
 // prepared (none after a planned takeover with nobody left to notify).
 func (s *Service) Notify(vs *virtualserver.Server) error {
-	v, err := s.vipFor(context.Background(), vs)
-	if err != nil {
-		return err
+	// Not waiting for the records to load: the notification needs none.
+	s.mu.Lock()
+	v := s.vips[vs.Addr()]
+	s.mu.Unlock()
+	if v == nil || v.vs != vs {
+		return fmt.Errorf("%w: %v", ErrNotServed, vs.Addr())
 	}
-	v.io.Lock()
-	defer v.io.Unlock()
 	s.launch(v)
 	return nil
 }
 
-// launch starts the prepared notification, if any; v.io is held.
+// launch starts the prepared notification, if any; v.io is held, or the
+// records are still loading (nothing else restarts the virtual server).
 func (s *Service) launch(v *vip) {
 	v.mu.Lock()
 	p := v.toNotify
@@ -636,7 +739,12 @@ func (s *Service) launch(v *vip) {
 func (s *Service) notify(v *vip, state int32, list []loaded) {
 	from := netip.AddrPortFrom(v.vs.Addr(), s.cfg.Port)
 	j := newJob(s.cfg.Notify, s.cfg.RPC, from, v.vs.Name(), state, list, time.Now())
-	rm := newAcker(func(files []string) { s.acked(v, files) })
+	// Answers are acted on once the records are loaded (they may come
+	// first: the notification starts from the list's names).
+	rm := newAcker(func(files []string) {
+		<-v.ready
+		s.acked(v, files)
+	})
 	j.acked = rm.add
 	vs := v.vs
 	j.settled = func(client netip.Addr, answered bool) {

@@ -138,26 +138,16 @@ type damaged struct {
 // the CPUs Go may use: 100 000 records on tmpfs took 1.3 s, now 0.85 s on
 // one CPU (nlmd's default), 0.5 s on two.
 func (s *store) load(sub string) ([]loaded, []damaged) {
+	names, err := s.list(sub)
+	if err != nil {
+		return nil, []damaged{{err: err}}
+	}
 	dir := filepath.Join(s.dir, sub)
 	d, err := os.Open(dir)
 	if err != nil {
 		return nil, []damaged{{err: fmt.Errorf("nsm: reading %s: %w", dir, err)}}
 	}
 	defer d.Close()
-	// Unsorted (os.ReadDir would sort): one sort of what is kept does.
-	ents, err := d.ReadDir(-1)
-	if err != nil {
-		return nil, []damaged{{err: fmt.Errorf("nsm: reading %s: %w", dir, err)}}
-	}
-	names := make([]string, 0, len(ents))
-	for _, e := range ents {
-		name := e.Name()
-		if !e.Type().IsRegular() || strings.HasPrefix(name, virtualserver.TempPrefix) || !strings.HasSuffix(name, ".json") {
-			continue
-		}
-		names = append(names, name)
-	}
-	slices.Sort(names)
 	dfd := int(d.Fd())
 	recs := make([]*Record, len(names))
 	errs := make([]error, len(names))
@@ -195,6 +185,31 @@ func (s *store) load(sub string) ([]loaded, []damaged) {
 		out = append(out, loaded{file: name, rec: recs[i]})
 	}
 	return out, bad
+}
+
+// list returns the names of the record files of sub, sorted.
+func (s *store) list(sub string) ([]string, error) {
+	dir := filepath.Join(s.dir, sub)
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("nsm: reading %s: %w", dir, err)
+	}
+	defer d.Close()
+	// Unsorted (os.ReadDir would sort): one sort of what is kept does.
+	ents, err := d.ReadDir(-1)
+	if err != nil {
+		return nil, fmt.Errorf("nsm: reading %s: %w", dir, err)
+	}
+	names := make([]string, 0, len(ents))
+	for _, e := range ents {
+		name := e.Name()
+		if !e.Type().IsRegular() || strings.HasPrefix(name, virtualserver.TempPrefix) || !strings.HasSuffix(name, ".json") {
+			continue
+		}
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // readRecord reads and decodes the record in the file name of the
