@@ -809,19 +809,7 @@ func (c *rndClient) args(file string, hd holding, reclaim bool) *nlm.LockArgs {
 // call retries through the moments the address has no server until the
 // answer comes.
 func (c *rndClient) call(stop <-chan struct{}, fn func(ctx context.Context) (nlm.Stat, error)) (nlm.Stat, bool) {
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		st, err := fn(ctx)
-		cancel()
-		if err == nil {
-			return st, true
-		}
-		select {
-		case <-stop:
-			return 0, false
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	return callUntil(stop, fn, nil)
 }
 
 func (c *rndClient) lock(stop <-chan struct{}, file string, hd holding, reclaim bool) (nlm.Stat, bool) {

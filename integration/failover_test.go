@@ -200,6 +200,12 @@ func (c *simClient) args(file string, h holding, reclaim bool) *nlm.LockArgs {
 // call retries through the moments the address has no server (a move in
 // progress answers with ICMP unreachable or not at all) until the answer.
 func (c *simClient) call(stop <-chan struct{}, fn func(ctx context.Context) (nlm.Stat, error)) (nlm.Stat, bool) {
+	return callUntil(stop, fn, &c.errors)
+}
+
+// callUntil makes a call until it is answered (or stop), each try bounded
+// by a second, counting the failed tries in errs when given.
+func callUntil(stop <-chan struct{}, fn func(ctx context.Context) (nlm.Stat, error), errs *atomic.Int64) (nlm.Stat, bool) {
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		st, err := fn(ctx)
@@ -207,7 +213,9 @@ func (c *simClient) call(stop <-chan struct{}, fn func(ctx context.Context) (nlm
 		if err == nil {
 			return st, true
 		}
-		c.errors.Add(1)
+		if errs != nil {
+			errs.Add(1)
+		}
 		select {
 		case <-stop:
 			return 0, false
