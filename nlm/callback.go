@@ -392,9 +392,7 @@ func (c *callbacks) next(p *peer, err error) {
 	at := now
 	if err != nil {
 		at = now.Add(jitter(p.delay))
-		if len(p.jobs) > 0 {
-			c.s.log.Debug("nlm: callback failed; retrying", "client", p.key.addr, "err", err, "in", at.Sub(now), "queued", len(p.jobs))
-		}
+		c.s.log.Debug("nlm: callback failed; retrying", "client", p.key.addr, "err", err, "in", at.Sub(now), "queued", len(p.jobs))
 	}
 	c.scheduleLocked(p, at)
 }
@@ -435,8 +433,7 @@ func (c *callbacks) sendMsg(ctx context.Context, p *peer, vs *virtualserver.Serv
 	c.mu.Unlock()
 	var err error
 	if p.key.t == sunrpc.UDP {
-		err = c.s.cfg.RPC.SendPacket(netip.AddrPortFrom(vs.Addr(), c.s.cfg.Port), netip.AddrPortFrom(p.key.addr, p.port),
-			c.callMsg(vs, p.key.vers, ProcGrantedMsg, a))
+		err = c.datagram(p, vs, ProcGrantedMsg, a)
 	} else {
 		// Some clients treat *_MSG as one-way and never reply to the call
 		// itself: what counts is the GRANTED_RES.
@@ -549,8 +546,7 @@ func (c *callbacks) sendRes(p *peer, vs *virtualserver.Server, j *cbJob) {
 	client, err := c.client(ctx, p, vs)
 	if err == nil {
 		if p.key.t == sunrpc.UDP {
-			err = c.s.cfg.RPC.SendPacket(netip.AddrPortFrom(vs.Addr(), c.s.cfg.Port), netip.AddrPortFrom(p.key.addr, p.port),
-				c.callMsg(vs, p.key.vers, j.proc, j.body))
+			err = c.datagram(p, vs, j.proc, j.body)
 		} else {
 			_, err = client.Call(ctx, Prog, p.key.vers, j.proc, j.body)
 		}
@@ -561,11 +557,13 @@ func (c *callbacks) sendRes(p *peer, vs *virtualserver.Server, j *cbJob) {
 	}
 }
 
-// callMsg builds one call message, for a datagram sent once.
-func (c *callbacks) callMsg(vs *virtualserver.Server, vers, proc uint32, args []byte) []byte {
+// datagram sends one call to p's lockd from the virtual server's NLM
+// socket, once: no retransmission, and no reply awaited.
+func (c *callbacks) datagram(p *peer, vs *virtualserver.Server, proc uint32, args []byte) error {
 	h := sunrpc.CallHeader{XID: uint32(c.seq.Add(1)) ^ binary.BigEndian.Uint32(c.salt[:]), RPCVers: sunrpc.RPCVersion,
-		Prog: Prog, Vers: vers, Proc: proc, Cred: sunrpc.NewAuthSys(&sunrpc.AuthSysCred{MachineName: vs.Name()})}
-	return append(sunrpc.AppendCall(nil, &h), args...)
+		Prog: Prog, Vers: p.key.vers, Proc: proc, Cred: sunrpc.NewAuthSys(&sunrpc.AuthSysCred{MachineName: vs.Name()})}
+	return c.s.cfg.RPC.SendPacket(netip.AddrPortFrom(vs.Addr(), c.s.cfg.Port), netip.AddrPortFrom(p.key.addr, p.port),
+		append(sunrpc.AppendCall(nil, &h), args...))
 }
 
 // client returns p's RPC client, finding its lockd's port first: over UDP

@@ -35,17 +35,18 @@ type nameEntry struct {
 
 // Bounds of the name cache.
 const (
-	maxLookups   = 8
-	maxNames     = 4096
-	nameTTL      = time.Minute
-	nameFailTTL  = 10 * time.Second
-	nameTooMany  = "too many lookups in progress"
-	errNamesBusy = "nsm: " + nameTooMany
+	maxLookups  = 8
+	maxNames    = 4096
+	nameTTL     = time.Minute
+	nameFailTTL = 10 * time.Second
 )
 
 // errPending reports a lookup still running for a caller that does not
-// wait.
-var errPending = errors.New("nsm: name lookup in progress")
+// wait; errNamesBusy one not started for want of room.
+var (
+	errPending   = errors.New("nsm: name lookup in progress")
+	errNamesBusy = errors.New("nsm: too many name lookups in progress")
+)
 
 func newNames(r Resolver, timeout time.Duration) *names {
 	return &names{r: r, timeout: timeout, now: time.Now, entries: map[string]*nameEntry{}}
@@ -68,7 +69,7 @@ func (n *names) resolve(ctx context.Context, name string, wait bool) ([]netip.Ad
 	if e == nil {
 		if n.running >= maxLookups {
 			n.mu.Unlock()
-			return nil, errors.New(errNamesBusy)
+			return nil, errNamesBusy
 		}
 		if len(n.entries) >= maxNames {
 			n.evict(now)
