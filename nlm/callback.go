@@ -543,11 +543,14 @@ func (c *callbacks) respond(req *sunrpc.Request, proc uint32, body []byte) {
 func (c *callbacks) sendRes(p *peer, vs *virtualserver.Server, j *cbJob) {
 	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.Attempt)
 	defer cancel()
-	client, err := c.client(ctx, p, vs)
-	if err == nil {
-		if p.key.t == sunrpc.UDP {
+	var err error
+	if p.key.t == sunrpc.UDP {
+		if err = c.lookup(ctx, p, vs); err == nil {
 			err = c.datagram(p, vs, j.proc, j.body)
-		} else {
+		}
+	} else {
+		var client *sunrpc.Client
+		if client, err = c.client(ctx, p, vs); err == nil {
 			_, err = client.Call(ctx, Prog, p.key.vers, j.proc, j.body)
 		}
 	}
