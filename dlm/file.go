@@ -366,6 +366,9 @@ type Edit struct {
 	Deltas  []Delta
 	Fences  []Fence
 	Changed bool
+	// index finds an owner's delta once an edit touches many owners (a
+	// release granting thousands of waiters at once); small edits scan.
+	index map[deltaKey]int
 	// free recycles removed tree nodes into later inserts: a file that is
 	// locked and unlocked over and over allocates nothing. A backend whose
 	// Updates may re-run on a fresh copy of the state must use a new Edit
@@ -402,6 +405,14 @@ type Delta struct {
 	Locks, Blocked, Shares int64
 }
 
+type deltaKey struct {
+	o *Owner
+	h *Host
+}
+
+// indexFrom is the number of deltas from which note uses the index.
+const indexFrom = 16
+
 // Fence is a virtual-server epoch an edit wrote under.
 type Fence struct {
 	VIP   netip.Addr
@@ -413,6 +424,9 @@ func (e *Edit) Reset() {
 	e.Deltas = e.Deltas[:0]
 	e.Fences = e.Fences[:0]
 	e.Changed = false
+	if e.index != nil {
+		e.index = nil // rare and possibly large: not worth keeping
+	}
 }
 
 // Apply adds the deltas to the owners' and hosts' counters.
@@ -447,16 +461,40 @@ func (f *File) note(o *Owner, h *Host, locks, blocked, shares int64) {
 		return
 	}
 	e.Changed = true
+	i := e.deltaOf(o, h)
+	if i < 0 {
+		e.Deltas = append(e.Deltas, Delta{Owner: o, Host: h, Locks: locks, Blocked: blocked, Shares: shares})
+		if e.index != nil {
+			e.index[deltaKey{o, h}] = len(e.Deltas) - 1
+		}
+		return
+	}
+	d := &e.Deltas[i]
+	d.Locks += locks
+	d.Blocked += blocked
+	d.Shares += shares
+}
+
+// deltaOf finds the delta of (o, h), or -1.
+func (e *Edit) deltaOf(o *Owner, h *Host) int {
+	if e.index != nil {
+		if i, ok := e.index[deltaKey{o, h}]; ok {
+			return i
+		}
+		return -1
+	}
 	for i := range e.Deltas {
-		d := &e.Deltas[i]
-		if d.Owner == o && d.Host == h {
-			d.Locks += locks
-			d.Blocked += blocked
-			d.Shares += shares
-			return
+		if d := &e.Deltas[i]; d.Owner == o && d.Host == h {
+			return i
 		}
 	}
-	e.Deltas = append(e.Deltas, Delta{Owner: o, Host: h, Locks: locks, Blocked: blocked, Shares: shares})
+	if len(e.Deltas) >= indexFrom {
+		e.index = make(map[deltaKey]int, 2*len(e.Deltas))
+		for i, d := range e.Deltas {
+			e.index[deltaKey{d.Owner, d.Host}] = i
+		}
+	}
+	return -1
 }
 
 func (f *File) fence(vip netip.Addr, epoch uint64) {

@@ -159,3 +159,41 @@ func TestHeldSize(t *testing.T) {
 		t.Fatalf("Held is %d bytes, want 64", n)
 	}
 }
+
+// An edit that touches many owners (a release granting a whole queue)
+// keeps one delta per owner, past the point where it indexes them, and
+// across Reset.
+func TestEditManyOwners(t *testing.T) {
+	owners := testOwners(3 * indexFrom)
+	f := NewFile("f")
+	e := &Edit{}
+	f.Bind(f.State, e)
+	for round := range 2 {
+		var held []*Held
+		for i, o := range owners {
+			f.Insert(Lock{Owner: o, Range: Range{uint64(i), uint64(i) + 1}, Epoch: 1})
+			f.AddWaiter(&Waiter{Owner: o, Range: Range{100, 101}, Epoch: 1})
+		}
+		f.All(func(h *Held) bool { held = append(held, h); return true })
+		for _, h := range held[:len(held)/2] {
+			f.Remove(h)
+		}
+		if len(e.Deltas) != len(owners) {
+			t.Fatalf("round %d: %d deltas for %d owners", round, len(e.Deltas), len(owners))
+		}
+		for i, d := range e.Deltas {
+			want := int64(1)
+			if i < len(owners)/2 {
+				want = 0
+			}
+			if d.Owner != owners[i] || d.Locks != want || d.Blocked != 1 {
+				t.Fatalf("round %d: delta %d = %+v", round, i, d)
+			}
+		}
+		for _, h := range held[len(held)/2:] {
+			f.Remove(h)
+		}
+		f.RemoveWaiters(slices.Clone(f.Waiters()))
+		e.Reset()
+	}
+}

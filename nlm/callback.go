@@ -332,6 +332,12 @@ func (c *callbacks) attempt(p *peer) {
 		c.sendMsg(ctx, p, vs, client, j)
 		return
 	}
+	if j.args == nil {
+		// Made at the first attempt, not when queued: a release that
+		// grants thousands at once answers its caller first. The cookie
+		// stays the same over retries.
+		j.args = grantArgs(vs, j.grant, c.cookie())
+	}
 	res, err := client.Call(ctx, Prog, p.key.vers, ProcGranted, j.args)
 	if err != nil {
 		c.forgetPort(p)
@@ -492,9 +498,11 @@ func (c *callbacks) grantedRes(from netip.Addr, cookie []byte, st Stat) {
 	c.mu.Unlock()
 }
 
-// grant queues a GRANTED (or GRANTED_MSG) callback for each grant.
+// grant queues a GRANTED (or GRANTED_MSG) callback for each grant. What
+// does not fit in the queues is logged once per client host and call.
 func (c *callbacks) grant(grants []lockmgr.Grant) {
 	now := time.Now()
+	var full *dlm.Host
 	for i := range grants {
 		g := &grants[i]
 		w := g.Waiter
@@ -503,11 +511,9 @@ func (c *callbacks) grant(grants []lockmgr.Grant) {
 			continue
 		}
 		j := &cbJob{host: w.Owner.Host, grant: g, deadline: now.Add(c.cfg.Lifetime)}
-		if !w.Async {
-			j.args = grantArgs(vs, g, c.cookie())
-		}
 		key := peerKey{vip: vs.Addr(), addr: w.Owner.Host.Addr, vers: w.Vers, t: sunrpc.Transport(w.Transport)}
-		if !c.enqueue(key, vs, j) {
+		if !c.enqueue(key, vs, j) && full != w.Owner.Host {
+			full = w.Owner.Host
 			c.s.log.Warn("nlm: too many callbacks outstanding; the client will find its lock on its next request",
 				"client", w.Owner.Host.HostKey.String())
 		}

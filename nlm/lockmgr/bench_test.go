@@ -143,3 +143,49 @@ func BenchmarkTestConflict(b *testing.B) {
 		i++
 	}
 }
+
+// BenchmarkWakeMany is the release that grants n blocked requests at once:
+// a whole-file lock is unlocked while n other owners wait each for one
+// byte of it (issue 10's fan-out). The reply waits for this, so the cost
+// per grant must stay flat in n; it reports ns per grant.
+func BenchmarkWakeMany(b *testing.B) {
+	for _, n := range []int{100, 1000, 10000} {
+		b.Run(fmt.Sprintf("waiters=%d", n), func(b *testing.B) {
+			t := newTable(n + 1)
+			fh := []byte("file-handle-wake-many-padded-32b")
+			holder, whole := t.owners[n], dlm.Range{Start: 0, End: dlm.Inf}
+			for b.Loop() {
+				b.StopTimer()
+				if t.lock(fh, holder, whole) != Granted {
+					b.Fatal("the holder's lock was not granted")
+				}
+				for i := range n {
+					var st Status
+					t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+						st = t.m.Lock(f, &LockArgs{Owner: t.owners[i], Range: dlm.Range{Start: uint64(i), End: uint64(i) + 1},
+							Exclusive: true, Block: true, Epoch: 1}).Status
+						return nil
+					})
+					if st != Blocked {
+						b.Fatalf("waiter %d: %v", i, st)
+					}
+				}
+				b.StartTimer()
+				var grants int
+				t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+					grants = len(t.m.Unlock(f, holder, whole).Grants)
+					return nil
+				})
+				b.StopTimer()
+				if grants != n {
+					b.Fatalf("%d grants, want %d", grants, n)
+				}
+				for i := range n {
+					t.unlock(fh, t.owners[i], dlm.Range{Start: uint64(i), End: uint64(i) + 1})
+				}
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/grant")
+		})
+	}
+}
