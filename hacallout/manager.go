@@ -283,6 +283,9 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	m.cfg.Addrs.Stop(a)
 	snap, err := m.cfg.NLM.ReleaseVIP(ctx, a, vs.Epoch())
 	m.cfg.NSM.Detach(a)
+	// The address is served no more: every request the release cut off is
+	// known, and the next owner waits for those clients to send them again.
+	vs.FinishHandover(grace)
 	m.cfg.Registry.Finish(vs)
 	if snap != nil {
 		res.Locks, res.Waiters, res.Shares = snap.Counts()

@@ -171,8 +171,13 @@ func (h *randomRun) writeConfig(n *randomNode) {
 
 func (h *randomRun) startNode(n *randomNode) {
 	h.writeConfig(n)
+	// A simulated client does one call at a time: told to reclaim while a
+	// call of it is lost (cut off by a kill or a release), it reclaims only
+	// once that call times out (1 s) and is answered. The quiet time must
+	// exceed that, as --grace-quiet must exceed a real client's delay
+	// between answering SM_NOTIFY and reclaiming.
 	args := nlmdArgs(h.state, "--config", n.config, "--listen-mode", "vip", "--serve-unknown=false", "--rpcbind", "none",
-		"--control-socket", n.sock, "--log-level", "info", "--grace-period", "30s", "--grace-quiet", "1s", "--notify-timeout", "60s",
+		"--control-socket", n.sock, "--log-level", "info", "--grace-period", "30s", "--grace-quiet", "2s", "--notify-timeout", "60s",
 		"--shutdown-timeout", "10s")
 	os.Remove(n.sock)
 	n.p = startDaemon(h.t, h.bin, args...)
@@ -947,7 +952,8 @@ func (c *rndClient) doReclaim(stop <-chan struct{}) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.forfeited != nil && *c.forfeited == *held {
+	// By identity: a later lock of the same range is another lock.
+	if c.forfeited != nil && c.forfeited == held {
 		// An admin ended the grace period while this reclaim was on its
 		// way: the lock is not the client's any more.
 		c.forfeited = nil
@@ -968,16 +974,18 @@ func (c *rndClient) doReclaim(stop <-chan struct{}) {
 	}
 }
 
-// forfeit: the grace period ends by hand before the client reclaimed.
-// A lock granted across a lossy moment is the client's still if the
-// server holds it (granted by the next owner).
+// forfeit: the grace period ends by hand. A lock the server holds is the
+// client's still (kept, reclaimed, or granted by the next owner); one it
+// does not hold is lost, whether or not the client has been told yet to
+// reclaim it (its statd may be unreachable: it learns later, and its
+// reclaim in some later grace period must not count).
 func (c *rndClient) forfeit(server map[string]bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.held == nil || !(c.needsReclaim || c.maybeLost) {
+	if c.held == nil {
 		return
 	}
-	if c.maybeLost && !c.needsReclaim && server[lockKey(c.vip, c.name, c.file, c.held.start, c.held.end, c.held.excl)] {
+	if server[lockKey(c.vip, c.name, c.file, c.held.start, c.held.end, c.held.excl)] {
 		c.maybeLost = false
 		return
 	}

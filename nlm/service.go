@@ -297,6 +297,17 @@ func (o *op) apply(f *dlm.File) error {
 	return nil
 }
 
+// cutOff tells the releasing virtual server that this request goes
+// unanswered, so that the next owner waits for the client to resend it.
+func (o *op) cutOff() {
+	switch {
+	case o.owner != nil:
+		o.vs.CutOff(o.owner.Host.Addr)
+	case o.host != nil:
+		o.vs.CutOff(o.host.Addr)
+	}
+}
+
 func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace) }
 
 // prepare finds the virtual server, checks the range and the handle, and
@@ -349,6 +360,7 @@ func (s *Service) lookupVS(req *sunrpc.Request) (*virtualserver.Server, Stat) {
 		return vs, Granted
 	}
 	if vs != nil {
+		vs.CutOff(req.Remote.Addr())
 		return nil, fenced
 	}
 	return nil, Failed
@@ -388,7 +400,11 @@ var errNotServing = errors.New("nlm: virtual server no longer served here")
 // and performs the resulting grants.
 func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
 	if err := s.cfg.Backend.Update(ctx, fh, o.update); err != nil {
-		return s.backendStat(err)
+		st := s.backendStat(err)
+		if st == fenced && o.vs != nil {
+			o.cutOff()
+		}
+		return st
 	}
 	s.cb.grant(o.res.Grants)
 	return status(o.res.Status)

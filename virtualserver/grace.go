@@ -64,7 +64,9 @@ type graceClient struct {
 	notified bool
 	settled  bool
 	reclaims int
-	due      time.Time // quiet deadline: notification answered, or last reclaim, plus Quiet
+	// resending: a move cut off a request of it (GraceClient.Resending).
+	resending bool
+	due       time.Time // quiet deadline: notification answered, or last reclaim, plus Quiet
 	// In the quiet list while notified and not settled.
 	queued     bool
 	prev, next *graceClient
@@ -127,7 +129,9 @@ func (g *Grace) Notified(now time.Time, a netip.Addr) {
 
 // Unreachable records that a client could not be notified.
 func (g *Grace) Unreachable(now time.Time, a netip.Addr) {
-	if c := g.client(a); c != nil {
+	// A client with a request cut off by a move knows already: it is
+	// waited for all the same.
+	if c := g.client(a); c != nil && !c.resending {
 		g.settle(c)
 	}
 	g.check(now)
@@ -135,7 +139,12 @@ func (g *Grace) Unreachable(now time.Time, a netip.Addr) {
 
 // Rebooted records that a client rebooted (its SM_NOTIFY came in): it
 // holds nothing to reclaim any more.
-func (g *Grace) Rebooted(now time.Time, a netip.Addr) { g.Unreachable(now, a) }
+func (g *Grace) Rebooted(now time.Time, a netip.Addr) {
+	if c := g.client(a); c != nil {
+		g.settle(c)
+	}
+	g.check(now)
+}
 
 // Reclaim records a reclaim request from a client.
 func (g *Grace) Reclaim(now time.Time, a netip.Addr) {
@@ -146,6 +155,7 @@ func (g *Grace) Reclaim(now time.Time, a netip.Addr) {
 	if c := g.client(a); c != nil && !c.settled {
 		c.notified = true // it knows, however it learnt it
 		c.reclaims++
+		c.resending = false
 		g.touch(c, now)
 	}
 	g.check(now)
@@ -153,8 +163,14 @@ func (g *Grace) Reclaim(now time.Time, a netip.Addr) {
 
 // Request records a request that is not a reclaim from a client.
 func (g *Grace) Request(now time.Time, a netip.Addr) {
-	if c := g.client(a); c != nil && c.reclaims > 0 {
+	switch c := g.client(a); {
+	case c == nil:
+	case c.reclaims > 0:
 		g.settle(c)
+	case c.resending:
+		// Back after a move, not reclaiming (yet): its quiet time runs.
+		c.resending = false
+		g.touch(c, now)
 	}
 	g.check(now)
 }
@@ -231,6 +247,9 @@ type GraceClient struct {
 	// Reclaimed: it has reclaimed already, so its next request that is not
 	// a reclaim settles it.
 	Reclaimed bool `json:"reclaimed,omitempty"`
+	// Resending: the release cut off a request of it, which it will send
+	// again; its silence does not settle it until that request comes.
+	Resending bool `json:"resending,omitempty"`
 }
 
 // ErrBadHandover reports a grace handover that cannot be used.
@@ -266,7 +285,7 @@ func (g *Grace) Handover(now time.Time) (GraceHandover, bool) {
 	h := GraceHandover{Remaining: g.until.Sub(now), Early: g.early, Started: g.started, Total: g.total, Reclaims: g.reclaims}
 	for _, c := range g.clients {
 		if !c.settled {
-			h.Clients = append(h.Clients, GraceClient{Addr: c.addr, Notified: c.notified, Reclaimed: c.reclaims > 0})
+			h.Clients = append(h.Clients, GraceClient{Addr: c.addr, Notified: c.notified, Reclaimed: c.reclaims > 0, Resending: c.resending})
 		}
 	}
 	slices.SortFunc(h.Clients, func(a, b GraceClient) int { return a.Addr.Compare(b.Addr) })
@@ -287,6 +306,12 @@ func (g *Grace) Resume(now time.Time, h GraceHandover) {
 		c.notified = hc.Notified || hc.Reclaimed
 		if hc.Reclaimed {
 			c.reclaims = 1
+		}
+		if hc.Resending {
+			// Its quiet time starts when the request comes back: a Linux
+			// client over UDP resends after 10 s, more than Quiet.
+			c.notified, c.resending = true, true
+			continue
 		}
 		if c.notified {
 			g.touch(c, now)

@@ -24,6 +24,7 @@ type refGrace struct {
 type refClient struct {
 	notified, settled bool
 	reclaimed         bool
+	resending         bool // a move cut off a request of it
 	last              time.Time
 }
 
@@ -54,7 +55,11 @@ func (g *refGrace) event(now time.Time, kind int, a netip.Addr) {
 		if c != nil && !c.notified && !c.settled {
 			c.notified, c.last = true, now
 		}
-	case 1, 2: // unreachable, rebooted
+	case 1: // unreachable
+		if c != nil && !c.resending {
+			c.settled = true
+		}
+	case 2: // rebooted
 		if c != nil {
 			c.settled = true
 		}
@@ -64,11 +69,15 @@ func (g *refGrace) event(now time.Time, kind int, a netip.Addr) {
 		}
 		g.reclaims++
 		if c != nil && !c.settled {
-			c.notified, c.reclaimed, c.last = true, true, now
+			c.notified, c.reclaimed, c.resending, c.last = true, true, false, now
 		}
 	case 4: // request
-		if c != nil && c.reclaimed {
+		switch {
+		case c == nil:
+		case c.reclaimed:
 			c.settled = true
+		case c.resending:
+			c.resending, c.last = false, now
 		}
 	}
 	g.check(now)
@@ -81,7 +90,7 @@ func (g *refGrace) check(now time.Time) {
 	if g.early {
 		pending := 0
 		for _, c := range g.clients {
-			if c.notified && !c.settled && !now.Before(c.last.Add(g.quiet)) {
+			if c.notified && !c.settled && !c.resending && !now.Before(c.last.Add(g.quiet)) {
 				c.settled = true
 			}
 			if !c.settled {
@@ -108,7 +117,7 @@ func (g *refGrace) next() time.Time {
 	next := g.until
 	if g.early {
 		for _, c := range g.clients {
-			if c.notified && !c.settled && c.last.Add(g.quiet).Before(next) {
+			if c.notified && !c.settled && !c.resending && c.last.Add(g.quiet).Before(next) {
 				next = c.last.Add(g.quiet)
 			}
 		}
@@ -149,7 +158,9 @@ func (g *refGrace) resume(released, now time.Time, h refGrace) {
 	g.quiet = q
 	g.until = now.Add(max(h.until.Sub(released), q))
 	for _, c := range g.clients {
-		if c.notified {
+		if c.resending {
+			c.notified = true
+		} else if c.notified {
 			c.last = now
 		}
 	}
@@ -213,6 +224,13 @@ func graceSequence(seed uint64, steps int) error {
 			}
 			now = now.Add(time.Duration(rng.IntN(5000)) * time.Millisecond)
 			if ok {
+				// Some clients' requests were cut off by the release.
+				for i := range h.Clients {
+					if rng.IntN(4) == 0 {
+						h.Clients[i].Resending = true
+						rh.clients[h.Clients[i].Addr].resending = true
+					}
+				}
 				g = Grace{Quiet: quiet}
 				g.Resume(now, h)
 				ref.resume(released, now, rh)

@@ -3,6 +3,7 @@ package virtualserver
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +18,9 @@ import (
 //	end at=DUR
 //	tick at=DUR
 //	release at=DUR               (hands the rest over; prints the handover)
-//	resume at=DUR [quiet=DUR]    (a new owner goes on with it)
+//	resume at=DUR [quiet=DUR] [cutoff=a,b]
+//	                             (a new owner goes on with it; the release
+//	                             cut off requests of the cutoff clients)
 //
 // Times are offsets from an arbitrary origin; each command prints the state.
 func TestGraceScripts(t *testing.T) {
@@ -80,8 +83,17 @@ func TestGraceScripts(t *testing.T) {
 				if handed == nil {
 					t.Fatal("resume without a handover")
 				}
+				h := *handed
+				h.Clients = slices.Clone(h.Clients)
+				for _, name := range strings.Split(arg("cutoff", ""), ",") {
+					for i := range h.Clients {
+						if name != "" && h.Clients[i].Addr == addr(name) {
+							h.Clients[i].Resending = true
+						}
+					}
+				}
 				g = Grace{Quiet: dur("quiet", "2s")}
-				g.Resume(now, *handed)
+				g.Resume(now, h)
 			case "reclaim":
 				g.Reclaim(now, addr(arg("client", "?")))
 			case "request":

@@ -55,7 +55,14 @@ type Server struct {
 	mu    sync.Mutex
 	grace Grace
 	timer *time.Timer
+	// cutOff are the clients whose requests a release fenced off: they
+	// will send them again to the next owner (see CutOff).
+	cutOff map[netip.Addr]struct{}
 }
+
+// maxCutOff bounds what a release remembers of the requests it fenced
+// off; past it, the rest count as not cut off (the quiet rule applies).
+const maxCutOff = 1 << 16
 
 // Addr is the virtual server's address.
 func (v *Server) Addr() netip.Addr { return v.addr }
@@ -219,6 +226,42 @@ func (v *Server) BeginRelease() (*GraceHandover, bool) {
 				return nil, true
 			}
 			return &h, true
+		}
+	}
+}
+
+// CutOff records that a request from client was fenced off by the release
+// in progress: unanswered, it will come again to the next owner, possibly
+// only after the client's retransmission timeout (10 s for a Linux
+// client over UDP), so the handed-over grace period must wait for it
+// rather than count the client's silence as done (see GraceClient).
+func (v *Server) CutOff(client netip.Addr) {
+	if v.State() != Releasing {
+		return
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.cutOff == nil {
+		v.cutOff = map[netip.Addr]struct{}{}
+	}
+	if len(v.cutOff) < maxCutOff {
+		v.cutOff[client.Unmap()] = struct{}{}
+	}
+}
+
+// FinishHandover marks, in the grace period h that BeginRelease handed
+// over, the clients whose requests the release cut off since. Call it
+// once the virtual server's address is no longer served, before the
+// handover is written.
+func (v *Server) FinishHandover(h *GraceHandover) {
+	if h == nil {
+		return
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for i := range h.Clients {
+		if _, ok := v.cutOff[h.Clients[i].Addr]; ok {
+			h.Clients[i].Resending = true
 		}
 	}
 }
