@@ -317,6 +317,16 @@ func (f *File) RemoveWaiters(ws []*Waiter) {
 	f.compact()
 }
 
+// RestampShare sets the epoch of a share reservation (a reclaim in a new
+// epoch), recorded like every other edit.
+func (f *File) RestampShare(s *Share, epoch uint64) {
+	if s.Epoch != epoch {
+		s.Epoch = epoch
+		f.changed()
+		f.fence(s.Host.VIP, epoch)
+	}
+}
+
 // Shares returns the share reservations. The slice must not be changed.
 func (f *File) Shares() []*Share {
 	if f.more == nil {

@@ -308,7 +308,10 @@ func (o *op) cutOff() {
 	}
 }
 
-func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace) }
+// The in-memory backend keeps no records across the death of their node,
+// so grace uses the rule without an epoch floor (lockmgr): a durable,
+// shared backend supplies a floor instead.
+func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace, 0) }
 
 // prepare finds the virtual server, checks the range and the handle, and
 // interns the owner into o. A status other than Granted is the reply.

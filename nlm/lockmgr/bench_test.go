@@ -136,7 +136,7 @@ func BenchmarkTestConflict(b *testing.B) {
 	for b.Loop() {
 		s := uint64(i%100) * 200
 		var res Result
-		t.b.Read(context.Background(), fh, func(f *dlm.File) { res = t.m.Test(f, o, dlm.Range{Start: s + 50, End: s + 60}, true, false) })
+		t.b.Read(context.Background(), fh, func(f *dlm.File) { res = t.m.Test(f, o, dlm.Range{Start: s + 50, End: s + 60}, true, false, 0) })
 		if res.Status != Denied {
 			b.Fatal(res.Status)
 		}

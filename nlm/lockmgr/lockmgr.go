@@ -16,11 +16,18 @@
 //   - Blocked requests wait FIFO per file. Whenever locks are released or
 //     downgraded the queue is re-evaluated in order, and each request that
 //     no longer conflicts is granted (and reported as a Grant).
-//   - During a virtual server's grace period only reclaims may lock or
-//     share, and TEST is refused; UNLOCK, CANCEL, UNSHARE and FREE_ALL are
-//     served (as Ganesha does; Linux refuses them). Outside grace a reclaim
-//     is refused unless the owner still holds exactly that lock — the case
-//     of a planned move, where the locks travelled with the virtual server.
+//   - Grace has two rules, chosen by the epoch floor, an input. With no
+//     floor (the backend lost the virtual server's records: the in-memory
+//     backend after its node died), only reclaims may lock or share during
+//     the virtual server's grace period, and TEST is refused. With a floor
+//     (a durable backend kept them), the records of the virtual server
+//     stamped below it are reclaimable: a request that conflicts with one
+//     is DENIED_GRACE_PERIOD, one that conflicts with nothing reclaimable
+//     is served at once (TEST alike), and a reclaim re-stamps its record.
+//     UNLOCK, CANCEL, UNSHARE and FREE_ALL are always served (as Ganesha
+//     does; Linux refuses them). Outside grace a reclaim is refused unless
+//     the owner still holds exactly that lock — the case of a planned move,
+//     where the locks travelled with the virtual server.
 package lockmgr
 
 import (
@@ -69,9 +76,12 @@ type LockArgs struct {
 	Block     bool
 	Reclaim   bool
 	// InGrace says whether the virtual server is in its grace period;
-	// Epoch is its current epoch, stamped on what is granted.
+	// Epoch is its current epoch, stamped on what is granted. Floor, in
+	// grace, is the epoch below which the virtual server's records are
+	// reclaimable; zero when the backend kept none (see the package doc).
 	InGrace bool
 	Epoch   uint64
+	Floor   uint64
 	// Now is the time of the request (unix seconds), kept as the lock's
 	// age; time is an input here like everything else.
 	Now uint32
@@ -104,7 +114,7 @@ type Grant struct {
 
 // Lock handles LOCK and NM_LOCK.
 func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
-	if a.InGrace && !a.Reclaim {
+	if a.InGrace && !a.Reclaim && a.Floor == 0 {
 		return Result{Status: DeniedGrace}
 	}
 	// One walk over the locks that overlap or touch the range answers every
@@ -112,12 +122,17 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 	var buf [8]*dlm.Held
 	near := touching(f, a.Range, buf[:0])
 	exact, conflicts := scan(near, a.Owner, a.Range, a.Exclusive)
-	if a.Reclaim && !a.InGrace {
+	if a.Reclaim && (!a.InGrace || exact != nil && a.Floor != 0) {
+		// Out of grace, or a kept record in grace: the owner's record of
+		// exactly this lock is what it reclaims.
 		if exact != nil {
 			f.Restamp(exact, a.Epoch)
 			return Result{Status: Granted}
 		}
 		return Result{Status: DeniedGrace}
+	}
+	if a.InGrace && a.Floor != 0 && conflicts && reclaimable(near, a.Owner, a.Range, a.Exclusive, a.Floor) {
+		return Result{Status: DeniedGrace} // it may be the holder's, once reclaimed
 	}
 	if conflicts {
 		if !a.Block {
@@ -177,15 +192,35 @@ func scan(near []*dlm.Held, owner *dlm.Owner, r dlm.Range, exclusive bool) (exac
 	return exact, conflicts
 }
 
-// Test handles TEST: the first conflicting lock, if any.
-func (m *Manager) Test(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive, inGrace bool) Result {
-	if inGrace {
+// reclaimable reports whether a lock of another owner of the same virtual
+// server, stamped below floor, conflicts with owner locking r.
+func reclaimable(near []*dlm.Held, owner *dlm.Owner, r dlm.Range, exclusive bool, floor uint64) bool {
+	for _, h := range near {
+		if h.Owner() != owner && h.Owner().Host.VIP == owner.Host.VIP && h.Epoch() < floor &&
+			(exclusive || h.Exclusive()) && h.Range().Overlaps(r) {
+			return true
+		}
+	}
+	return false
+}
+
+// Test handles TEST: the first conflicting lock, if any. In grace, floor
+// chooses the rule as for Lock.
+func (m *Manager) Test(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive, inGrace bool, floor uint64) Result {
+	if inGrace && floor == 0 {
 		return Result{Status: DeniedGrace}
 	}
-	if c := conflict(f, owner, r, exclusive); c != nil {
-		return Result{Status: Denied, Holder: c.Lock(), HasHolder: true}
+	c := conflict(f, owner, r, exclusive)
+	if c == nil {
+		return Result{Status: Granted}
 	}
-	return Result{Status: Granted}
+	if inGrace {
+		var buf [8]*dlm.Held
+		if reclaimable(touching(f, r, buf[:0]), owner, r, exclusive, floor) {
+			return Result{Status: DeniedGrace}
+		}
+	}
+	return Result{Status: Denied, Holder: c.Lock(), HasHolder: true}
 }
 
 // Unlock handles UNLOCK: it releases the owner's locks within r (splitting
@@ -225,7 +260,8 @@ func (m *Manager) Ungrant(f *dlm.File, g *Grant) Result {
 	return Result{Status: Granted, Grants: wake(f)}
 }
 
-// ShareArgs is a SHARE request. A share owner is (host, oh).
+// ShareArgs is a SHARE request. A share owner is (host, oh). Grace,
+// epoch and floor are as for LockArgs.
 type ShareArgs struct {
 	Host    *dlm.Host
 	OH      []byte
@@ -234,20 +270,22 @@ type ShareArgs struct {
 	Reclaim bool
 	InGrace bool
 	Epoch   uint64
+	Floor   uint64
 }
 
 // Share handles SHARE (DOS share reservations). Two shares of different
 // owners conflict when one's access meets the other's deny mode.
 func (m *Manager) Share(f *dlm.File, a *ShareArgs) Result {
 	mine := findShare(f, a.Host, a.OH)
-	if a.Reclaim && !a.InGrace {
-		if mine != nil && mine.Mode == a.Mode && mine.Access == a.Access {
-			mine.Epoch = a.Epoch
+	same := mine != nil && mine.Mode == a.Mode && mine.Access == a.Access
+	if a.Reclaim && (!a.InGrace || same && a.Floor != 0) {
+		if same {
+			f.RestampShare(mine, a.Epoch)
 			return Result{Status: Granted}
 		}
 		return Result{Status: DeniedGrace}
 	}
-	if a.InGrace && !a.Reclaim {
+	if a.InGrace && !a.Reclaim && a.Floor == 0 {
 		return Result{Status: DeniedGrace}
 	}
 	for _, s := range f.Shares() {
@@ -255,6 +293,9 @@ func (m *Manager) Share(f *dlm.File, a *ShareArgs) Result {
 			continue
 		}
 		if s.Access&a.Mode != 0 || s.Mode&a.Access != 0 {
+			if a.InGrace && a.Floor != 0 && s.Host.VIP == a.Host.VIP && s.Epoch < a.Floor {
+				return Result{Status: DeniedGrace} // it may be the holder's, once reclaimed
+			}
 			return Result{Status: Denied}
 		}
 	}

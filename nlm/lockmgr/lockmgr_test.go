@@ -19,7 +19,9 @@ import (
 // The scripts in testdata/scripts/ drive the manager through the in-memory
 // backend. Commands (arguments in brackets are optional):
 //
-//	set [grace=true|false] [epoch=N] [vip=ADDR] [limit-locks=N] [limit-blocked=N] [limit-shares=N]
+//	set [grace=true|false] [epoch=N] [floor=N] [vip=ADDR] [limit-locks=N] [limit-blocked=N] [limit-shares=N]
+//	                                    (floor: the epoch floor of grace; 0, the default, is
+//	                                    the rule for a backend that lost the records)
 //	lock owner=HOST/SVID range=S-E [fh=F] [excl] [block] [reclaim] [async] [oh=X]
 //	test owner=HOST/SVID range=S-E [fh=F] [excl]
 //	unlock owner=HOST/SVID range=S-E [fh=F]
@@ -41,6 +43,7 @@ type harness struct {
 	vip     netip.Addr
 	grace   bool
 	epoch   uint64
+	floor   uint64
 	granted map[*dlm.Owner]Grant
 }
 
@@ -145,6 +148,8 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 				h.grace = v == "true"
 			case "epoch":
 				h.epoch = uint64(n)
+			case "floor":
+				h.floor = uint64(n)
 			case "vip":
 				h.vip = netip.MustParseAddr(v)
 			case "limit-locks":
@@ -162,14 +167,14 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 		a := &LockArgs{
 			Owner: h.owner(t, arg(td, "owner", "")), Range: parseRange(t, arg(td, "range", "")),
 			Exclusive: td.HasArg("excl"), Block: td.HasArg("block"), Reclaim: td.HasArg("reclaim"),
-			InGrace: h.grace, Epoch: h.epoch, OH: []byte(arg(td, "oh", "")), Vers: 4, Async: td.HasArg("async"),
+			InGrace: h.grace, Epoch: h.epoch, Floor: h.floor, OH: []byte(arg(td, "oh", "")), Vers: 4, Async: td.HasArg("async"),
 		}
 		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Lock(f, a) }))
 	case "test":
 		o, r := h.owner(t, arg(td, "owner", "")), parseRange(t, arg(td, "range", ""))
 		var res Result
 		h.b.Read(context.Background(), []byte(arg(td, "fh", "f1")), func(f *dlm.File) {
-			res = h.m.Test(f, o, r, td.HasArg("excl"), h.grace)
+			res = h.m.Test(f, o, r, td.HasArg("excl"), h.grace, h.floor)
 		})
 		return h.format(res)
 	case "unlock":
@@ -189,7 +194,7 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 		mode, _ := strconv.Atoi(arg(td, "mode", "0"))
 		access, _ := strconv.Atoi(arg(td, "access", "0"))
 		a := &ShareArgs{Host: h.host(arg(td, "host", "")), OH: []byte(arg(td, "oh", "")), Mode: uint32(mode), Access: uint32(access),
-			Reclaim: td.HasArg("reclaim"), InGrace: h.grace, Epoch: h.epoch}
+			Reclaim: td.HasArg("reclaim"), InGrace: h.grace, Epoch: h.epoch, Floor: h.floor}
 		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Share(f, a) }))
 	case "unshare":
 		host, oh := h.host(arg(td, "host", "")), []byte(arg(td, "oh", ""))

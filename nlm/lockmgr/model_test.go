@@ -175,7 +175,7 @@ func modelOps(t *testing.T, ops []byte) {
 			}
 			// test
 			want := m.conflict(o, r, excl)
-			b.Read(ctx, fh, func(f *dlm.File) { res = mgr.Test(f, o, r, excl, false) })
+			b.Read(ctx, fh, func(f *dlm.File) { res = mgr.Test(f, o, r, excl, false, 0) })
 			if want != (res.Status == Denied) {
 				t.Fatalf("test %v %v excl=%v: got %v, model conflict=%v", o, r, excl, res.Status, want)
 			}
