@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/nlm/lockmgr"
 )
 
 var vipA, vipB = netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
@@ -147,6 +148,87 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 			t.Fatal("owners not interned by identity")
 		}
 		b.Sweep()
+	})
+	t.Run("ReclaimRestamps", func(t *testing.T) {
+		// A durable backend keeps a virtual server's records across its
+		// takeover: a reclaim in the next epoch re-stamps them in place,
+		// locks and shares alike, and what a later read sees is the new
+		// stamp, with the counters unmoved.
+		b := newBackend(t)
+		o := owner(b, vipA, "c", 1)
+		var m lockmgr.Manager
+		ctx := context.Background()
+		fh := []byte("f1")
+		r := dlm.Range{Start: 0, End: 10}
+		apply := func(fn func(f *dlm.File) lockmgr.Result) lockmgr.Status {
+			var st lockmgr.Status
+			if err := b.Update(ctx, fh, func(f *dlm.File) error { st = fn(f).Status; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+		share := lockmgr.ShareArgs{Host: o.Host, OH: []byte("oh"), Mode: 2, Access: 3, Epoch: 1}
+		if apply(func(f *dlm.File) lockmgr.Result {
+			return m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: r, Exclusive: true, Epoch: 1})
+		}) != lockmgr.Granted || apply(func(f *dlm.File) lockmgr.Result { return m.Share(f, &share) }) != lockmgr.Granted {
+			t.Fatal("epoch 1: not granted")
+		}
+		share.Reclaim, share.InGrace, share.Epoch, share.Floor = true, true, 2, 2
+		if apply(func(f *dlm.File) lockmgr.Result {
+			return m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: r, Exclusive: true, Reclaim: true, InGrace: true, Epoch: 2, Floor: 2})
+		}) != lockmgr.Granted || apply(func(f *dlm.File) lockmgr.Result { return m.Share(f, &share) }) != lockmgr.Granted {
+			t.Fatal("epoch 2: reclaims not granted")
+		}
+		var lockEpoch, shareEpoch uint64
+		n := 0
+		b.Read(ctx, fh, func(f *dlm.File) {
+			f.All(func(h *dlm.Held) bool { lockEpoch = h.Epoch(); n++; return true })
+			for _, s := range f.Shares() {
+				shareEpoch = s.Epoch
+			}
+		})
+		if n != 1 || lockEpoch != 2 || shareEpoch != 2 {
+			t.Fatalf("after the reclaims: %d locks, lock epoch %d, share epoch %d; want 1, 2, 2", n, lockEpoch, shareEpoch)
+		}
+		if o.Host.Locks() != 1 || o.Host.Shares() != 1 {
+			t.Fatalf("counters: %d locks, %d shares; want 1, 1", o.Host.Locks(), o.Host.Shares())
+		}
+	})
+	t.Run("GraceFloor", func(t *testing.T) {
+		// In grace with a floor, a request that conflicts with a record
+		// not reclaimed yet stores nothing; one that conflicts with
+		// nothing is stored at once with the new epoch.
+		b := newBackend(t)
+		holder, other := owner(b, vipA, "c", 1), owner(b, vipA, "d", 1)
+		var m lockmgr.Manager
+		ctx := context.Background()
+		lock := func(o *dlm.Owner, start uint64, epoch, floor uint64, grace bool) lockmgr.Status {
+			var st lockmgr.Status
+			if err := b.Update(ctx, []byte("f1"), func(f *dlm.File) error {
+				st = m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: start, End: start + 10}, Exclusive: true,
+					InGrace: grace, Epoch: epoch, Floor: floor}).Status
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+		if st := lock(holder, 0, 1, 0, false); st != lockmgr.Granted {
+			t.Fatalf("epoch 1: %v", st)
+		}
+		if st := lock(other, 5, 2, 2, true); st != lockmgr.DeniedGrace {
+			t.Fatalf("over a reclaimable record: %v, want DENIED_GRACE_PERIOD", st)
+		}
+		if st := lock(other, 100, 2, 2, true); st != lockmgr.Granted {
+			t.Fatalf("over nothing: %v, want GRANTED", st)
+		}
+		got := map[uint64]uint64{}
+		b.Read(ctx, []byte("f1"), func(f *dlm.File) {
+			f.All(func(h *dlm.Held) bool { got[h.Range().Start] = h.Epoch(); return true })
+		})
+		if len(got) != 2 || got[0] != 1 || got[100] != 2 || other.Host.Locks() != 1 {
+			t.Fatalf("stored %v (start: epoch), other host counts %d; want map[0:1 100:2], 1", got, other.Host.Locks())
+		}
 	})
 	t.Run("Closed", func(t *testing.T) {
 		b := newBackend(t)

@@ -1,0 +1,95 @@
+package memdlm
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/dlm/dlmtest"
+)
+
+// Deliberately broken backends, each wrong in one way a shared backend
+// could be, and the contract case that must catch it: the suite can fail.
+var brokenBackends = map[string]struct {
+	catches string // the contract case that fails
+	wrap    func(*Backend) dlm.Backend
+}{
+	// Re-stamps are not stored: a reclaim in a new epoch leaves the record
+	// looking unreclaimed, and the purge at the end of grace drops it.
+	"forgets-restamps": {"ReclaimRestamps", func(b *Backend) dlm.Backend { return forgetsRestamps{b} }},
+	// Only the first record an Update inserts is stored.
+	"keeps-first-insert-only": {"GraceFloor", func(b *Backend) dlm.Backend { return firstInsertOnly{b} }},
+}
+
+type forgetsRestamps struct{ *Backend }
+
+func (b forgetsRestamps) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, func(f *dlm.File) error {
+		before := map[*dlm.Held]uint64{}
+		f.All(func(h *dlm.Held) bool { before[h] = h.Epoch(); return true })
+		shares := map[*dlm.Share]uint64{}
+		for _, s := range f.Shares() {
+			shares[s] = s.Epoch
+		}
+		err := fn(f)
+		f.All(func(h *dlm.Held) bool {
+			if e, ok := before[h]; ok {
+				f.Restamp(h, e)
+			}
+			return true
+		})
+		for _, s := range f.Shares() {
+			if e, ok := shares[s]; ok {
+				f.RestampShare(s, e)
+			}
+		}
+		return err
+	})
+}
+
+type firstInsertOnly struct{ *Backend }
+
+func (b firstInsertOnly) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, func(f *dlm.File) error {
+		had := f.Len()
+		err := fn(f)
+		if had > 0 {
+			// Undo what this update added to a file that had state.
+			var added []*dlm.Held
+			f.All(func(h *dlm.Held) bool {
+				if h.Epoch() > 1 {
+					added = append(added, h)
+				}
+				return true
+			})
+			for _, h := range added {
+				f.Remove(h)
+			}
+		}
+		return err
+	})
+}
+
+// TestContractCatchesBrokenBackends runs the contract against each broken
+// backend in a child process and expects its case to fail there.
+func TestContractCatchesBrokenBackends(t *testing.T) {
+	if name := os.Getenv("NLMHA_BROKEN_BACKEND"); name != "" {
+		dlmtest.Run(t, func(*testing.T) dlm.Backend { return brokenBackends[name].wrap(New()) })
+		return
+	}
+	for name, bb := range brokenBackends {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestContractCatchesBrokenBackends$", "-test.v")
+		cmd.Env = append(os.Environ(), "NLMHA_BROKEN_BACKEND="+name)
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Errorf("the contract passes backend %q, which is broken", name)
+			continue
+		}
+		if !strings.Contains(string(out), "--- FAIL: TestContractCatchesBrokenBackends/"+bb.catches) {
+			t.Errorf("backend %q: case %s did not fail:\n%s", name, bb.catches, out)
+		}
+	}
+}
