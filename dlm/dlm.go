@@ -212,8 +212,8 @@ type Backend interface {
 	Update(ctx context.Context, fh []byte, fn func(f *File) error) error
 
 	// UpdateAll runs fn, as Update does, on every file in which a host
-	// that satisfies match holds a lock, waits for one or has a share.
-	UpdateAll(ctx context.Context, match func(*Host) bool, fn func(f *File) error) error
+	// that sel selects holds a lock, waits for one or has a share.
+	UpdateAll(ctx context.Context, sel Selector, fn func(f *File) error) error
 
 	// Read runs fn on the state of one file without changing it; a file
 	// with no state reads as empty.

@@ -63,9 +63,10 @@ func (s *Snapshot) Counts() (locks, waiters, shares int) {
 	return
 }
 
-// CaptureFile records what the hosts that match hold, wait for and share in
-// f, without changing it.
-func CaptureFile(f *File, match func(*Host) bool) SnapshotFile {
+// CaptureFile records what the hosts that sel selects hold, wait for and
+// share in f, without changing it.
+func CaptureFile(f *File, sel Selector) SnapshotFile {
+	match := sel.Match
 	sf := SnapshotFile{FH: []byte(f.FH())}
 	f.All(func(h *Held) bool {
 		if o := h.Owner(); match(o.Host) {

@@ -199,16 +199,10 @@ func (m *Manager) Clients(vip netip.Addr) []ClientInfo {
 // DropClient drops a client host's locks, blocked requests and shares
 // (on one virtual server, or all), as if it had rebooted.
 func (m *Manager) DropClient(ctx context.Context, vip, client netip.Addr) (int, error) {
-	vip, client = vip.Unmap(), client.Unmap()
-	seen := map[*dlm.Host]bool{}
-	err := m.cfg.NLM.DropHosts(ctx, func(h *dlm.Host) bool {
-		if h.Addr == client && (!vip.IsValid() || h.VIP == vip) {
-			seen[h] = true
-			return true
-		}
-		return false
-	})
-	return len(seen), err
+	if !client.IsValid() {
+		return 0, nil
+	}
+	return m.cfg.NLM.DropHosts(ctx, dlm.Selector{VIP: vip.Unmap(), Addr: client.Unmap()})
 }
 
 // Handler serves the control API.

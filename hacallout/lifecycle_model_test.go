@@ -191,12 +191,12 @@ func (w *lcWorld) release(v *lcVIP, snapshot bool) {
 	n := w.served(v)
 	h, on := v.grace.Handover(w.now)
 	v.grace.End(w.now, virtualserver.EndReleased)
-	match := func(x *dlm.Host) bool { return x.VIP == v.addr }
+	sel := dlm.Selector{VIP: v.addr}
 	snap := &dlm.Snapshot{VIP: v.addr, Epoch: v.epoch, Taken: w.now}
 	files := map[string]dlm.SnapshotFile{}
-	n.b.UpdateAll(context.Background(), match, func(f *dlm.File) error {
-		files[f.FH()] = dlm.CaptureFile(f, match)
-		n.mgr.DropHosts(f, match)
+	n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+		files[f.FH()] = dlm.CaptureFile(f, sel)
+		n.mgr.Drop(f, &sel)
 		return nil
 	})
 	for _, fh := range slices.Sorted(func(yield func(string) bool) {
@@ -279,9 +279,9 @@ func (w *lcWorld) takeover(v *lcVIP, to int) {
 // judges the clients the period left behind.
 func (w *lcWorld) graceEnded(v *lcVIP) {
 	n := w.served(v)
-	match := func(x *dlm.Host) bool { return x.VIP == v.addr }
-	n.b.UpdateAll(context.Background(), match, func(f *dlm.File) error {
-		n.mgr.PurgeStale(f, match, v.epoch)
+	sel := dlm.Selector{VIP: v.addr, Below: v.epoch}
+	n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+		n.mgr.Drop(f, &sel)
 		return nil
 	})
 	why := v.grace.Status().Why
@@ -498,9 +498,9 @@ func (w *lcWorld) randomStep() {
 		}
 		w.step("%s reboots (held %v)", c.name, c.hold)
 		w.letGo(c)
-		match := func(x *dlm.Host) bool { return x.VIP == c.vip.addr && x.Name == c.name }
-		n.b.UpdateAll(context.Background(), match, func(f *dlm.File) error {
-			n.mgr.DropHosts(f, match)
+		sel := dlm.Selector{VIP: c.vip.addr, Name: c.name}
+		n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+			n.mgr.Drop(f, &sel)
 			return nil
 		})
 		c.vip.grace.Rebooted(w.now, c.addr)

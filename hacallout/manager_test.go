@@ -100,7 +100,8 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 			for _, c := range cs {
 				keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 			}
-			return n.nlm.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
+			_, err := n.nlm.DropHosts(ctx, dlm.Selector{Keys: keys})
+			return err
 		}})
 	if err != nil {
 		t.Fatal(err)

@@ -707,7 +707,7 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 	}
 	name := string(a.MonName)
 	s.log.Info("nlm: client rebooted; dropping its locks", "mon_name", name, "state", a.State)
-	if err := s.DropHosts(ctx, func(h *dlm.Host) bool { return h.Name == name || h.Addr.String() == name }); err != nil {
+	if _, err := s.DropHosts(ctx, dlm.Selector{Name: name}); err != nil {
 		s.log.Warn("nlm: dropping a rebooted client's locks failed", "mon_name", name, "err", err)
 	}
 	return res, nil
@@ -776,26 +776,57 @@ func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []
 		return nil, err
 	}
 	vip, name, addr := req.Local.Addr(), string(a.Name), req.Remote.Addr()
-	if err := s.DropHosts(ctx, func(h *dlm.Host) bool { return h.VIP == vip && h.Name == name && h.Addr == addr }); err != nil {
+	key := dlm.HostKey{VIP: vip.Unmap(), Name: name, Addr: addr.Unmap()}
+	if _, err := s.DropHosts(ctx, dlm.Selector{Keys: map[dlm.HostKey]bool{key: true}}); err != nil {
 		s.log.Warn("nlm: FREE_ALL failed", "name", name, "err", err)
 	}
 	return res, nil
 }
 
-// DropHosts removes every lock, blocked request and share of the hosts
-// that match, cancels the callbacks outstanding to them, and grants what
-// that makes grantable to others. It serves FREE_ALL, reboot
-// notifications and the release of a virtual server.
-func (s *Service) DropHosts(ctx context.Context, match func(*dlm.Host) bool) error {
-	s.cb.cancelHosts(match)
-	var grants []lockmgr.Grant
-	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
-		res := s.mgr.DropHosts(f, match)
-		grants = append(grants, res.Grants...)
+// DropHosts removes every lock, blocked request and share that sel
+// selects, cancels the callbacks outstanding to its hosts (unless it
+// selects only stale records), and grants what that makes grantable to
+// others. It serves FREE_ALL, reboot notifications, an admin's drop and
+// the purge at the end of grace, and reports how many hosts lost records.
+func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector) (int, error) {
+	if sel.Below == 0 {
+		s.cb.cancelHosts(sel.Match)
+	}
+	// Per file, assigned rather than appended: a backend may run an
+	// update again, and only its last run counts.
+	grants := map[string][]lockmgr.Grant{}
+	hosts := map[string]map[*dlm.Host]bool{}
+	err := s.cfg.Backend.UpdateAll(ctx, sel, func(f *dlm.File) error {
+		hosts[f.FH()] = selectedHosts(f, &sel)
+		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
 		return nil
 	})
-	s.cb.grant(grants)
-	return err
+	seen := map[*dlm.Host]bool{}
+	for fh, g := range grants {
+		s.cb.grant(g)
+		for h := range hosts[fh] {
+			seen[h] = true
+		}
+	}
+	return len(seen), err
+}
+
+// selectedHosts returns the hosts that have records in f that sel selects.
+func selectedHosts(f *dlm.File, sel *dlm.Selector) map[*dlm.Host]bool {
+	out := map[*dlm.Host]bool{}
+	add := func(h *dlm.Host, epoch uint64) {
+		if sel.MatchRecord(h, epoch) {
+			out[h] = true
+		}
+	}
+	f.All(func(h *dlm.Held) bool { add(h.Owner().Host, h.Epoch()); return true })
+	for _, w := range f.Waiters() {
+		add(w.Owner.Host, w.Epoch)
+	}
+	for _, sh := range f.Shares() {
+		add(sh.Host, sh.Epoch)
+	}
+	return out
 }
 
 // monitor has the NSM service monitor h unless it already did under the

@@ -21,15 +21,14 @@ import (
 // is granted. The virtual server must already be fenced off (BeginRelease),
 // so that no request in flight adds state behind the capture.
 func (s *Service) ReleaseVIP(ctx context.Context, vip netip.Addr, epoch uint64) (*dlm.Snapshot, error) {
-	vip = vip.Unmap()
-	match := func(h *dlm.Host) bool { return h.VIP == vip }
-	s.cb.cancelHosts(match)
+	sel := dlm.Selector{VIP: vip.Unmap()}
+	s.cb.cancelHosts(sel.Match)
 	files := map[string]dlm.SnapshotFile{}
 	grants := map[string][]lockmgr.Grant{}
-	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
+	err := s.cfg.Backend.UpdateAll(ctx, sel, func(f *dlm.File) error {
 		// A backend may run this again on conflict: the last run counts.
-		files[f.FH()] = dlm.CaptureFile(f, match)
-		grants[f.FH()] = s.mgr.DropHosts(f, match).Grants
+		files[f.FH()] = dlm.CaptureFile(f, sel)
+		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
 		return nil
 	})
 	snap := &dlm.Snapshot{VIP: vip, Epoch: epoch, Taken: time.Now()}
@@ -134,14 +133,7 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 // its grace period: its state stamped with an epoch older than the
 // current one.
 func (s *Service) PurgeVIP(ctx context.Context, vs *virtualserver.Server) error {
-	vip := vs.Addr()
-	match := func(h *dlm.Host) bool { return h.VIP == vip }
-	var grants []lockmgr.Grant
-	err := s.cfg.Backend.UpdateAll(ctx, match, func(f *dlm.File) error {
-		grants = append(grants, s.mgr.PurgeStale(f, match, vs.Epoch()).Grants...)
-		return nil
-	})
-	s.cb.grant(grants)
+	_, err := s.DropHosts(ctx, dlm.Selector{VIP: vs.Addr(), Below: vs.Epoch()})
 	return err
 }
 

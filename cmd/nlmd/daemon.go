@@ -227,7 +227,7 @@ func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
 	for _, c := range clients {
 		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 	}
-	err := d.svc.DropHosts(ctx, func(h *dlm.Host) bool { return keys[h.HostKey] })
+	_, err := d.svc.DropHosts(ctx, dlm.Selector{Keys: keys})
 	// A rebooted client has nothing left to reclaim: a grace period need
 	// not wait for it.
 	for _, c := range clients {

@@ -91,7 +91,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		insert(b, "f3", oa, 0)
 		insert(b, "f3", ob, 5)
 		var seen []string
-		err := b.UpdateAll(context.Background(), func(h *dlm.Host) bool { return h.VIP == vipA }, func(f *dlm.File) error {
+		err := b.UpdateAll(context.Background(), dlm.Selector{VIP: vipA}, func(f *dlm.File) error {
 			seen = append(seen, f.FH())
 			var victims []*dlm.Held
 			f.All(func(h *dlm.Held) bool {

@@ -136,8 +136,12 @@ func (s *shard) unidle(st *dlm.State) bool {
 	return false
 }
 
-// UpdateAll runs fn on every file where a matching host has state.
-func (b *Backend) UpdateAll(ctx context.Context, match func(*dlm.Host) bool, fn func(f *dlm.File) error) error {
+// UpdateAll runs fn on every file where a host sel selects has state.
+func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, fn func(f *dlm.File) error) error {
+	if sel.Empty() {
+		return nil
+	}
+	match := sel.Match
 	for i := range b.shards {
 		if err := b.check(ctx); err != nil {
 			return err

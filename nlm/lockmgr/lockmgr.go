@@ -319,21 +319,12 @@ func (m *Manager) Unshare(f *dlm.File, host *dlm.Host, oh []byte) Result {
 	return Result{Status: Granted}
 }
 
-// DropHosts removes every lock, blocked request and share of the hosts
-// that match — FREE_ALL, a client's reboot notification, or the release of
-// a virtual server — and grants what became grantable to the others.
-func (m *Manager) DropHosts(f *dlm.File, match func(*dlm.Host) bool) Result {
-	return m.drop(f, func(h *dlm.Host, _ uint64) bool { return match(h) })
-}
-
-// PurgeStale removes what a virtual server's clients did not reclaim: the
-// locks, blocked requests and shares of its hosts stamped with an epoch
-// older than epoch.
-func (m *Manager) PurgeStale(f *dlm.File, vip func(*dlm.Host) bool, epoch uint64) Result {
-	return m.drop(f, func(h *dlm.Host, e uint64) bool { return vip(h) && e < epoch })
-}
-
-func (m *Manager) drop(f *dlm.File, gone func(h *dlm.Host, epoch uint64) bool) Result {
+// Drop removes every lock, blocked request and share that sel selects —
+// FREE_ALL, a client's reboot notification, the release of a virtual
+// server, or (with sel.Below) what its clients did not reclaim in grace —
+// and grants what became grantable to the others.
+func (m *Manager) Drop(f *dlm.File, sel *dlm.Selector) Result {
+	gone := sel.MatchRecord
 	var victims []*dlm.Held
 	f.All(func(h *dlm.Held) bool {
 		if gone(h.Owner().Host, h.Epoch()) {
@@ -344,11 +335,13 @@ func (m *Manager) drop(f *dlm.File, gone func(h *dlm.Host, epoch uint64) bool) R
 	for _, h := range victims {
 		f.Remove(h)
 	}
-	for _, w := range slices.Clone(f.Waiters()) {
+	var waiters []*dlm.Waiter
+	for _, w := range f.Waiters() {
 		if gone(w.Owner.Host, w.Epoch) {
-			f.RemoveWaiter(w)
+			waiters = append(waiters, w)
 		}
 	}
+	f.RemoveWaiters(waiters)
 	for _, s := range slices.Clone(f.Shares()) {
 		if gone(s.Host, s.Epoch) {
 			f.RemoveShare(s)

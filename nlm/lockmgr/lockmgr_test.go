@@ -200,25 +200,19 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 		host, oh := h.host(arg(td, "host", "")), []byte(arg(td, "oh", ""))
 		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Unshare(f, host, oh) }))
 	case "free-all", "drop-vip", "purge":
-		var match func(*dlm.Host) bool
+		var sel dlm.Selector
 		if td.Cmd == "free-all" {
-			name := arg(td, "host", "")
-			match = func(x *dlm.Host) bool { return x.Name == name }
+			sel.Name = arg(td, "host", "")
 		} else {
-			vip := netip.MustParseAddr(arg(td, "vip", ""))
-			match = func(x *dlm.Host) bool { return x.VIP == vip }
+			sel.VIP = netip.MustParseAddr(arg(td, "vip", ""))
 		}
-		epoch, _ := strconv.ParseUint(arg(td, "epoch", "0"), 10, 64)
+		if td.Cmd == "purge" {
+			sel.Below, _ = strconv.ParseUint(arg(td, "epoch", "0"), 10, 64)
+		}
 		var out strings.Builder
 		var all Result
-		err := h.b.UpdateAll(context.Background(), match, func(f *dlm.File) error {
-			var res Result
-			if td.Cmd == "purge" {
-				res = h.m.PurgeStale(f, match, epoch)
-			} else {
-				res = h.m.DropHosts(f, match)
-			}
-			all.Grants = append(all.Grants, res.Grants...)
+		err := h.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+			all.Grants = append(all.Grants, h.m.Drop(f, &sel).Grants...)
 			return nil
 		})
 		if err != nil {
