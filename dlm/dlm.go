@@ -12,10 +12,15 @@
 // Every lock and share carries the epoch of its virtual server at the time
 // it was granted or reclaimed. After a takeover the new owner of a virtual
 // server runs with a higher epoch: reclaims re-stamp the locks they find,
-// and the manager's purge removes what nobody reclaimed. A backend that
-// shares state between nodes conditions each commit on the epochs an edit
-// wrote (File.Fences), so a node that lost a virtual server cannot change
-// its state any more.
+// and the manager's purge removes what nobody reclaimed.
+//
+// Every write names the Claim it acts under — the virtual server the
+// request came through, at the epoch this node holds it in — and the
+// backend refuses it (ErrFenced, nothing changed) unless that claim is
+// still this node's: a node that lost a virtual server, or is releasing
+// it, cannot change its state any more. The stamps of the records an edit
+// touches play no part in fencing: an unlock that leaves pieces of a lock
+// stamped in an earlier epoch is never refused for them.
 package dlm
 
 import (
@@ -205,15 +210,24 @@ type Backend interface {
 	// Sweep.
 	Sweep()
 
+	// SetClaim records that this node acts for c.VIP at c.Epoch in state
+	// st (see ClaimState). A claim of an epoch below the latest one the
+	// backend knows of that virtual server, or one moved backwards, fails
+	// with ErrFenced.
+	SetClaim(ctx context.Context, c Claim, st ClaimState) error
+
 	// Update runs fn on the state of the file with handle fh and stores
-	// what fn changed. fn may be called more than once, so it must do
-	// nothing but read and edit f (and set its own result variables), and
-	// it must not edit f before deciding to return an error.
-	Update(ctx context.Context, fh []byte, fn func(f *File) error) error
+	// what fn changed, if c is this node's active claim (or the zero
+	// Claim); otherwise it fails with ErrFenced and changes nothing. fn
+	// may be called more than once, so it must do nothing but read and
+	// edit f (and set its own result variables), and it must not edit f
+	// before deciding to return an error.
+	Update(ctx context.Context, fh []byte, c Claim, fn func(f *File) error) error
 
 	// UpdateAll runs fn, as Update does, on every file in which a host
-	// that sel selects holds a lock, waits for one or has a share.
-	UpdateAll(ctx context.Context, sel Selector, fn func(f *File) error) error
+	// that sel selects holds a lock, waits for one or has a share; c may
+	// be active or releasing (a release captures and drops under it).
+	UpdateAll(ctx context.Context, sel Selector, c Claim, fn func(f *File) error) error
 
 	// Read runs fn on the state of one file without changing it; a file
 	// with no state reads as empty.

@@ -1,9 +1,6 @@
 package dlm
 
-import (
-	"net/netip"
-	"slices"
-)
+import "slices"
 
 // State is the stored lock state of one file: held locks in an interval
 // tree, blocked requests in arrival order, and DOS shares. Backends keep
@@ -130,7 +127,6 @@ func (f *File) Insert(l Lock) {
 	}
 	f.root = insert(f.root, n)
 	f.note(l.Owner, l.Owner.Host, 1, 0, 0)
-	f.fence(l.Owner.Host.VIP, l.Epoch)
 }
 
 // Remove removes a held lock. The caller must not use h afterwards: its
@@ -150,7 +146,6 @@ func (f *File) Restamp(h *Held, epoch uint64) {
 	if h.epoch != epoch {
 		h.epoch = epoch
 		f.changed()
-		f.fence(h.owner.Host.VIP, epoch)
 	}
 }
 
@@ -275,7 +270,6 @@ func (f *File) AddWaiter(w *Waiter) {
 	}
 	f.more.waiters = append(f.more.waiters, w)
 	f.note(w.Owner, w.Owner.Host, 0, 1, 0)
-	f.fence(w.Owner.Host.VIP, w.Epoch)
 }
 
 // RemoveWaiter takes a blocked request out of the queue.
@@ -323,7 +317,6 @@ func (f *File) RestampShare(s *Share, epoch uint64) {
 	if s.Epoch != epoch {
 		s.Epoch = epoch
 		f.changed()
-		f.fence(s.Host.VIP, epoch)
 	}
 }
 
@@ -342,7 +335,6 @@ func (f *File) AddShare(s *Share) {
 	}
 	f.more.shares = append(f.more.shares, s)
 	f.note(nil, s.Host, 0, 0, 1)
-	f.fence(s.Host.VIP, s.Epoch)
 }
 
 // RemoveShare removes a share reservation.
@@ -366,15 +358,13 @@ func (f *File) compact() {
 }
 
 // Edit records what an Update changed, for the backend to commit: counter
-// deltas per owner and host, and the virtual-server epochs written (which an
-// optimistic backend checks at commit to fence off a node that lost the
-// virtual server). Backends own Edits and attach one with File.Bind for
+// deltas per owner and host. (Fencing is not the edit's business: the
+// backend checks the acting Claim, whatever the records' stamps.) Backends own Edits and attach one with File.Bind for
 // the duration of an Update.
 type Edit struct {
 	// Seed mixes the treap priorities (set once by the backend).
 	Seed    uint64
 	Deltas  []Delta
-	Fences  []Fence
 	Changed bool
 	// index finds an owner's delta once an edit touches many owners (a
 	// release granting thousands of waiters at once); small edits scan.
@@ -423,16 +413,9 @@ type deltaKey struct {
 // indexFrom is the number of deltas from which note uses the index.
 const indexFrom = 16
 
-// Fence is a virtual-server epoch an edit wrote under.
-type Fence struct {
-	VIP   netip.Addr
-	Epoch uint64
-}
-
 // Reset clears the edit for the next Update, keeping its storage.
 func (e *Edit) Reset() {
 	e.Deltas = e.Deltas[:0]
-	e.Fences = e.Fences[:0]
 	e.Changed = false
 	if e.index != nil {
 		e.index = nil // rare and possibly large: not worth keeping
@@ -505,17 +488,4 @@ func (e *Edit) deltaOf(o *Owner, h *Host) int {
 		}
 	}
 	return -1
-}
-
-func (f *File) fence(vip netip.Addr, epoch uint64) {
-	e := f.edit
-	if e == nil {
-		return
-	}
-	for _, x := range e.Fences {
-		if x.VIP == vip && x.Epoch == epoch {
-			return
-		}
-	}
-	e.Fences = append(e.Fences, Fence{VIP: vip, Epoch: epoch})
 }

@@ -103,7 +103,7 @@ func TestOverlappingStopsEarly(t *testing.T) {
 	f.Overlapping(Range{Start: 5, End: 5}, func(*Held) bool { t.Fatal("empty range matched"); return true })
 }
 
-func TestEditRecordsDeltasAndFences(t *testing.T) {
+func TestEditRecordsDeltas(t *testing.T) {
 	owners := testOwners(2)
 	f := NewFile("f")
 	e := &Edit{}
@@ -113,7 +113,7 @@ func TestEditRecordsDeltasAndFences(t *testing.T) {
 	f.AddWaiter(w)
 	s := &Share{Host: owners[0].Host, OH: []byte("x"), Epoch: 4}
 	f.AddShare(s)
-	if !e.Changed || len(e.Fences) != 2 {
+	if !e.Changed || len(e.Deltas) != 3 {
 		t.Fatalf("edit %+v", e)
 	}
 	e.Apply()
@@ -133,7 +133,7 @@ func TestEditRecordsDeltasAndFences(t *testing.T) {
 	f.All(func(x *Held) bool { held = x; return false })
 	e.Reset()
 	f.Restamp(held, 9)
-	if held.Epoch() != 9 || !e.Changed || e.Fences[0].Epoch != 9 {
+	if held.Epoch() != 9 || !e.Changed {
 		t.Fatal("restamp not recorded")
 	}
 	f.Remove(held)

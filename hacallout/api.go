@@ -202,7 +202,7 @@ func (m *Manager) DropClient(ctx context.Context, vip, client netip.Addr) (int, 
 	if !client.IsValid() {
 		return 0, nil
 	}
-	return m.cfg.NLM.DropHosts(ctx, dlm.Selector{VIP: vip.Unmap(), Addr: client.Unmap()})
+	return m.cfg.NLM.DropHosts(ctx, dlm.Selector{VIP: vip.Unmap(), Addr: client.Unmap()}, dlm.Claim{})
 }
 
 // Handler serves the control API.

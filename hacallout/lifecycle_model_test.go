@@ -167,7 +167,7 @@ func (w *lcWorld) owner(n *lcNode, v *lcVIP, c *lcClient) *dlm.Owner {
 func (w *lcWorld) lock(n *lcNode, v *lcVIP, c *lcClient, h lcHold, reclaim bool) lockmgr.Status {
 	var st lockmgr.Status
 	inGrace := v.grace.Active()
-	err := n.b.Update(context.Background(), []byte(h.fh), func(f *dlm.File) error {
+	err := n.b.Update(context.Background(), []byte(h.fh), v.claim(), func(f *dlm.File) error {
 		st = n.mgr.Lock(f, &lockmgr.LockArgs{Owner: w.owner(n, v, c), Range: h.rng, Exclusive: h.excl, Reclaim: reclaim,
 			InGrace: inGrace, Epoch: v.epoch}).Status
 		return nil
@@ -185,6 +185,16 @@ func (w *lcWorld) lock(n *lcNode, v *lcVIP, c *lcClient, h lcHold, reclaim bool)
 	return st
 }
 
+func (v *lcVIP) claim() dlm.Claim { return dlm.Claim{VIP: v.addr, Epoch: v.epoch} }
+
+// setClaim moves v's claim on n, as the registry does through the
+// lifecycle.
+func (w *lcWorld) setClaim(n *lcNode, v *lcVIP, st dlm.ClaimState) {
+	if err := n.b.SetClaim(context.Background(), v.claim(), st); err != nil {
+		w.violate("claim %v %v: %v", v.claim(), st, err)
+	}
+}
+
 // release is Manager.Release: the grace period's rest and the locks go
 // into the snapshot file (or nowhere), and the node forgets them.
 func (w *lcWorld) release(v *lcVIP, snapshot bool) {
@@ -194,11 +204,16 @@ func (w *lcWorld) release(v *lcVIP, snapshot bool) {
 	sel := dlm.Selector{VIP: v.addr}
 	snap := &dlm.Snapshot{VIP: v.addr, Epoch: v.epoch, Taken: w.now}
 	files := map[string]dlm.SnapshotFile{}
-	n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+	w.setClaim(n, v, dlm.ClaimReleasing)
+	err := n.b.UpdateAll(context.Background(), sel, v.claim(), func(f *dlm.File) error {
 		files[f.FH()] = dlm.CaptureFile(f, sel)
 		n.mgr.Drop(f, &sel)
 		return nil
 	})
+	if err != nil {
+		w.violate("release: %v", err)
+	}
+	w.setClaim(n, v, dlm.ClaimReleased)
 	for _, fh := range slices.Sorted(func(yield func(string) bool) {
 		for fh := range files {
 			if !yield(fh) {
@@ -231,6 +246,7 @@ func (w *lcWorld) takeover(v *lcVIP, to int) {
 	v.stored++
 	v.epoch, v.owner = v.stored, to
 	n := w.nodes[to]
+	w.setClaim(n, v, dlm.ClaimActive)
 	var ho *handoff
 	if v.snapshot != nil {
 		h, err := unmarshalHandoff(v.snapshot)
@@ -256,7 +272,7 @@ func (w *lcWorld) takeover(v *lcVIP, to int) {
 		return
 	}
 	for _, sf := range ho.Locks.Files {
-		n.b.Update(context.Background(), sf.FH, func(f *dlm.File) error {
+		n.b.Update(context.Background(), sf.FH, v.claim(), func(f *dlm.File) error {
 			for _, l := range sf.Locks {
 				o := n.b.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: v.addr, Name: l.Name, Addr: l.Addr}, SVID: l.SVID})
 				r := n.mgr.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: l.Start, End: l.End}, Exclusive: l.Exclusive,
@@ -280,10 +296,12 @@ func (w *lcWorld) takeover(v *lcVIP, to int) {
 func (w *lcWorld) graceEnded(v *lcVIP) {
 	n := w.served(v)
 	sel := dlm.Selector{VIP: v.addr, Below: v.epoch}
-	n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+	if err := n.b.UpdateAll(context.Background(), sel, v.claim(), func(f *dlm.File) error {
 		n.mgr.Drop(f, &sel)
 		return nil
-	})
+	}); err != nil {
+		w.violate("purge: %v", err)
+	}
 	why := v.grace.Status().Why
 	for _, c := range w.clients {
 		if c.vip != v || c.hold == nil || w.serverHas(n, v, c) {
@@ -428,10 +446,13 @@ func (w *lcWorld) randomStep() {
 		}
 		h := *c.hold
 		w.letGo(c)
-		n.b.Update(context.Background(), []byte(h.fh), func(f *dlm.File) error {
+		// Under the current claim, whatever epoch the lock was stamped in.
+		if err := n.b.Update(context.Background(), []byte(h.fh), c.vip.claim(), func(f *dlm.File) error {
 			n.mgr.Unlock(f, w.owner(n, c.vip, c), h.rng)
 			return nil
-		})
+		}); err != nil {
+			w.violate("unlock: %v", err)
+		}
 		if c.vip.grace.Active() {
 			c.vip.grace.Request(w.now, c.addr)
 		}
@@ -499,7 +520,7 @@ func (w *lcWorld) randomStep() {
 		w.step("%s reboots (held %v)", c.name, c.hold)
 		w.letGo(c)
 		sel := dlm.Selector{VIP: c.vip.addr, Name: c.name}
-		n.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+		n.b.UpdateAll(context.Background(), sel, dlm.Claim{}, func(f *dlm.File) error { // a reboot: unfenced
 			n.mgr.Drop(f, &sel)
 			return nil
 		})

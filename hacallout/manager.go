@@ -147,13 +147,21 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	if err != nil {
 		m.log.Warn("hacallout: damaged epoch; starting over", "vip", spec.Addr, "err", err)
 	}
-	vs, _ := m.cfg.Registry.Begin(spec, epoch)
+	vs, _, err := m.cfg.Registry.Begin(ctx, spec, epoch)
+	if err != nil {
+		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
+	}
 	res := TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: epoch}
 	fail := func(err error) (TakeoverResult, error) {
-		vs.BeginRelease()
+		_, _, cerr := vs.BeginRelease(ctx)
 		m.cfg.Addrs.Stop(vs.Addr())
 		m.cfg.NSM.Detach(vs.Addr())
-		m.cfg.Registry.Finish(vs)
+		if ferr := m.cfg.Registry.Finish(ctx, vs); cerr == nil {
+			cerr = ferr
+		}
+		if cerr != nil {
+			m.log.Warn("hacallout: the backend did not take the failed takeover's release", "vip", vs.Addr(), "err", cerr)
+		}
 		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
 	}
 	// The sockets first: notifications leave from them, and their answers
@@ -272,21 +280,28 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	if !ok {
 		return ReleaseResult{VIP: a, Already: true}, nil
 	}
-	grace, ok := vs.BeginRelease()
+	grace, ok, cerr := vs.BeginRelease(ctx)
 	if !ok {
 		return ReleaseResult{VIP: a, Already: true}, nil
+	}
+	if cerr != nil {
+		// The address stops being served all the same; what a request in
+		// flight adds meanwhile is captured or dropped below.
+		m.log.Warn("hacallout: the backend did not take the release's claim", "vip", a, "err", cerr)
 	}
 	res := ReleaseResult{VIP: a, Epoch: vs.Epoch()}
 	if grace != nil {
 		res.GraceLeft, res.GracePending = Duration(grace.Remaining), len(grace.Clients)
 	}
 	m.cfg.Addrs.Stop(a)
-	snap, err := m.cfg.NLM.ReleaseVIP(ctx, a, vs.Epoch())
+	snap, err := m.cfg.NLM.ReleaseVIP(ctx, vs.Claim())
 	m.cfg.NSM.Detach(a)
 	// The address is served no more: every request the release cut off is
 	// known, and the next owner waits for those clients to send them again.
 	vs.FinishHandover(grace)
-	m.cfg.Registry.Finish(vs)
+	if cerr := m.cfg.Registry.Finish(ctx, vs); cerr != nil {
+		m.log.Warn("hacallout: the backend did not take the end of the release's claim", "vip", a, "err", cerr)
+	}
 	if snap != nil {
 		res.Locks, res.Waiters, res.Shares = snap.Counts()
 	}

@@ -82,7 +82,7 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 	}
 	log := slog.New(slog.NewTextHandler(testWriter{t, o.logName}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	n := &node{t: t, backend: memdlm.New(), rpc: &sunrpc.Server{}, nsr: &sunrpc.Server{}}
-	n.reg = virtualserver.New(virtualserver.Config{Grace: o.grace, GraceQuiet: o.quiet, ServeUnknown: o.unknown,
+	n.reg = virtualserver.New(virtualserver.Config{Claims: n.backend, Grace: o.grace, GraceQuiet: o.quiet, ServeUnknown: o.unknown,
 		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return n.mgr.TakeoverHook(s) },
 		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { n.mgr.GraceEnded(vs, st) }})
 	nsmPort := listenAny(t, n.nsr)
@@ -100,7 +100,7 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 			for _, c := range cs {
 				keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 			}
-			_, err := n.nlm.DropHosts(ctx, dlm.Selector{Keys: keys})
+			_, err := n.nlm.DropHosts(ctx, dlm.Selector{Keys: keys}, dlm.Claim{})
 			return err
 		}})
 	if err != nil {

@@ -28,9 +28,10 @@ var (
 func startNLM(t *testing.T, cb nlm.CallbackConfig) *nlm.Service {
 	t.Helper()
 	srv := &sunrpc.Server{}
+	backend := memdlm.New()
 	svc := nlm.New(nlm.Config{
-		Backend:        memdlm.New(),
-		VirtualServers: virtualserver.New(virtualserver.Config{ServeUnknown: true}),
+		Backend:        backend,
+		VirtualServers: virtualserver.New(virtualserver.Config{ServeUnknown: true, Claims: backend}),
 		RPC:            srv, Port: nlmPort, Callbacks: cb,
 	})
 	for _, p := range svc.Programs() {

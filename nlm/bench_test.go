@@ -29,7 +29,7 @@ func benchLockUnlock(b *testing.B, monitored bool) {
 		// As nlmd's takeover does: the status monitor starts with the
 		// virtual server.
 		vcfg.Takeover = func(spec virtualserver.Spec) (*virtualserver.Server, bool) {
-			vs, created := reg.Begin(spec, 1)
+			vs, created, _ := reg.Begin(context.Background(), spec, 1)
 			if !created {
 				return vs, vs.Serving()
 			}
@@ -41,8 +41,10 @@ func benchLockUnlock(b *testing.B, monitored bool) {
 			return vs, true
 		}
 	}
+	backend := memdlm.New()
+	vcfg.Claims = backend
 	reg = virtualserver.New(vcfg)
-	cfg := Config{Backend: memdlm.New(), VirtualServers: reg}
+	cfg := Config{Backend: backend, VirtualServers: reg}
 	if monitored {
 		var err error
 		m, err = nsm.New(nsm.Config{VirtualServers: reg, StateDir: b.TempDir(), RPC: &sunrpc.Server{}, Notify: nsm.NotifyConfig{Disabled: true}})

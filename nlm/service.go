@@ -232,7 +232,8 @@ func WireRange(vers uint32, r dlm.Range) (off, n uint64) {
 // request would escape to the heap).
 type op struct {
 	s       *Service
-	vs      *virtualserver.Server // the fence; nil for unfenced operations
+	vs      *virtualserver.Server // where the request came through; nil for callbacks
+	claim   dlm.Claim             // what the edit acts under (see dlm.Claim)
 	kind    opKind
 	lock    lockmgr.LockArgs
 	share   lockmgr.ShareArgs
@@ -276,9 +277,6 @@ func (s *Service) putOp(o *op) {
 }
 
 func (o *op) apply(f *dlm.File) error {
-	if o.vs != nil && !o.vs.Serving() {
-		return errNotServing
-	}
 	m := &o.s.mgr
 	switch o.kind {
 	case opLock:
@@ -327,7 +325,7 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *
 	if st := s.checkFH(ctx, req.Vers, l.FH); st != Granted {
 		return st
 	}
-	o.vs, o.rng = vs, rng
+	o.vs, o.claim, o.rng = vs, vs.Claim(), rng
 	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), req.Remote.Addr(), l.CallerName, l.SVID)
 	if o.owner == nil {
 		o.limited = true
@@ -395,14 +393,11 @@ func (s *Service) checkFH(ctx context.Context, vers uint32, fh []byte) Stat {
 	return Granted
 }
 
-// errNotServing fences a request that raced with the release of its
-// virtual server.
-var errNotServing = errors.New("nlm: virtual server no longer served here")
-
-// update runs o on one file, fenced by o.vs still being served (when set),
-// and performs the resulting grants.
+// update runs o on one file under o.claim — the backend fences it once
+// the virtual server's release has begun — and performs the resulting
+// grants.
 func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
-	if err := s.cfg.Backend.Update(ctx, fh, o.update); err != nil {
+	if err := s.cfg.Backend.Update(ctx, fh, o.claim, o.update); err != nil {
 		st := s.backendStat(err)
 		if st == fenced && o.vs != nil {
 			o.cutOff()
@@ -416,7 +411,7 @@ func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
 // backendStat turns a backend failure into a reply. A request that raced
 // with the release of its virtual server is fenced.
 func (s *Service) backendStat(err error) Stat {
-	if errors.Is(err, errNotServing) || errors.Is(err, dlm.ErrFenced) {
+	if errors.Is(err, dlm.ErrFenced) {
 		return fenced
 	}
 	s.log.Warn("nlm: lock backend failed", "err", err)
@@ -707,7 +702,7 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 	}
 	name := string(a.MonName)
 	s.log.Info("nlm: client rebooted; dropping its locks", "mon_name", name, "state", a.State)
-	if _, err := s.DropHosts(ctx, dlm.Selector{Name: name}); err != nil {
+	if _, err := s.DropHosts(ctx, dlm.Selector{Name: name}, dlm.Claim{}); err != nil {
 		s.log.Warn("nlm: dropping a rebooted client's locks failed", "mon_name", name, "err", err)
 	}
 	return res, nil
@@ -750,13 +745,13 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 		return DeniedNoLocks.ForVersion(req.Vers)
 	}
 	if unshare {
-		o.kind, o.vs, o.host, o.oh = opUnshare, vs, host, a.Share.OH
+		o.kind, o.vs, o.claim, o.host, o.oh = opUnshare, vs, vs.Claim(), host, a.Share.OH
 		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
 	}
 	if st := s.monitor(ctx, host); st != Granted {
 		return st.ForVersion(req.Vers)
 	}
-	o.kind, o.vs = opShare, vs
+	o.kind, o.vs, o.claim = opShare, vs, vs.Claim()
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
 	st = s.update(ctx, o, a.Share.FH)
@@ -769,15 +764,26 @@ func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, 
 // handleFreeAll drops everything of a client host that says it rebooted:
 // its locks, blocked requests and shares through this virtual server, from
 // the address it calls from (as Linux does, so that one client cannot
-// free another's locks by naming it).
+// free another's locks by naming it). Fenced like every request: during a
+// release it goes unanswered, and the client sends it again to the next
+// owner, which by then holds what it frees.
 func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	var a Notify
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
-	vip, name, addr := req.Local.Addr(), string(a.Name), req.Remote.Addr()
-	key := dlm.HostKey{VIP: vip.Unmap(), Name: name, Addr: addr.Unmap()}
-	if _, err := s.DropHosts(ctx, dlm.Selector{Keys: map[dlm.HostKey]bool{key: true}}); err != nil {
+	vs, st := s.lookupVS(req)
+	if st != Granted {
+		return reply(res, st) // FREE_ALL has no result; a failure is silent
+	}
+	name, addr := string(a.Name), req.Remote.Addr()
+	key := dlm.HostKey{VIP: vs.Addr(), Name: name, Addr: addr.Unmap()}
+	_, err := s.DropHosts(ctx, dlm.Selector{Keys: map[dlm.HostKey]bool{key: true}}, vs.Claim())
+	switch {
+	case errors.Is(err, dlm.ErrFenced):
+		vs.CutOff(addr)
+		return nil, sunrpc.ErrNoReply
+	case err != nil:
 		s.log.Warn("nlm: FREE_ALL failed", "name", name, "err", err)
 	}
 	return res, nil
@@ -786,9 +792,10 @@ func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []
 // DropHosts removes every lock, blocked request and share that sel
 // selects, cancels the callbacks outstanding to its hosts (unless it
 // selects only stale records), and grants what that makes grantable to
-// others. It serves FREE_ALL, reboot notifications, an admin's drop and
-// the purge at the end of grace, and reports how many hosts lost records.
-func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector) (int, error) {
+// others. It serves FREE_ALL and the purge at the end of grace, under
+// their virtual server's claim, and reboot notifications and an admin's
+// drop, unfenced (dlm.Claim); it reports how many hosts lost records.
+func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector, c dlm.Claim) (int, error) {
 	if sel.Below == 0 {
 		s.cb.cancelHosts(sel.Match)
 	}
@@ -796,7 +803,7 @@ func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector) (int, error) 
 	// update again, and only its last run counts.
 	grants := map[string][]lockmgr.Grant{}
 	hosts := map[string]map[*dlm.Host]bool{}
-	err := s.cfg.Backend.UpdateAll(ctx, sel, func(f *dlm.File) error {
+	err := s.cfg.Backend.UpdateAll(ctx, sel, c, func(f *dlm.File) error {
 		hosts[f.FH()] = selectedHosts(f, &sel)
 		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
 		return nil
@@ -858,10 +865,13 @@ func (s *Service) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
 	return vs, ok && vs.Serving()
 }
 
-// ungrant takes back a grant the client refused.
+// ungrant takes back a grant the client refused, under the claim the
+// waiter was queued in: once its virtual server has moved on, the grant is
+// the next owner's business.
 func (s *Service) ungrant(ctx context.Context, g lockmgr.Grant) {
 	o := s.getOp()
 	defer s.putOp(o)
 	o.kind, o.grant = opUngrant, g
+	o.claim = dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}
 	s.update(ctx, o, []byte(g.FH))
 }

@@ -37,6 +37,7 @@ func newEnv(t *testing.T, opts ...envOpt) *env {
 		o(&cfg, &vcfg)
 	}
 	e := &env{srv: &sunrpc.Server{}, b: cfg.Backend.(*memdlm.Backend)}
+	vcfg.Claims = cfg.Backend
 	e.reg = virtualserver.New(vcfg)
 	cfg.VirtualServers, cfg.RPC = e.reg, e.srv
 	l, err := net.Listen("tcp4", "0.0.0.0:0")
@@ -213,7 +214,7 @@ func TestGraceRules(t *testing.T) {
 		v.Grace = time.Hour
 		// Every virtual server starts as after a crash: a full grace period.
 		v.Takeover = func(s virtualserver.Spec) (*virtualserver.Server, bool) {
-			vs, created := reg.Begin(s, 1)
+			vs, created, _ := reg.Begin(context.Background(), s, 1)
 			if created {
 				vs.BeginGrace(false, true, nil)
 				vs.Serve()
@@ -431,7 +432,7 @@ func TestReleasedVirtualServerFences(t *testing.T) {
 		mustLock(t, c, lk("held", 1, 0, 10), true, false, Granted)
 	}
 	vs, _ := e.reg.Lookup(netip.MustParseAddr("127.0.0.2"))
-	vs.BeginRelease()
+	vs.BeginRelease(context.Background())
 	for _, vers := range []uint32{Vers1, Vers3, Vers4} {
 		c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.UDP, vers)
 		short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
@@ -574,4 +575,57 @@ func TestCallerNamesPerAddress(t *testing.T) {
 	e.b.Sweep()
 	e.b.Sweep()
 	mustLock(t, c, lk("name-3", 1, 200, 10), true, false, Granted)
+}
+
+// gateValidator holds every request between its virtual server's lookup
+// and its edit, until released.
+type gateValidator struct {
+	arrived chan struct{}
+	proceed chan struct{}
+}
+
+func (g *gateValidator) Valid(context.Context, []byte) (bool, error) {
+	g.arrived <- struct{}{}
+	<-g.proceed
+	return true, nil
+}
+
+// A request that looked its virtual server up before the release began,
+// and reaches the backend after, is fenced there by the claim: it adds
+// nothing and gets no answer, and the release knows the client was cut
+// off.
+func TestInFlightRequestFencedByClaim(t *testing.T) {
+	g := &gateValidator{arrived: make(chan struct{}), proceed: make(chan struct{})}
+	e := newEnv(t, func(c *Config, _ *virtualserver.Config) { c.FHValidator = g })
+	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.UDP, Vers4)
+	go func() { <-g.arrived; g.proceed <- struct{}{} }()
+	mustLock(t, c, lk("held", 1, 0, 10), true, false, Granted)
+	vs, _ := e.reg.Lookup(netip.MustParseAddr("127.0.0.2"))
+	grace := virtualserver.GraceHandover{Clients: []virtualserver.GraceClient{{Addr: netip.MustParseAddr("127.0.0.10")}}}
+
+	done := make(chan error, 1)
+	go func() {
+		short, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := c.Lock(short, &LockArgs{Cookie: []byte("c"), Exclusive: true, Lock: lk("late", 1, 20, 10)})
+		done <- err
+	}()
+	<-g.arrived // past the lookup, before the edit
+	if _, ok, err := vs.BeginRelease(context.Background()); !ok || err != nil {
+		t.Fatalf("BeginRelease: %v %v", ok, err)
+	}
+	g.proceed <- struct{}{}
+	if err := <-done; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("in-flight LOCK during the release: %v, want no answer", err)
+	}
+	e.b.Hosts(func(h *dlm.Host) bool {
+		if h.Name == "late" && h.Locks() != 0 {
+			t.Errorf("the fenced LOCK left %d locks", h.Locks())
+		}
+		return true
+	})
+	vs.FinishHandover(&grace)
+	if !grace.Clients[0].Resending {
+		t.Error("the release does not know the fenced client will resend")
+	}
 }

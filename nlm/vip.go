@@ -18,20 +18,22 @@ import (
 // to its clients stop, and every lock, blocked request and share of its
 // hosts is captured into a snapshot and dropped — per file in one update,
 // so nothing slips between the two. What that makes grantable to others
-// is granted. The virtual server must already be fenced off (BeginRelease),
-// so that no request in flight adds state behind the capture.
-func (s *Service) ReleaseVIP(ctx context.Context, vip netip.Addr, epoch uint64) (*dlm.Snapshot, error) {
-	sel := dlm.Selector{VIP: vip.Unmap()}
+// is granted. The virtual server's claim c must already be releasing
+// (virtualserver.Server.BeginRelease), so that no request in flight adds
+// state behind the capture; the capture runs under it.
+func (s *Service) ReleaseVIP(ctx context.Context, c dlm.Claim) (*dlm.Snapshot, error) {
+	vip := c.VIP.Unmap()
+	sel := dlm.Selector{VIP: vip}
 	s.cb.cancelHosts(sel.Match)
 	files := map[string]dlm.SnapshotFile{}
 	grants := map[string][]lockmgr.Grant{}
-	err := s.cfg.Backend.UpdateAll(ctx, sel, func(f *dlm.File) error {
+	err := s.cfg.Backend.UpdateAll(ctx, sel, c, func(f *dlm.File) error {
 		// A backend may run this again on conflict: the last run counts.
 		files[f.FH()] = dlm.CaptureFile(f, sel)
 		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
 		return nil
 	})
-	snap := &dlm.Snapshot{VIP: vip, Epoch: epoch, Taken: time.Now()}
+	snap := &dlm.Snapshot{VIP: vip, Epoch: c.Epoch, Taken: time.Now()}
 	fhs := make([]string, 0, len(files))
 	for fh := range files {
 		fhs = append(fhs, fh)
@@ -71,7 +73,7 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 		sf := &snap.Files[i]
 		var res InstallResult
 		var grants []lockmgr.Grant
-		err := b.Update(ctx, sf.FH, func(f *dlm.File) error {
+		err := b.Update(ctx, sf.FH, vs.Claim(), func(f *dlm.File) error {
 			res, grants = InstallResult{}, nil
 			for j := range sf.Locks {
 				l := &sf.Locks[j]
@@ -133,7 +135,7 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 // its grace period: its state stamped with an epoch older than the
 // current one.
 func (s *Service) PurgeVIP(ctx context.Context, vs *virtualserver.Server) error {
-	_, err := s.DropHosts(ctx, dlm.Selector{VIP: vs.Addr(), Below: vs.Epoch()})
+	_, err := s.DropHosts(ctx, dlm.Selector{VIP: vs.Addr(), Below: vs.Epoch()}, vs.Claim())
 	return err
 }
 

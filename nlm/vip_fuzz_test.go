@@ -78,13 +78,16 @@ func mustJSON(v any) []byte {
 }
 
 func fuzzService(t *testing.T, vip netip.Addr, epoch uint64) (*Service, *virtualserver.Server, *memdlm.Backend) {
-	reg := virtualserver.New(virtualserver.Config{})
 	b := memdlm.New()
+	reg := virtualserver.New(virtualserver.Config{Claims: b})
 	svc := New(Config{Backend: b, VirtualServers: reg, RPC: &sunrpc.Server{},
 		Callbacks: CallbackConfig{Retransmit: time.Millisecond, MaxRetransmit: time.Millisecond, Attempt: 5 * time.Millisecond,
 			Retry: time.Millisecond, MaxRetry: time.Millisecond, Lifetime: time.Millisecond}})
 	t.Cleanup(svc.Close)
-	vs, _ := reg.Begin(virtualserver.Spec{Addr: vip}, epoch)
+	vs, _, err := reg.Begin(context.Background(), virtualserver.Spec{Addr: vip}, epoch)
+	if err != nil {
+		t.Fatal(err)
+	}
 	vs.Serve()
 	return svc, vs, b
 }
@@ -108,8 +111,8 @@ func FuzzInstallSnapshot(f *testing.F) {
 		if _, err := a.InstallSnapshot(ctx, snap, vsA); err != nil {
 			t.Fatal(err)
 		}
-		vsA.BeginRelease()
-		s2, err := a.ReleaseVIP(ctx, vip, 2)
+		vsA.BeginRelease(ctx)
+		s2, err := a.ReleaseVIP(ctx, vsA.Claim())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -124,8 +127,8 @@ func FuzzInstallSnapshot(f *testing.F) {
 		if l, w, sh := s2.Counts(); r.Refused != 0 || r.Locks != l || r.Waiters != w || r.Shares != sh {
 			t.Fatalf("installing a captured snapshot (%d locks, %d waiters, %d shares): %+v", l, w, sh, r)
 		}
-		vsB.BeginRelease()
-		s3, err := bnode.ReleaseVIP(ctx, vip, 3)
+		vsB.BeginRelease(ctx)
+		s3, err := bnode.ReleaseVIP(ctx, vsB.Claim())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -88,7 +88,7 @@ func startNode(t testing.TB, o nodeOpts) *node {
 		Takeover: func(spec virtualserver.Spec) (*virtualserver.Server, bool) {
 			n.mu.Lock()
 			defer n.mu.Unlock()
-			vs, created := n.reg.Begin(spec, 1)
+			vs, created, _ := n.reg.Begin(context.Background(), spec, 1)
 			if !created {
 				return vs, vs.Serving()
 			}

@@ -9,11 +9,15 @@
 package virtualserver
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nlmha/nlmha/dlm"
 )
 
 // ErrRetryLater reports a request that cannot be served now but will be
@@ -203,16 +207,35 @@ func (v *Server) tick() {
 // Serve marks a started virtual server served.
 func (v *Server) Serve() { v.state.CompareAndSwap(int32(Starting), int32(Serving)) }
 
-// BeginRelease fences the virtual server off (Serving turns false) and
-// reports whether it was served or starting. Its grace period stops here;
-// what was left of it, if one was on, is returned for the next owner.
-func (v *Server) BeginRelease() (*GraceHandover, bool) {
+// Claim is the virtual server's claim in the lock backend: the edits of
+// its requests act under it.
+func (v *Server) Claim() dlm.Claim { return dlm.Claim{VIP: v.addr, Epoch: v.epoch} }
+
+// setClaim tells the backend (if the registry has one) where the claim is.
+func (v *Server) setClaim(ctx context.Context, st dlm.ClaimState) error {
+	if v.reg.cfg.Claims == nil {
+		return nil
+	}
+	if err := v.reg.cfg.Claims.SetClaim(ctx, v.Claim(), st); err != nil {
+		return fmt.Errorf("virtualserver: %v %v: %w", v.Claim(), st, err)
+	}
+	return nil
+}
+
+// BeginRelease fences the virtual server off — Serving turns false, and
+// its claim in the backend becomes releasing, so that no request in flight
+// adds state any more — and reports whether it was served or starting. Its
+// grace period stops here; what was left of it, if one was on, is
+// returned for the next owner. An error is the backend's: the virtual
+// server is released here all the same.
+func (v *Server) BeginRelease(ctx context.Context) (*GraceHandover, bool, error) {
 	for {
 		s := v.state.Load()
 		if State(s) != Serving && State(s) != Starting {
-			return nil, false
+			return nil, false, nil
 		}
 		if v.state.CompareAndSwap(s, int32(Releasing)) {
+			err := v.setClaim(ctx, dlm.ClaimReleasing)
 			v.mu.Lock()
 			now := time.Now()
 			h, on := v.grace.Handover(now)
@@ -223,9 +246,9 @@ func (v *Server) BeginRelease() (*GraceHandover, bool) {
 			}
 			v.mu.Unlock()
 			if !on {
-				return nil, true
+				return nil, true, err
 			}
-			return &h, true
+			return &h, true, err
 		}
 	}
 }
@@ -274,6 +297,10 @@ type Spec struct {
 
 // Config configures a Registry.
 type Config struct {
+	// Claims, when set, is the lock backend, told of each virtual
+	// server's claim as it is taken over (active), released (releasing)
+	// and gone (released): the backend fences the edits of requests on it.
+	Claims dlm.Claims
 	// Servers are the virtual servers this node serves from its start.
 	Servers []Spec
 	// ServeUnknown makes every other local address a virtual server of
@@ -382,7 +409,10 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	}
 	if r.cfg.Takeover == nil {
 		// Standalone use (tests, tools): served at once, epoch 1.
-		v, _ := r.Begin(spec, 1)
+		v, _, err := r.Begin(context.Background(), spec, 1)
+		if err != nil {
+			return nil, false
+		}
 		v.Serve()
 		return v, v.Serving()
 	}
@@ -398,26 +428,49 @@ func (r *Registry) Get(a netip.Addr) (*Server, bool) {
 }
 
 // Begin creates the virtual server of a takeover at epoch, in state
-// Starting (not served until Serve). It returns the current one instead
-// when that is starting or serving.
-func (r *Registry) Begin(s Spec, epoch uint64) (v *Server, created bool) {
+// Starting (not served until Serve), and makes its claim active in the
+// backend. It returns the current one instead when that is starting or
+// serving. It fails, creating nothing, when the backend refuses the claim.
+func (r *Registry) Begin(ctx context.Context, s Spec, epoch uint64) (v *Server, created bool, err error) {
 	a := s.Addr.Unmap()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if cur := r.servers[a]; cur != nil && (cur.State() == Serving || cur.State() == Starting) {
-		return cur, false
+	current := func() *Server {
+		if cur := r.servers[a]; cur != nil && (cur.State() == Serving || cur.State() == Starting) {
+			return cur
+		}
+		return nil
+	}
+	r.mu.RLock()
+	cur := current()
+	r.mu.RUnlock()
+	if cur != nil {
+		return cur, false, nil
 	}
 	name := s.Name
 	if name == "" {
 		name = a.String()
 	}
 	v = &Server{addr: a, name: name, epoch: epoch, reg: r}
+	// Outside the registry's lock: a remote backend takes a round trip,
+	// and every request looks the registry up.
+	if err := v.setClaim(ctx, dlm.ClaimActive); err != nil {
+		return nil, false, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur := current(); cur != nil {
+		return cur, false, nil // a concurrent Begin won (standalone use only)
+	}
 	r.servers[a] = v
-	return v, true
+	return v, true, nil
 }
 
-// Finish marks a released virtual server as such.
-func (r *Registry) Finish(v *Server) { v.state.Store(int32(Released)) }
+// Finish marks a released virtual server as such, its claim in the
+// backend released too (an error is the backend's; the virtual server is
+// released here all the same).
+func (r *Registry) Finish(ctx context.Context, v *Server) error {
+	v.state.Store(int32(Released))
+	return v.setClaim(ctx, dlm.ClaimReleased)
+}
 
 // All returns the known virtual servers, released ones included.
 func (r *Registry) All() []*Server {

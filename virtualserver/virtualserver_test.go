@@ -1,24 +1,41 @@
 package virtualserver
 
 import (
+	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/dlm/memdlm"
 )
 
 func TestLifecycle(t *testing.T) {
 	var taken []Spec
 	var r *Registry
-	r = New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}},
+	ctx := context.Background()
+	b := memdlm.New()
+	r = New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}}, Claims: b,
 		Takeover: func(s Spec) (*Server, bool) {
 			taken = append(taken, s)
-			v, _ := r.Begin(s, 7)
+			v, _, err := r.Begin(ctx, s, 7)
+			if err != nil {
+				t.Fatal(err)
+			}
 			v.Serve()
 			return v, true
 		}})
+	// edit reports how the backend takes an edit under v's claim.
+	edit := func(v *Server, bulk bool) error {
+		if bulk {
+			return b.UpdateAll(ctx, dlm.Selector{VIP: v.Addr()}, v.Claim(), func(*dlm.File) error { return nil })
+		}
+		return b.Update(ctx, []byte("f"), v.Claim(), func(*dlm.File) error { return nil })
+	}
 	// A configured address is taken over on first use, under its name.
 	v, ok := r.Lookup(netip.MustParseAddr("::ffff:10.0.0.1"))
 	if !ok || v.Name() != "nfs-a" || v.Addr() != netip.MustParseAddr("10.0.0.1") || v.Epoch() != 7 || v.State() != Serving {
@@ -32,21 +49,40 @@ func TestLifecycle(t *testing.T) {
 		t.Fatal("an unknown address is served without ServeUnknown")
 	}
 	// Begin on a served address returns it; after a release a new one.
-	if same, created := r.Begin(Spec{Addr: v.Addr()}, 8); same != v || created {
+	if same, created, err := r.Begin(ctx, Spec{Addr: v.Addr()}, 8); same != v || created || err != nil {
 		t.Fatal("Begin replaced a served virtual server")
 	}
-	if h, ok := v.BeginRelease(); !ok || h != nil || v.Serving() {
+	// The claim in the backend follows the lifecycle.
+	if err := edit(v, false); err != nil {
+		t.Fatalf("edit while served: %v", err)
+	}
+	if h, ok, err := v.BeginRelease(ctx); !ok || h != nil || v.Serving() || err != nil {
 		t.Fatal("BeginRelease")
 	}
-	if _, ok := v.BeginRelease(); ok {
+	if err := edit(v, false); !errors.Is(err, dlm.ErrFenced) || edit(v, true) != nil {
+		t.Fatalf("releasing: edit %v, bulk edit %v; want fenced, allowed", err, edit(v, true))
+	}
+	if _, ok, _ := v.BeginRelease(ctx); ok {
 		t.Fatal("BeginRelease twice")
 	}
-	r.Finish(v)
+	if err := r.Finish(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	if err := edit(v, true); !errors.Is(err, dlm.ErrFenced) {
+		t.Fatalf("released: bulk edit %v, want fenced", err)
+	}
 	if _, ok := r.Lookup(v.Addr()); ok || len(taken) != 1 {
 		t.Fatal("a released address was served or taken over again by a request")
 	}
-	nv, created := r.Begin(Spec{Addr: v.Addr(), Name: "nfs-a"}, 8)
-	if !created || nv == v || nv.State() != Starting || v.State() != Released {
+	// A claim the backend refuses (an epoch below the latest) makes nothing.
+	if _, _, err := r.Begin(ctx, Spec{Addr: v.Addr()}, 6); !errors.Is(err, dlm.ErrFenced) {
+		t.Fatalf("Begin at an old epoch: %v", err)
+	}
+	if cur, _ := r.Get(v.Addr()); cur != v {
+		t.Fatal("a refused Begin replaced the virtual server")
+	}
+	nv, created, err := r.Begin(ctx, Spec{Addr: v.Addr(), Name: "nfs-a"}, 8)
+	if err != nil || !created || nv == v || nv.State() != Starting || v.State() != Released {
 		t.Fatal("a takeover after a release must make a new virtual server")
 	}
 	if _, ok := r.Lookup(v.Addr()); !ok || len(taken) != 2 {
@@ -57,7 +93,7 @@ func TestLifecycle(t *testing.T) {
 func TestServeUnknown(t *testing.T) {
 	var r *Registry
 	r = New(Config{ServeUnknown: true, Takeover: func(s Spec) (*Server, bool) {
-		v, _ := r.Begin(s, 1)
+		v, _, _ := r.Begin(context.Background(), s, 1)
 		v.Serve()
 		return v, true
 	}})
@@ -80,7 +116,7 @@ func TestServerGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ended := make(chan GraceStatus, 1)
 		r := New(Config{Grace: time.Minute, GraceQuiet: 2 * time.Second, OnGraceEnd: func(_ *Server, st GraceStatus) { ended <- st }})
-		v, _ := r.Begin(Spec{Addr: netip.MustParseAddr("10.0.0.1")}, 1)
+		v, _, _ := r.Begin(context.Background(), Spec{Addr: netip.MustParseAddr("10.0.0.1")}, 1)
 		v.Serve()
 		c := netip.MustParseAddr("10.1.0.1")
 		v.BeginGrace(true, false, []netip.Addr{c})

@@ -95,7 +95,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	nlmConns, nsmConns := connLimits(o.maxConns)
 	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nlmConns}
 	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nsmConns}
-	d.registry = virtualserver.New(virtualserver.Config{Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, GraceQuiet: o.graceQuiet,
+	d.registry = virtualserver.New(virtualserver.Config{Claims: d.backend, Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, GraceQuiet: o.graceQuiet,
 		// Hooks into the manager, which exists by the first request.
 		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return d.mgr.TakeoverHook(s) },
 		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { d.mgr.GraceEnded(vs, st) },
@@ -227,7 +227,7 @@ func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
 	for _, c := range clients {
 		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 	}
-	_, err := d.svc.DropHosts(ctx, dlm.Selector{Keys: keys})
+	_, err := d.svc.DropHosts(ctx, dlm.Selector{Keys: keys}, dlm.Claim{})
 	// A rebooted client has nothing left to reclaim: a grace period need
 	// not wait for it.
 	for _, c := range clients {

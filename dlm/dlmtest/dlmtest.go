@@ -20,8 +20,12 @@ func owner(b dlm.Backend, vip netip.Addr, name string, svid int32) *dlm.Owner {
 	return b.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip, Name: name, Addr: netip.MustParseAddr("192.0.2.1")}, SVID: svid})
 }
 
+// claimed returns the claim of o's virtual server at epoch 1, which every
+// case's backend starts with.
+func claimed(o *dlm.Owner) dlm.Claim { return dlm.Claim{VIP: o.Host.VIP, Epoch: 1} }
+
 func insert(b dlm.Backend, fh string, o *dlm.Owner, start uint64) error {
-	return b.Update(context.Background(), []byte(fh), func(f *dlm.File) error {
+	return b.Update(context.Background(), []byte(fh), claimed(o), func(f *dlm.File) error {
 		f.Insert(dlm.Lock{Owner: o, Range: dlm.Range{Start: start, End: start + 1}, Exclusive: true, Epoch: 1})
 		return nil
 	})
@@ -40,8 +44,32 @@ func files(t *testing.T, b dlm.Backend) map[string]int {
 	return out
 }
 
+// stamps reads the held locks of a file: start to epoch.
+func stamps(t *testing.T, b dlm.Backend, fh string) map[uint64]uint64 {
+	t.Helper()
+	got := map[uint64]uint64{}
+	err := b.Read(context.Background(), []byte(fh), func(f *dlm.File) {
+		f.All(func(h *dlm.Held) bool { got[h.Range().Start] = h.Epoch(); return true })
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
 // Run runs the contract tests against backends made by newBackend.
-func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
+func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
+	// Every case starts with vipA and vipB claimed active at epoch 1.
+	newBackend := func(t *testing.T) dlm.Backend {
+		t.Helper()
+		b := newBackend0(t)
+		for _, vip := range []netip.Addr{vipA, vipB} {
+			if err := b.SetClaim(context.Background(), dlm.Claim{VIP: vip, Epoch: 1}, dlm.ClaimActive); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return b
+	}
 	t.Run("UpdatePersists", func(t *testing.T) {
 		b := newBackend(t)
 		o := owner(b, vipA, "c", 1)
@@ -62,12 +90,12 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		b := newBackend(t)
 		o := owner(b, vipA, "c", 1)
 		insert(b, "f1", o, 0)
-		b.Update(context.Background(), []byte("f1"), func(f *dlm.File) error {
+		b.Update(context.Background(), []byte("f1"), claimed(o), func(f *dlm.File) error {
 			f.All(func(h *dlm.Held) bool { f.Remove(h); return false })
 			return nil
 		})
 		// A read-only update of a file without state leaves none behind.
-		b.Update(context.Background(), []byte("f2"), func(*dlm.File) error { return nil })
+		b.Update(context.Background(), []byte("f2"), claimed(o), func(*dlm.File) error { return nil })
 		if got := files(t, b); len(got) != 0 {
 			t.Fatalf("files left: %v", got)
 		}
@@ -78,7 +106,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 	t.Run("ErrorStoresNothing", func(t *testing.T) {
 		b := newBackend(t)
 		boom := errors.New("boom")
-		err := b.Update(context.Background(), []byte("f1"), func(*dlm.File) error { return boom })
+		err := b.Update(context.Background(), []byte("f1"), dlm.Claim{VIP: vipA, Epoch: 1}, func(*dlm.File) error { return boom })
 		if !errors.Is(err, boom) || len(files(t, b)) != 0 {
 			t.Fatalf("err %v, files %v", err, files(t, b))
 		}
@@ -91,7 +119,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		insert(b, "f3", oa, 0)
 		insert(b, "f3", ob, 5)
 		var seen []string
-		err := b.UpdateAll(context.Background(), dlm.Selector{VIP: vipA}, func(f *dlm.File) error {
+		err := b.UpdateAll(context.Background(), dlm.Selector{VIP: vipA}, claimed(oa), func(f *dlm.File) error {
 			seen = append(seen, f.FH())
 			var victims []*dlm.Held
 			f.All(func(h *dlm.Held) bool {
@@ -160,9 +188,10 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		ctx := context.Background()
 		fh := []byte("f1")
 		r := dlm.Range{Start: 0, End: 10}
+		c := dlm.Claim{VIP: vipA, Epoch: 1}
 		apply := func(fn func(f *dlm.File) lockmgr.Result) lockmgr.Status {
 			var st lockmgr.Status
-			if err := b.Update(ctx, fh, func(f *dlm.File) error { st = fn(f).Status; return nil }); err != nil {
+			if err := b.Update(ctx, fh, c, func(f *dlm.File) error { st = fn(f).Status; return nil }); err != nil {
 				t.Fatal(err)
 			}
 			return st
@@ -172,6 +201,11 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 			return m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: r, Exclusive: true, Epoch: 1})
 		}) != lockmgr.Granted || apply(func(f *dlm.File) lockmgr.Result { return m.Share(f, &share) }) != lockmgr.Granted {
 			t.Fatal("epoch 1: not granted")
+		}
+		// The takeover: the records stay, the claim moves on.
+		c.Epoch = 2
+		if err := b.SetClaim(ctx, c, dlm.ClaimActive); err != nil {
+			t.Fatal(err)
 		}
 		share.Reclaim, share.InGrace, share.Epoch, share.Floor = true, true, 2, 2
 		if apply(func(f *dlm.File) lockmgr.Result {
@@ -204,7 +238,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		ctx := context.Background()
 		lock := func(o *dlm.Owner, start uint64, epoch, floor uint64, grace bool) lockmgr.Status {
 			var st lockmgr.Status
-			if err := b.Update(ctx, []byte("f1"), func(f *dlm.File) error {
+			if err := b.Update(ctx, []byte("f1"), dlm.Claim{VIP: vipA, Epoch: epoch}, func(f *dlm.File) error {
 				st = m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: start, End: start + 10}, Exclusive: true,
 					InGrace: grace, Epoch: epoch, Floor: floor}).Status
 				return nil
@@ -215,6 +249,9 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		}
 		if st := lock(holder, 0, 1, 0, false); st != lockmgr.Granted {
 			t.Fatalf("epoch 1: %v", st)
+		}
+		if err := b.SetClaim(ctx, dlm.Claim{VIP: vipA, Epoch: 2}, dlm.ClaimActive); err != nil {
+			t.Fatal(err)
 		}
 		if st := lock(other, 5, 2, 2, true); st != lockmgr.DeniedGrace {
 			t.Fatalf("over a reclaimable record: %v, want DENIED_GRACE_PERIOD", st)
@@ -228,6 +265,108 @@ func Run(t *testing.T, newBackend func(t *testing.T) dlm.Backend) {
 		})
 		if len(got) != 2 || got[0] != 1 || got[100] != 2 || other.Host.Locks() != 1 {
 			t.Fatalf("stored %v (start: epoch), other host counts %d; want map[0:1 100:2], 1", got, other.Host.Locks())
+		}
+	})
+	t.Run("Fencing", func(t *testing.T) {
+		// A takeover moves vipA's claim to epoch 2. An edit under the old
+		// claim fails with ErrFenced and changes nothing, and the old
+		// claim cannot come back; under the new claim, an unlock that
+		// leaves a piece of an epoch-1 lock succeeds, the piece keeping
+		// its stamp.
+		b := newBackend(t)
+		o := owner(b, vipA, "c", 1)
+		var m lockmgr.Manager
+		ctx := context.Background()
+		old, cur := dlm.Claim{VIP: vipA, Epoch: 1}, dlm.Claim{VIP: vipA, Epoch: 2}
+		if err := b.Update(ctx, []byte("f1"), old, func(f *dlm.File) error {
+			m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: 0, End: 10}, Exclusive: true, Epoch: 1})
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.SetClaim(ctx, cur, dlm.ClaimActive); err != nil {
+			t.Fatal(err)
+		}
+		err := b.Update(ctx, []byte("f1"), old, func(f *dlm.File) error {
+			m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: 20, End: 30}, Exclusive: true, Epoch: 1})
+			return nil
+		})
+		if !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("edit under a claim taken over: %v, want ErrFenced", err)
+		}
+		if err := b.SetClaim(ctx, old, dlm.ClaimActive); !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("claiming an older epoch again: %v, want ErrFenced", err)
+		}
+		if got := stamps(t, b, "f1"); len(got) != 1 || got[0] != 1 || o.Host.Locks() != 1 {
+			t.Fatalf("after the fenced edit: %v (start: epoch), host counts %d; want map[0:1], 1", got, o.Host.Locks())
+		}
+		var st lockmgr.Status
+		if err := b.Update(ctx, []byte("f1"), cur, func(f *dlm.File) error {
+			st = m.Unlock(f, o, dlm.Range{Start: 5, End: 10}).Status
+			return nil
+		}); err != nil || st != lockmgr.Granted {
+			t.Fatalf("unlock under the new claim of part of an epoch-1 lock: %v %v", st, err)
+		}
+		if got := stamps(t, b, "f1"); len(got) != 1 || got[0] != 1 {
+			t.Fatalf("after the unlock: %v, want map[0:1] (the piece left keeps its stamp)", got)
+		}
+	})
+	t.Run("ReleaseFences", func(t *testing.T) {
+		// Releasing: single-file edits under the claim fail, the release's
+		// bulk edit runs; released: nothing runs. Other claims, and an
+		// unfenced edit, are not affected; a claim never made fences.
+		b := newBackend(t)
+		oa, ob := owner(b, vipA, "c", 1), owner(b, vipB, "c", 1)
+		ctx := context.Background()
+		insert(b, "f1", oa, 0)
+		insert(b, "f1", ob, 5)
+		c := claimed(oa)
+		if err := b.SetClaim(ctx, c, dlm.ClaimReleasing); err != nil {
+			t.Fatal(err)
+		}
+		if err := insert(b, "f2", oa, 0); !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("update while releasing: %v, want ErrFenced", err)
+		}
+		if err := insert(b, "f2", ob, 0); err != nil {
+			t.Fatalf("update of another virtual server: %v", err)
+		}
+		drop := func(f *dlm.File) error {
+			var gone []*dlm.Held
+			f.All(func(h *dlm.Held) bool {
+				if h.Owner().Host.VIP == vipA {
+					gone = append(gone, h)
+				}
+				return true
+			})
+			for _, h := range gone {
+				f.Remove(h)
+			}
+			return nil
+		}
+		if err := b.UpdateAll(ctx, dlm.Selector{VIP: vipA}, c, drop); err != nil {
+			t.Fatalf("the release's bulk edit: %v", err)
+		}
+		if oa.Host.Locks() != 0 || ob.Host.Locks() != 2 {
+			t.Fatalf("after the release: counts %d %d, want 0 2", oa.Host.Locks(), ob.Host.Locks())
+		}
+		if err := b.SetClaim(ctx, c, dlm.ClaimReleased); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.UpdateAll(ctx, dlm.Selector{VIP: vipA}, c, drop); !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("bulk edit once released: %v, want ErrFenced", err)
+		}
+		if err := b.SetClaim(ctx, c, dlm.ClaimActive); !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("a released claim made active again: %v, want ErrFenced", err)
+		}
+		never := dlm.Claim{VIP: netip.MustParseAddr("10.0.0.3"), Epoch: 1}
+		if err := b.Update(ctx, []byte("f3"), never, func(*dlm.File) error { return nil }); !errors.Is(err, dlm.ErrFenced) {
+			t.Fatalf("update under a claim never made: %v, want ErrFenced", err)
+		}
+		if err := b.Update(ctx, []byte("f1"), dlm.Claim{}, func(f *dlm.File) error {
+			f.All(func(h *dlm.Held) bool { f.Remove(h); return false })
+			return nil
+		}); err != nil || ob.Host.Locks() != 1 {
+			t.Fatalf("unfenced edit: %v, counts %d", err, ob.Host.Locks())
 		}
 	})
 	t.Run("Closed", func(t *testing.T) {

@@ -22,12 +22,57 @@ var brokenBackends = map[string]struct {
 	"forgets-restamps": {"ReclaimRestamps", func(b *Backend) dlm.Backend { return forgetsRestamps{b} }},
 	// Only the first record an Update inserts is stored.
 	"keeps-first-insert-only": {"GraceFloor", func(b *Backend) dlm.Backend { return firstInsertOnly{b} }},
+	// Claims are recorded but never checked: a node that lost a virtual
+	// server goes on changing its state.
+	"ignores-claims": {"Fencing", func(b *Backend) dlm.Backend { return ignoresClaims{b} }},
+	// Fences on the records' stamps as well (the rule before claims): an
+	// unlock that leaves a piece of a lock of an earlier epoch is refused.
+	"fences-record-stamps": {"Fencing", func(b *Backend) dlm.Backend { return fencesStamps{b} }},
+	// The release's bulk edit is fenced like a single-file one.
+	"fences-releases": {"ReleaseFences", func(b *Backend) dlm.Backend { return fencesReleases{b} }},
+}
+
+type ignoresClaims struct{ *Backend }
+
+func (b ignoresClaims) Update(ctx context.Context, fh []byte, _ dlm.Claim, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, dlm.Claim{}, fn)
+}
+
+type fencesStamps struct{ *Backend }
+
+func (b fencesStamps) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	var stale bool
+	err := b.Backend.Update(ctx, fh, c, func(f *dlm.File) error {
+		// What the edit wrote: records not there before (tree nodes are
+		// recycled, so compare by value).
+		before := map[dlm.Lock]bool{}
+		f.All(func(h *dlm.Held) bool { before[h.Lock()] = true; return true })
+		err := fn(f)
+		f.All(func(h *dlm.Held) bool {
+			stale = stale || !before[h.Lock()] && h.Owner().Host.VIP == c.VIP && h.Epoch() < c.Epoch
+			return true
+		})
+		return err
+	})
+	if err == nil && stale {
+		err = dlm.ErrFenced
+	}
+	return err
+}
+
+type fencesReleases struct{ *Backend }
+
+func (b fencesReleases) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, fn func(f *dlm.File) error) error {
+	if err := b.Backend.Update(ctx, []byte("\x00probe"), c, func(*dlm.File) error { return nil }); err != nil {
+		return err
+	}
+	return b.Backend.UpdateAll(ctx, sel, c, fn)
 }
 
 type forgetsRestamps struct{ *Backend }
 
-func (b forgetsRestamps) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) error) error {
-	return b.Backend.Update(ctx, fh, func(f *dlm.File) error {
+func (b forgetsRestamps) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, c, func(f *dlm.File) error {
 		before := map[*dlm.Held]uint64{}
 		f.All(func(h *dlm.Held) bool { before[h] = h.Epoch(); return true })
 		shares := map[*dlm.Share]uint64{}
@@ -52,8 +97,8 @@ func (b forgetsRestamps) Update(ctx context.Context, fh []byte, fn func(f *dlm.F
 
 type firstInsertOnly struct{ *Backend }
 
-func (b firstInsertOnly) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) error) error {
-	return b.Backend.Update(ctx, fh, func(f *dlm.File) error {
+func (b firstInsertOnly) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, c, func(f *dlm.File) error {
 		had := f.Len()
 		err := fn(f)
 		if had > 0 {

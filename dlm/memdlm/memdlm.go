@@ -4,15 +4,18 @@
 // process, which NLM tolerates because clients reclaim after a restart.
 //
 // Updates run their function exactly once, under the file's shard lock,
-// and edit the state in place. Fencing a virtual server that is being
-// released is the caller's job: check the virtual server inside the Update
-// function, under the same lock the release's UpdateAll takes.
+// and edit the state in place. Claims are checked under that lock too:
+// an Update that holds it either sees the release's SetClaim and is
+// fenced, or finishes before the release's UpdateAll reaches the shard
+// and is captured.
 package memdlm
 
 import (
 	"context"
+	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -28,6 +31,50 @@ type Backend struct {
 	shards [nShards]shard
 	empty  dlm.State // what Read shows for a file with no state
 	closed atomic.Bool
+
+	// claims is published copy-on-write: requests read it with one atomic
+	// load, and it changes only when a virtual server moves.
+	claimMu sync.Mutex
+	claims  atomic.Pointer[claimSet]
+}
+
+// claimSet is a published claim table, with a list of its entries to scan
+// instead of hashing when there are few (a node serves a handful of
+// virtual servers, and every request checks one).
+type claimSet struct {
+	tab  dlm.ClaimTable
+	list []claimEntry // nil when the table is large
+}
+
+type claimEntry struct {
+	vip netip.Addr
+	rec dlm.ClaimRecord
+}
+
+const maxClaimList = 32
+
+func newClaimSet(tab dlm.ClaimTable) *claimSet {
+	cs := &claimSet{tab: tab}
+	if len(tab) <= maxClaimList {
+		cs.list = make([]claimEntry, 0, len(tab))
+		for vip, rec := range tab {
+			cs.list = append(cs.list, claimEntry{vip, rec})
+		}
+	}
+	return cs
+}
+
+// allows is dlm.ClaimTable.Allows, for a fenced claim.
+func (cs *claimSet) allows(c dlm.Claim, bulk bool) bool {
+	if cs.list == nil && len(cs.tab) > 0 {
+		return cs.tab.Allows(c, bulk)
+	}
+	for i := range cs.list {
+		if e := &cs.list[i]; e.vip == c.VIP {
+			return e.rec.Allows(c.Epoch, bulk)
+		}
+	}
+	return false
 }
 
 type shard struct {
@@ -53,6 +100,7 @@ var _ dlm.Backend = (*Backend)(nil)
 // New returns an empty backend.
 func New() *Backend {
 	b := &Backend{Registry: dlm.NewRegistry(), seed: maphash.MakeSeed()}
+	b.claims.Store(newClaimSet(nil))
 	treapSeed := rand.Uint64()
 	for i := range b.shards {
 		b.shards[i].edit.Seed = treapSeed
@@ -74,14 +122,48 @@ func (b *Backend) check(ctx context.Context) error {
 	return ctx.Err()
 }
 
+// SetClaim records a claim of this node (see dlm.ClaimTable.Set).
+func (b *Backend) SetClaim(ctx context.Context, c dlm.Claim, st dlm.ClaimState) error {
+	if err := b.check(ctx); err != nil {
+		return err
+	}
+	c.VIP = c.VIP.Unmap()
+	b.claimMu.Lock()
+	defer b.claimMu.Unlock()
+	next, err := b.claims.Load().tab.Set(c, st)
+	if err != nil {
+		return err
+	}
+	b.claims.Store(newClaimSet(next))
+	return nil
+}
+
+// allows checks an edit's claim; the caller holds the shard lock it edits
+// under.
+func (b *Backend) allows(c dlm.Claim, bulk bool) error {
+	if c.Unfenced() {
+		return nil
+	}
+	if c.VIP.Is4In6() {
+		c.VIP = c.VIP.Unmap()
+	}
+	if b.claims.Load().allows(c, bulk) {
+		return nil
+	}
+	return fmt.Errorf("%w: %v", dlm.ErrFenced, c)
+}
+
 // Update runs fn on the file with handle fh, once, under its shard lock.
-func (b *Backend) Update(ctx context.Context, fh []byte, fn func(f *dlm.File) error) error {
+func (b *Backend) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
 	if err := b.check(ctx); err != nil {
 		return err
 	}
 	s, h := b.shard(fh)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := b.allows(c, false); err != nil {
+		return err
+	}
 	st := s.files.get(h, fh)
 	if st == nil {
 		st = dlm.NewState(string(fh))
@@ -137,7 +219,7 @@ func (s *shard) unidle(st *dlm.State) bool {
 }
 
 // UpdateAll runs fn on every file where a host sel selects has state.
-func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, fn func(f *dlm.File) error) error {
+func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, fn func(f *dlm.File) error) error {
 	if sel.Empty() {
 		return nil
 	}
@@ -148,6 +230,10 @@ func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, fn func(f *dl
 		}
 		s := &b.shards[i]
 		s.mu.Lock()
+		if err := b.allows(c, true); err != nil {
+			s.mu.Unlock()
+			return err
+		}
 		// Collect first: running fn may retire files, which moves entries
 		// of the table.
 		var todo []slot

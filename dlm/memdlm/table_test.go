@@ -60,11 +60,11 @@ func TestIdleRing(t *testing.T) {
 	o := b.Owner(dlm.OwnerKey{SVID: 1})
 	for i := range 100 {
 		fh := []byte(fmt.Sprintf("f%d", i))
-		b.Update(t.Context(), fh, func(f *dlm.File) error {
+		b.Update(t.Context(), fh, dlm.Claim{}, func(f *dlm.File) error {
 			f.Insert(dlm.Lock{Owner: o, Range: dlm.Range{Start: 0, End: 1}})
 			return nil
 		})
-		b.Update(t.Context(), fh, func(f *dlm.File) error {
+		b.Update(t.Context(), fh, dlm.Claim{}, func(f *dlm.File) error {
 			f.All(func(h *dlm.Held) bool { f.Remove(h); return false })
 			return nil
 		})

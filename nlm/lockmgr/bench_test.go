@@ -42,7 +42,7 @@ func newTable(owners int) *table {
 
 func (t *table) lock(fh []byte, o *dlm.Owner, r dlm.Range) Status {
 	var st Status
-	t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+	t.b.Update(context.Background(), fh, dlm.Claim{}, func(f *dlm.File) error {
 		res := t.m.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: true, Epoch: 1})
 		st = res.Status
 		return nil
@@ -51,7 +51,7 @@ func (t *table) lock(fh []byte, o *dlm.Owner, r dlm.Range) Status {
 }
 
 func (t *table) unlock(fh []byte, o *dlm.Owner, r dlm.Range) {
-	t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+	t.b.Update(context.Background(), fh, dlm.Claim{}, func(f *dlm.File) error {
 		t.m.Unlock(f, o, r)
 		return nil
 	})
@@ -161,7 +161,7 @@ func BenchmarkWakeMany(b *testing.B) {
 				}
 				for i := range n {
 					var st Status
-					t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+					t.b.Update(context.Background(), fh, dlm.Claim{}, func(f *dlm.File) error {
 						st = t.m.Lock(f, &LockArgs{Owner: t.owners[i], Range: dlm.Range{Start: uint64(i), End: uint64(i) + 1},
 							Exclusive: true, Block: true, Epoch: 1}).Status
 						return nil
@@ -172,7 +172,7 @@ func BenchmarkWakeMany(b *testing.B) {
 				}
 				b.StartTimer()
 				var grants int
-				t.b.Update(context.Background(), fh, func(f *dlm.File) error {
+				t.b.Update(context.Background(), fh, dlm.Claim{}, func(f *dlm.File) error {
 					grants = len(t.m.Unlock(f, holder, whole).Grants)
 					return nil
 				})

@@ -100,7 +100,7 @@ func arg(td *datadriven.TestData, key, def string) string {
 
 func (h *harness) update(t *testing.T, td *datadriven.TestData, fn func(f *dlm.File) Result) Result {
 	var res Result
-	err := h.b.Update(context.Background(), []byte(arg(td, "fh", "f1")), func(f *dlm.File) error {
+	err := h.b.Update(context.Background(), []byte(arg(td, "fh", "f1")), dlm.Claim{}, func(f *dlm.File) error {
 		res = fn(f)
 		return nil
 	})
@@ -211,7 +211,7 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 		}
 		var out strings.Builder
 		var all Result
-		err := h.b.UpdateAll(context.Background(), sel, func(f *dlm.File) error {
+		err := h.b.UpdateAll(context.Background(), sel, dlm.Claim{}, func(f *dlm.File) error {
 			all.Grants = append(all.Grants, h.m.Drop(f, &sel).Grants...)
 			return nil
 		})
@@ -275,7 +275,7 @@ func TestLockAges(t *testing.T) {
 	ctx := context.Background()
 	lock := func(o *dlm.Owner, r dlm.Range, now uint32, block bool) Result {
 		var res Result
-		if err := h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+		if err := h.b.Update(ctx, []byte("f"), dlm.Claim{}, func(f *dlm.File) error {
 			res = m.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: true, Block: block, Epoch: 1, Now: now})
 			return nil
 		}); err != nil {
@@ -299,7 +299,7 @@ func TestLockAges(t *testing.T) {
 	if got := ages(); got["1/0-20a"] != 100 || len(got) != 1 {
 		t.Fatalf("after a merge: %v", got)
 	}
-	h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+	h.b.Update(ctx, []byte("f"), dlm.Claim{}, func(f *dlm.File) error {
 		m.Unlock(f, a, dlm.Range{Start: 5, End: 15})
 		return nil
 	})
@@ -309,7 +309,7 @@ func TestLockAges(t *testing.T) {
 	if r := lock(b, dlm.Range{Start: 0, End: 20}, 300, true); r.Status != Blocked {
 		t.Fatalf("b: %v", r.Status)
 	}
-	h.b.Update(ctx, []byte("f"), func(f *dlm.File) error {
+	h.b.Update(ctx, []byte("f"), dlm.Claim{}, func(f *dlm.File) error {
 		m.Unlock(f, a, dlm.Range{Start: 0, End: dlm.Inf})
 		return nil
 	})

@@ -130,7 +130,7 @@ func modelOps(t *testing.T, ops []byte) {
 		case 0, 1: // lock, blocking or not
 			block := ops0&0x40 != 0
 			want := m.conflict(o, r, excl)
-			b.Update(ctx, fh, func(f *dlm.File) error {
+			b.Update(ctx, fh, dlm.Claim{}, func(f *dlm.File) error {
 				res = mgr.Lock(f, &LockArgs{Owner: o, Range: r, Exclusive: excl, Block: block, Epoch: 1})
 				return nil
 			})
@@ -158,11 +158,11 @@ func modelOps(t *testing.T, ops []byte) {
 				}
 			}
 		case 2: // unlock
-			b.Update(ctx, fh, func(f *dlm.File) error { res = mgr.Unlock(f, o, r); return nil })
+			b.Update(ctx, fh, dlm.Claim{}, func(f *dlm.File) error { res = mgr.Unlock(f, o, r); return nil })
 			m.set(o, r, free)
 		case 3:
 			if ops0&0x20 != 0 { // cancel
-				b.Update(ctx, fh, func(f *dlm.File) error { res = mgr.Cancel(f, o, r, excl); return nil })
+				b.Update(ctx, fh, dlm.Claim{}, func(f *dlm.File) error { res = mgr.Cancel(f, o, r, excl); return nil })
 				wantStat := Denied
 				if i := m.queued(w); i >= 0 {
 					wantStat = Granted
