@@ -152,7 +152,21 @@ type Lock struct {
 
 // Waiter is a blocked lock request, queued FIFO per file. It carries what a
 // GRANTED callback needs to reach the client.
+//
+// Once granted, it becomes a pending grant until its GRANTED callback is
+// answered: state of the file (File.Pending), not only a return value.
+// With a shared backend the node serving the waiter's virtual server may
+// not be the one whose unlock granted it, and a node that takes the
+// virtual server over sends the callbacks still pending. A pending grant
+// goes when the callback is answered or given up (the lock manager's
+// Settle), when the client turns the grant down (Ungrant, which needs
+// Prev), and with its host.
 type Waiter struct {
+	// Seq orders the file's queue, across the nodes that share it: it
+	// grows with every waiter queued (an etcd backend uses the waiter
+	// key's revision). It identifies the waiter among the file's waiters
+	// and pending grants.
+	Seq       uint64
 	Owner     *Owner
 	Range     Range
 	Exclusive bool
@@ -162,6 +176,10 @@ type Waiter struct {
 	Transport uint8  // sunrpc.Transport the request came over
 	Async     bool   // the request was LOCK_MSG: answer with GRANTED_MSG
 	Since     uint32 // when it was queued (unix seconds)
+	// Prev, once the waiter is granted (pending), are the owner's own
+	// locks in the range that the grant replaced, put back if the client
+	// turns the grant down.
+	Prev []Lock
 }
 
 // Share is a DOS share reservation (NLM SHARE), owned by (host, oh).

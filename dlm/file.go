@@ -27,9 +27,10 @@ func NewState(fh string) *State { return &State{fh: fh} }
 // FH is the file handle.
 func (s *State) FH() string { return s.fh }
 
-// Empty reports whether the file has no locks, blocked requests or shares.
+// Empty reports whether the file has no locks, blocked requests, pending
+// grants or shares.
 func (s *State) Empty() bool {
-	return s.root == nil && (s.more == nil || len(s.more.waiters) == 0 && len(s.more.shares) == 0)
+	return s.root == nil && (s.more == nil || s.more.empty())
 }
 
 // File is the lock manager's handle on one file's State during an Update:
@@ -49,8 +50,20 @@ func NewFile(fh string) *File { return &File{State: NewState(fh)} }
 func (f *File) Bind(s *State, e *Edit) { f.State, f.edit = s, e }
 
 type fileMore struct {
-	waiters []*Waiter
+	waiters []*Waiter // ascending Seq
 	shares  []*Share
+	pending []*Waiter // granted, callback not answered yet
+	// pendingAt indexes pending by waiter Seq once there are many (a
+	// release that grants thousands, each settled by its own callback).
+	pendingAt map[uint64]int
+	// seq is the last waiter sequence number given out. It starts over
+	// only once the file has no waiters and no pending grants left, so
+	// the numbers of those never repeat.
+	seq uint64
+}
+
+func (m *fileMore) empty() bool {
+	return len(m.waiters) == 0 && len(m.shares) == 0 && len(m.pending) == 0
 }
 
 // Held is one held lock in a File's tree. Its fields change only through
@@ -254,8 +267,8 @@ func merge(a, b *Held) *Held {
 	}
 }
 
-// Waiters returns the blocked requests in arrival order. The slice must not
-// be changed.
+// Waiters returns the blocked requests in arrival order (ascending Seq).
+// The slice must not be changed.
 func (f *File) Waiters() []*Waiter {
 	if f.more == nil {
 		return nil
@@ -263,10 +276,17 @@ func (f *File) Waiters() []*Waiter {
 	return f.more.waiters
 }
 
-// AddWaiter queues a blocked request at the end.
+// AddWaiter queues a blocked request at the end, numbering it (Seq) unless
+// it has a number already (a backend that loaded it).
 func (f *File) AddWaiter(w *Waiter) {
 	if f.more == nil {
 		f.more = &fileMore{}
+	}
+	if w.Seq == 0 {
+		f.more.seq++
+		w.Seq = f.more.seq
+	} else {
+		f.more.seq = max(f.more.seq, w.Seq)
 	}
 	f.more.waiters = append(f.more.waiters, w)
 	f.note(w.Owner, w.Owner.Host, 0, 1, 0)
@@ -352,9 +372,95 @@ func (f *File) RemoveShare(s *Share) {
 }
 
 func (f *File) compact() {
-	if len(f.more.waiters) == 0 && len(f.more.shares) == 0 {
+	if f.more.empty() {
 		f.more = nil
 	}
+}
+
+// Pending returns the grants whose callback is not answered yet, in no
+// particular order. The slice must not be changed.
+func (f *File) Pending() []*Waiter {
+	if f.more == nil {
+		return nil
+	}
+	return f.more.pending
+}
+
+// AddPending records a granted waiter whose callback is still to be
+// answered.
+func (f *File) AddPending(p *Waiter) {
+	if f.more == nil {
+		f.more = &fileMore{}
+	}
+	m := f.more
+	m.seq = max(m.seq, p.Seq)
+	m.pending = append(m.pending, p)
+	if m.pendingAt != nil {
+		m.pendingAt[p.Seq] = len(m.pending) - 1
+	} else if len(m.pending) > indexFrom {
+		m.pendingAt = make(map[uint64]int, 2*len(m.pending))
+		for i, x := range m.pending {
+			m.pendingAt[x.Seq] = i
+		}
+	}
+	f.changed()
+}
+
+// FindPending returns the pending grant of the waiter numbered seq, if
+// it is still pending.
+func (f *File) FindPending(seq uint64) *Waiter {
+	if f.more == nil {
+		return nil
+	}
+	m := f.more
+	if m.pendingAt != nil {
+		if i, ok := m.pendingAt[seq]; ok {
+			return m.pending[i]
+		}
+		return nil
+	}
+	for _, p := range m.pending {
+		if p.Seq == seq {
+			return p
+		}
+	}
+	return nil
+}
+
+// RemovePending forgets a pending grant (its callback was answered, given
+// up or undone, or its host dropped).
+func (f *File) RemovePending(p *Waiter) {
+	if f.more == nil {
+		return
+	}
+	m := f.more
+	i := -1
+	if m.pendingAt != nil {
+		if j, ok := m.pendingAt[p.Seq]; ok && m.pending[j] == p {
+			i = j
+		}
+	} else {
+		i = slices.Index(m.pending, p)
+	}
+	if i < 0 {
+		return
+	}
+	// Order does not matter: swap the last one in.
+	last := len(m.pending) - 1
+	m.pending[i] = m.pending[last]
+	m.pending[last] = nil
+	m.pending = m.pending[:last]
+	if m.pendingAt != nil {
+		delete(m.pendingAt, p.Seq)
+		if i < last {
+			m.pendingAt[m.pending[i].Seq] = i
+		}
+		if len(m.pending) == 0 {
+			m.pendingAt = nil
+		}
+	}
+	f.changed()
+	f.compact()
 }
 
 // Edit records what an Update changed, for the backend to commit: counter

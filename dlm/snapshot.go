@@ -1,10 +1,12 @@
 package dlm
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -21,9 +23,12 @@ type Snapshot struct {
 
 // SnapshotFile is the state of one file.
 type SnapshotFile struct {
-	FH      []byte          `json:"fh"`
-	Locks   []SnapshotLock  `json:"locks,omitempty"`
-	Waiters []SnapshotLock  `json:"waiters,omitempty"` // in queue order
+	FH      []byte         `json:"fh"`
+	Locks   []SnapshotLock `json:"locks,omitempty"`
+	Waiters []SnapshotLock `json:"waiters,omitempty"` // in queue order
+	// Pending are granted requests whose GRANTED callback was still due:
+	// the next owner sends it.
+	Pending []SnapshotLock  `json:"pending,omitempty"`
 	Shares  []SnapshotShare `json:"shares,omitempty"`
 }
 
@@ -42,6 +47,8 @@ type SnapshotLock struct {
 	Vers      uint32 `json:"vers,omitempty"`
 	Transport uint8  `json:"transport,omitempty"`
 	Async     bool   `json:"async,omitempty"`
+	// A pending grant's Prev: the owner's own locks the grant replaced.
+	Prev []SnapshotLock `json:"prev,omitempty"`
 }
 
 // SnapshotShare is a share reservation.
@@ -77,9 +84,19 @@ func CaptureFile(f *File, sel Selector) SnapshotFile {
 	})
 	for _, w := range f.Waiters() {
 		if match(w.Owner.Host) {
-			sf.Waiters = append(sf.Waiters, SnapshotLock{Name: w.Owner.Host.Name, Addr: w.Owner.Host.Addr, SVID: w.Owner.SVID,
-				OH: w.OH, Start: w.Range.Start, End: w.Range.End, Exclusive: w.Exclusive, Since: w.Since,
-				Vers: w.Vers, Transport: w.Transport, Async: w.Async})
+			sf.Waiters = append(sf.Waiters, snapshotWaiter(w))
+		}
+	}
+	pending := slices.Clone(f.Pending())
+	slices.SortFunc(pending, func(a, b *Waiter) int { return cmp.Compare(a.Seq, b.Seq) })
+	for _, p := range pending {
+		if match(p.Owner.Host) {
+			sl := snapshotWaiter(p)
+			for _, l := range p.Prev {
+				sl.Prev = append(sl.Prev, SnapshotLock{Name: l.Owner.Host.Name, Addr: l.Owner.Host.Addr, SVID: l.Owner.SVID,
+					Start: l.Range.Start, End: l.Range.End, Exclusive: l.Exclusive, Since: l.Since})
+			}
+			sf.Pending = append(sf.Pending, sl)
 		}
 	}
 	for _, s := range f.Shares() {
@@ -88,6 +105,12 @@ func CaptureFile(f *File, sel Selector) SnapshotFile {
 		}
 	}
 	return sf
+}
+
+func snapshotWaiter(w *Waiter) SnapshotLock {
+	return SnapshotLock{Name: w.Owner.Host.Name, Addr: w.Owner.Host.Addr, SVID: w.Owner.SVID,
+		OH: w.OH, Start: w.Range.Start, End: w.Range.End, Exclusive: w.Exclusive, Since: w.Since,
+		Vers: w.Vers, Transport: w.Transport, Async: w.Async}
 }
 
 // ErrBadSnapshot reports a snapshot that cannot be used.
@@ -109,7 +132,11 @@ func UnmarshalSnapshot(b []byte) (*Snapshot, error) {
 		if len(f.FH) == 0 {
 			return nil, fmt.Errorf("%w: a file without a handle", ErrBadSnapshot)
 		}
-		for _, l := range append(append([]SnapshotLock(nil), f.Locks...), f.Waiters...) {
+		all := slices.Concat(f.Locks, f.Waiters, f.Pending)
+		for _, p := range f.Pending {
+			all = append(all, p.Prev...)
+		}
+		for _, l := range all {
 			if !l.Addr.IsValid() || l.Start >= l.End {
 				return nil, fmt.Errorf("%w: bad lock %+v", ErrBadSnapshot, l)
 			}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/sunrpc"
@@ -25,7 +26,7 @@ var (
 )
 
 // startNLM serves NLM on every address of the namespace at the fixed port.
-func startNLM(t *testing.T, cb nlm.CallbackConfig) *nlm.Service {
+func startNLM(t *testing.T, cb nlm.CallbackConfig) (*nlm.Service, *memdlm.Backend) {
 	t.Helper()
 	srv := &sunrpc.Server{}
 	backend := memdlm.New()
@@ -39,7 +40,25 @@ func startNLM(t *testing.T, cb nlm.CallbackConfig) *nlm.Service {
 	}
 	serveOn(t, srv, "0.0.0.0", nlmPort)
 	t.Cleanup(svc.Close)
-	return svc
+	return svc, backend
+}
+
+// noPending waits for the file's pending grants to be settled: each GRANTED
+// callback, once answered, is done with in the lock state too.
+func noPending(t *testing.T, b *memdlm.Backend) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		var n int
+		b.Read(context.Background(), fhBlock, func(f *dlm.File) { n = len(f.Pending()) })
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d grants still pending after their callbacks were answered", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // callback is a call the fake client lockd received.
@@ -183,7 +202,7 @@ func TestBlockingLockGrantedCallback(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	startNLM(t, nlm.CallbackConfig{Attempt: time.Second, Retry: 200 * time.Millisecond})
+	_, backend := startNLM(t, nlm.CallbackConfig{Attempt: time.Second, Retry: 200 * time.Millisecond})
 	lockd := startClientLockd(t, hostB)
 
 	for _, tr := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
@@ -236,6 +255,7 @@ func TestBlockingLockGrantedCallback(t *testing.T) {
 				t.Fatalf("B's retransmitted LOCK: %v", r.Stat)
 			}
 			lockd.none(t, 300*time.Millisecond) // one callback, no retries
+			noPending(t, backend)
 			call(t, func(c context.Context) (nlm.Res, error) {
 				return b.Unlock(c, &nlm.UnlockArgs{Cookie: []byte("b3"), Lock: lb})
 			})
@@ -273,6 +293,7 @@ func TestBlockingLockGrantedCallback(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		noPending(t, backend)
 	})
 
 	t.Run("async", func(t *testing.T) {
@@ -307,5 +328,6 @@ func TestBlockingLockGrantedCallback(t *testing.T) {
 		if r.Stat != nlm.Denied || r.Holder.SVID != 9 {
 			t.Fatalf("after GRANTED_MSG: %v %+v", r.Stat, r.Holder)
 		}
+		noPending(t, backend)
 	})
 }

@@ -310,9 +310,10 @@ func (c *callbacks) attempt(p *peer) {
 		}
 		return
 	}
-	j := c.nextJobLocked(p, now)
+	j, expired := c.nextJobLocked(p, now)
 	vs := p.vs
 	c.mu.Unlock()
+	c.s.settle(c.ctx, expired)
 	if j == nil {
 		return
 	}
@@ -355,9 +356,10 @@ func (c *callbacks) attempt(p *peer) {
 }
 
 // nextJobLocked drops from the head of p's queue what is no longer wanted
-// (its lifetime over) and returns the first left; with none, p goes idle.
-// c.mu is held.
-func (c *callbacks) nextJobLocked(p *peer, now time.Time) *cbJob {
+// (its lifetime over) and returns the first left (with none, p goes idle)
+// and the grants given up, to settle once c.mu is released. c.mu is held.
+func (c *callbacks) nextJobLocked(p *peer, now time.Time) (*cbJob, []lockmgr.Grant) {
+	var expired []lockmgr.Grant
 	for len(p.jobs) > 0 && now.After(p.jobs[0].deadline) {
 		j := p.jobs[0]
 		p.jobs = p.jobs[1:]
@@ -365,14 +367,15 @@ func (c *callbacks) nextJobLocked(p *peer, now time.Time) *cbJob {
 			c.s.stats.CallbacksGivenUp.Add(1)
 			c.s.log.Warn("nlm: giving up on a GRANTED callback; the lock stays granted",
 				"client", j.host.HostKey.String(), "svid", j.grant.Waiter.Owner.SVID, "range", j.grant.Waiter.Range.String())
+			expired = append(expired, *j.grant)
 		}
 	}
 	if len(p.jobs) == 0 {
 		p.busy = false
 		p.jobs = nil
-		return nil
+		return nil, expired
 	}
-	return p.jobs[0]
+	return p.jobs[0], expired
 }
 
 // next ends an attempt: on success the next callback of p goes at once;
@@ -415,6 +418,7 @@ func (c *callbacks) granted(j *cbJob, st Stat) error {
 	switch st {
 	case Granted:
 		c.s.stats.GrantedCallbacks.Add(1)
+		c.s.settle(c.ctx, []lockmgr.Grant{*j.grant})
 		return nil
 	case DeniedGracePeriod:
 		return errors.New("nlm: the client is in its grace period")
@@ -499,10 +503,13 @@ func (c *callbacks) grantedRes(from netip.Addr, cookie []byte, st Stat) {
 }
 
 // grant queues a GRANTED (or GRANTED_MSG) callback for each grant. What
-// does not fit in the queues is logged once per client host and call.
+// does not fit in the queues is logged once per client host and call, and
+// settled: the lock stays granted, and the client finds it on its next
+// request.
 func (c *callbacks) grant(grants []lockmgr.Grant) {
 	now := time.Now()
 	var full *dlm.Host
+	var dropped []lockmgr.Grant
 	for i := range grants {
 		g := &grants[i]
 		w := g.Waiter
@@ -512,12 +519,17 @@ func (c *callbacks) grant(grants []lockmgr.Grant) {
 		}
 		j := &cbJob{host: w.Owner.Host, grant: g, deadline: now.Add(c.cfg.Lifetime)}
 		key := peerKey{vip: vs.Addr(), addr: w.Owner.Host.Addr, vers: w.Vers, t: sunrpc.Transport(w.Transport)}
-		if !c.enqueue(key, vs, j) && full != w.Owner.Host {
+		if c.enqueue(key, vs, j) {
+			continue
+		}
+		dropped = append(dropped, *g)
+		if full != w.Owner.Host {
 			full = w.Owner.Host
 			c.s.log.Warn("nlm: too many callbacks outstanding; the client will find its lock on its next request",
 				"client", w.Owner.Host.HostKey.String())
 		}
 	}
+	c.s.settle(c.ctx, dropped)
 }
 
 func grantArgs(vs *virtualserver.Server, g *lockmgr.Grant, cookie []byte) []byte {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/virtualserver"
 )
@@ -76,6 +77,13 @@ func TestGrantedFanOutBounded(t *testing.T) {
 	}
 	if r := mustTest(t, holder, lk("holder", 2, 0, 10), true); r.Stat != Denied {
 		t.Fatalf("the granted shared locks: TEST %v", r.Stat)
+	}
+	// Given up or left out, each grant is settled: none stays pending in
+	// the lock state.
+	var pending int
+	e.b.Read(context.Background(), fh1, func(f *dlm.File) { pending = len(f.Pending()) })
+	if pending != 0 {
+		t.Fatalf("%d grants still pending after their callbacks ended", pending)
 	}
 	t.Logf("%d grants: UNLOCK answered in %v, %d lookups, %d failed attempts, %d given up, %d dropped", waiters, unlocked,
 		st.PortLookups.Load(), st.CallbackFailures.Load(), st.CallbacksGivenUp.Load(), st.CallbacksDropped.Load())

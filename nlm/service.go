@@ -290,7 +290,7 @@ func (o *op) apply(f *dlm.File) error {
 	case opUnshare:
 		o.res = m.Unshare(f, o.host, o.oh)
 	case opUngrant:
-		o.res = m.Ungrant(f, &o.grant)
+		o.res = m.Ungrant(f, o.grant.Waiter)
 	}
 	return nil
 }
@@ -874,4 +874,38 @@ func (s *Service) ungrant(ctx context.Context, g lockmgr.Grant) {
 	o.kind, o.grant = opUngrant, g
 	o.claim = dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}
 	s.update(ctx, o, []byte(g.FH))
+}
+
+// settle ends pending grants whose callback was answered, given up or
+// left out, one update per file and claim (a release may leave thousands
+// of one file's grants out of a full queue at once).
+func (s *Service) settle(ctx context.Context, grants []lockmgr.Grant) {
+	if len(grants) == 0 || ctx.Err() != nil {
+		return
+	}
+	type group struct {
+		fh    string
+		claim dlm.Claim
+	}
+	byGroup := map[group][]*dlm.Waiter{}
+	var order []group
+	for _, g := range grants {
+		k := group{g.FH, dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}}
+		if _, ok := byGroup[k]; !ok {
+			order = append(order, k)
+		}
+		byGroup[k] = append(byGroup[k], g.Waiter)
+	}
+	for _, k := range order {
+		ws := byGroup[k]
+		err := s.cfg.Backend.Update(ctx, []byte(k.fh), k.claim, func(f *dlm.File) error {
+			for _, w := range ws {
+				s.mgr.Settle(f, w)
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, dlm.ErrFenced) {
+			s.log.Debug("nlm: cannot settle granted callbacks", "err", err)
+		}
+	}
 }

@@ -48,7 +48,10 @@ func (s *Service) ReleaseVIP(ctx context.Context, c dlm.Claim) (*dlm.Snapshot, e
 
 // InstallResult counts what InstallSnapshot restored.
 type InstallResult struct {
-	Locks, Waiters, Shares int
+	Locks, Pending, Waiters, Shares int
+	// Stale are pending grants whose lock its owner no longer holds in
+	// that mode (its own later request changed it): no callback is due.
+	Stale int
 	// Refused are entries that conflict with state this node holds for
 	// another virtual server (the in-memory backend does not share state
 	// between nodes): they are logged and left out.
@@ -57,7 +60,8 @@ type InstallResult struct {
 
 // InstallSnapshot puts a released virtual server's state back, stamped
 // with vs's epoch, through the lock manager (so nothing conflicting can
-// get in): locks first, then blocked requests in their queue order (one
+// get in): locks first, then the grants whose callback was still due
+// (sent from here now), then blocked requests in their queue order (one
 // that has become grantable is granted, with its callback), then shares.
 func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *virtualserver.Server) (InstallResult, error) {
 	var out InstallResult
@@ -68,6 +72,10 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 			o.SetOH(l.OH)
 		}
 		return o
+	}
+	waiter := func(l *dlm.SnapshotLock) *dlm.Waiter {
+		return &dlm.Waiter{Owner: owner(l), Range: dlm.Range{Start: l.Start, End: l.End}, Exclusive: l.Exclusive,
+			Epoch: vs.Epoch(), OH: l.OH, Vers: l.Vers, Transport: l.Transport, Async: l.Async, Since: l.Since}
 	}
 	for i := range snap.Files {
 		sf := &snap.Files[i]
@@ -85,19 +93,51 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 					res.Refused++
 				}
 			}
+			// Pending grants are numbered after the file's queue: a fresh
+			// number, as their own may be taken here.
+			seq := uint64(0)
+			for _, w := range f.Waiters() {
+				seq = max(seq, w.Seq)
+			}
+			for _, p := range f.Pending() {
+				seq = max(seq, p.Seq)
+			}
+			restore := func(p *dlm.Waiter) bool {
+				seq++
+				p.Seq = seq
+				if !s.mgr.Restore(f, p) {
+					return false
+				}
+				grants = append(grants, lockmgr.Grant{FH: string(sf.FH), Waiter: p})
+				return true
+			}
+			for j := range sf.Pending {
+				l := &sf.Pending[j]
+				p := waiter(l)
+				for k := range l.Prev {
+					pl := &l.Prev[k]
+					p.Prev = append(p.Prev, dlm.Lock{Owner: owner(pl), Range: dlm.Range{Start: pl.Start, End: pl.End},
+						Exclusive: pl.Exclusive, Since: pl.Since, Epoch: vs.Epoch()})
+				}
+				if restore(p) {
+					res.Pending++
+				} else {
+					res.Stale++
+				}
+			}
 			for j := range sf.Waiters {
-				w := &sf.Waiters[j]
-				a := lockmgr.LockArgs{Owner: owner(w), Range: dlm.Range{Start: w.Start, End: w.End}, Exclusive: w.Exclusive,
-					Block: true, Reclaim: true, InGrace: true, Epoch: vs.Epoch(), Now: w.Since,
+				w := waiter(&sf.Waiters[j])
+				a := lockmgr.LockArgs{Owner: w.Owner, Range: w.Range, Exclusive: w.Exclusive,
+					Block: true, Reclaim: true, InGrace: true, Epoch: w.Epoch, Now: w.Since,
 					OH: w.OH, Vers: w.Vers, Transport: w.Transport, Async: w.Async}
 				switch r := s.mgr.Lock(f, &a); r.Status {
 				case lockmgr.Blocked:
 					res.Waiters++
 				case lockmgr.Granted:
-					// What blocked it stayed behind: grant it now.
+					// What blocked it stayed behind: it is granted now,
+					// pending its callback like any grant.
 					res.Waiters++
-					grants = append(grants, lockmgr.Grant{FH: string(sf.FH), Waiter: &dlm.Waiter{Owner: a.Owner, Range: a.Range,
-						Exclusive: a.Exclusive, Epoch: a.Epoch, OH: w.OH, Vers: w.Vers, Transport: w.Transport, Async: w.Async, Since: w.Since}})
+					restore(w)
 				default:
 					res.Refused++
 				}
@@ -123,6 +163,8 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 				"fh", hex.EncodeToString(sf.FH), "refused", res.Refused)
 		}
 		out.Locks += res.Locks
+		out.Pending += res.Pending
+		out.Stale += res.Stale
 		out.Waiters += res.Waiters
 		out.Shares += res.Shares
 		out.Refused += res.Refused

@@ -6,9 +6,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
@@ -369,6 +373,141 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 			t.Fatalf("unfenced edit: %v, counts %d", err, ob.Host.Locks())
 		}
 	})
+	t.Run("WaiterOrder", func(t *testing.T) {
+		// Blocked requests are numbered as they queue, read back in that
+		// order, and granted first come, first served.
+		b := newBackend(t)
+		var m lockmgr.Manager
+		ctx := context.Background()
+		holder := owner(b, vipA, "h", 1)
+		c := claimed(holder)
+		lock := func(o *dlm.Owner, block bool) lockmgr.Result {
+			var res lockmgr.Result
+			if err := b.Update(ctx, []byte("f1"), c, func(f *dlm.File) error {
+				res = m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: 0, End: 10}, Exclusive: true, Block: block, Epoch: 1})
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			return res
+		}
+		lock(holder, false)
+		var queued []*dlm.Owner
+		for i := range 5 {
+			o := owner(b, vipA, fmt.Sprintf("w%d", i), 1)
+			if st := lock(o, true).Status; st != lockmgr.Blocked {
+				t.Fatalf("waiter %d: %v", i, st)
+			}
+			queued = append(queued, o)
+		}
+		var seqs []uint64
+		var order []*dlm.Owner
+		b.Read(ctx, []byte("f1"), func(f *dlm.File) {
+			for _, w := range f.Waiters() {
+				seqs = append(seqs, w.Seq)
+				order = append(order, w.Owner)
+			}
+		})
+		for i := range seqs {
+			if order[i] != queued[i] || i > 0 && seqs[i] <= seqs[i-1] || seqs[i] == 0 {
+				t.Fatalf("queue read back as %v (seq %v), want the arrival order, numbered ascending", order, seqs)
+			}
+		}
+		next := holder
+		for i, o := range queued {
+			var res lockmgr.Result
+			if err := b.Update(ctx, []byte("f1"), c, func(f *dlm.File) error {
+				res = m.Unlock(f, next, dlm.Range{Start: 0, End: 10})
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if len(res.Grants) != 1 || res.Grants[0].Waiter.Owner != o {
+				t.Fatalf("unlock %d granted %v, want the waiter queued %d", i, res.Grants, i)
+			}
+			next = o
+		}
+	})
+	t.Run("PendingGrants", func(t *testing.T) {
+		// A granted waiter stays in the file as a pending grant, readable
+		// by anyone, until settled or turned down; turning it down gives
+		// the owner's replaced lock back.
+		b := newBackend(t)
+		var m lockmgr.Manager
+		ctx := context.Background()
+		holder, w := owner(b, vipA, "h", 1), owner(b, vipB, "w", 1)
+		r := dlm.Range{Start: 0, End: 10}
+		apply := func(c dlm.Claim, fn func(f *dlm.File) lockmgr.Result) lockmgr.Result {
+			var res lockmgr.Result
+			if err := b.Update(ctx, []byte("f1"), c, func(f *dlm.File) error { res = fn(f); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			return res
+		}
+		pending := func() []dlm.Waiter {
+			var out []dlm.Waiter
+			b.Read(ctx, []byte("f1"), func(f *dlm.File) {
+				for _, p := range f.Pending() {
+					out = append(out, *p)
+				}
+			})
+			return out
+		}
+		lockArgs := func(o *dlm.Owner, excl, block bool) *lockmgr.LockArgs {
+			return &lockmgr.LockArgs{Owner: o, Range: r, Exclusive: excl, Block: block, Epoch: 1, Vers: 4}
+		}
+		apply(claimed(holder), func(f *dlm.File) lockmgr.Result { return m.Lock(f, lockArgs(holder, false, false)) })
+		apply(claimed(w), func(f *dlm.File) lockmgr.Result { return m.Lock(f, lockArgs(w, false, false)) })
+		if st := apply(claimed(w), func(f *dlm.File) lockmgr.Result { return m.Lock(f, lockArgs(w, true, true)) }).Status; st != lockmgr.Blocked {
+			t.Fatalf("upgrade: %v", st)
+		}
+		// The holder, through another virtual server, unlocks: the grant
+		// is state that the waiter's virtual server can read.
+		res := apply(claimed(holder), func(f *dlm.File) lockmgr.Result { return m.Unlock(f, holder, r) })
+		p := pending()
+		if len(res.Grants) != 1 || len(p) != 1 || p[0].Owner != w || p[0].Range != r || len(p[0].Prev) != 1 {
+			t.Fatalf("after the unlock: grants %v, pending %+v; want one pending grant to w with its replaced lock", res.Grants, p)
+		}
+		if w.Host.Locks() != 1 || w.Host.Blocked() != 0 {
+			t.Fatalf("w's counters: %d locks, %d blocked; want 1, 0", w.Host.Locks(), w.Host.Blocked())
+		}
+		waiter := &p[0] // a copy, as a remote backend would hand over
+		apply(claimed(w), func(f *dlm.File) lockmgr.Result { return m.Ungrant(f, waiter) })
+		if got := pending(); len(got) != 0 {
+			t.Fatalf("after the ungrant: %d pending", len(got))
+		}
+		var held []dlm.Lock
+		b.Read(ctx, []byte("f1"), func(f *dlm.File) { f.All(func(h *dlm.Held) bool { held = append(held, h.Lock()); return true }) })
+		if len(held) != 1 || held[0].Owner != w || held[0].Exclusive {
+			t.Fatalf("after the ungrant: %+v, want w's shared lock back", held)
+		}
+		// Granted again, then settled: the lock stays, the record goes.
+		apply(claimed(holder), func(f *dlm.File) lockmgr.Result { return m.Lock(f, lockArgs(holder, false, false)) })
+		apply(claimed(w), func(f *dlm.File) lockmgr.Result { return m.Lock(f, lockArgs(w, true, true)) })
+		apply(claimed(holder), func(f *dlm.File) lockmgr.Result { return m.Unlock(f, holder, r) })
+		if p = pending(); len(p) != 1 {
+			t.Fatalf("second grant: %d pending", len(p))
+		}
+		waiter = &p[0]
+		apply(claimed(w), func(f *dlm.File) lockmgr.Result { return m.Settle(f, waiter) })
+		if got := pending(); len(got) != 0 || w.Host.Locks() != 1 {
+			t.Fatalf("after settling: %d pending, %d locks; want 0, 1", len(got), w.Host.Locks())
+		}
+	})
+	t.Run("Counters", func(t *testing.T) {
+		// The counters of every host follow every kind of edit, single and
+		// bulk, whichever virtual server made it: random, seeded sequences
+		// checked against a recount of the stored records.
+		seed := uint64(time.Now().UnixNano())
+		if s := os.Getenv("NLMHA_DLMTEST_SEED"); s != "" {
+			seed, _ = strconv.ParseUint(s, 10, 64)
+		}
+		for i := range 20 {
+			if err := counterSequence(newBackend(t), seed+uint64(i)); err != nil {
+				t.Fatalf("seed %d (replay: NLMHA_DLMTEST_SEED=%d): %v", seed+uint64(i), seed+uint64(i), err)
+			}
+		}
+	})
 	t.Run("Closed", func(t *testing.T) {
 		b := newBackend(t)
 		b.Close()
@@ -376,4 +515,126 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 			t.Fatalf("after Close: %v", err)
 		}
 	})
+}
+
+// counterSequence runs random lock manager operations, single-file and
+// bulk, on a few files and reports the first step after which a host's
+// counters differ from a recount of the stored records.
+func counterSequence(b dlm.Backend, seed uint64) error {
+	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	ctx := context.Background()
+	var m lockmgr.Manager
+	vips := []netip.Addr{vipA, vipB}
+	epochs := map[netip.Addr]uint64{vipA: 1, vipB: 1}
+	var owners []*dlm.Owner
+	for _, vip := range vips {
+		for h := range 3 {
+			for svid := range 2 {
+				owners = append(owners, owner(b, vip, fmt.Sprintf("h%d", h), int32(svid)))
+			}
+		}
+	}
+	var grants []lockmgr.Grant
+	for step := range 300 {
+		o := owners[rng.IntN(len(owners))]
+		vip := o.Host.VIP
+		c := dlm.Claim{VIP: vip, Epoch: epochs[vip]}
+		fh := []byte(fmt.Sprintf("f%d", rng.IntN(3)))
+		start := uint64(rng.IntN(8)) * 10
+		r := dlm.Range{Start: start, End: start + uint64(1+rng.IntN(3))*10}
+		var what string
+		var err error
+		edit := func(fn func(f *dlm.File) lockmgr.Result) {
+			err = b.Update(ctx, fh, c, func(f *dlm.File) error {
+				grants = append(grants, fn(f).Grants...)
+				return nil
+			})
+		}
+		switch op := rng.IntN(10); {
+		case op < 4:
+			what = "lock"
+			edit(func(f *dlm.File) lockmgr.Result {
+				return m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: r, Exclusive: rng.IntN(2) == 0, Block: rng.IntN(2) == 0, Epoch: c.Epoch})
+			})
+		case op < 6:
+			what = "unlock"
+			edit(func(f *dlm.File) lockmgr.Result { return m.Unlock(f, o, r) })
+		case op < 7:
+			what = "share"
+			edit(func(f *dlm.File) lockmgr.Result {
+				return m.Share(f, &lockmgr.ShareArgs{Host: o.Host, OH: []byte{byte(o.SVID)}, Mode: uint32(rng.IntN(4)), Access: uint32(1 + rng.IntN(3)), Epoch: c.Epoch})
+			})
+		case op < 8 && len(grants) > 0:
+			g := grants[rng.IntN(len(grants))]
+			gc := dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: epochs[g.Waiter.Owner.Host.VIP]}
+			what = "settle or ungrant"
+			err = b.Update(ctx, []byte(g.FH), gc, func(f *dlm.File) error {
+				if rng.IntN(2) == 0 {
+					m.Settle(f, g.Waiter)
+				} else {
+					grants = append(grants, m.Ungrant(f, g.Waiter).Grants...)
+				}
+				return nil
+			})
+		case op < 9:
+			what = "drop a host"
+			sel := dlm.Selector{Keys: map[dlm.HostKey]bool{o.Host.HostKey: true}}
+			err = b.UpdateAll(ctx, sel, dlm.Claim{}, func(f *dlm.File) error { m.Drop(f, &sel); return nil })
+		default:
+			// A takeover in place: the claim moves on, and what was not
+			// re-stamped is purged under the new claim.
+			what = "take over and purge"
+			epochs[vip]++
+			c = dlm.Claim{VIP: vip, Epoch: epochs[vip]}
+			if err = b.SetClaim(ctx, c, dlm.ClaimActive); err == nil {
+				sel := dlm.Selector{VIP: vip, Below: c.Epoch}
+				err = b.UpdateAll(ctx, sel, c, func(f *dlm.File) error { m.Drop(f, &sel); return nil })
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("step %d (%s): %w", step, what, err)
+		}
+		if err := recount(b); err != nil {
+			return fmt.Errorf("after step %d (%s by %v): %w", step, what, o, err)
+		}
+	}
+	return nil
+}
+
+// recount compares every host's counters with the records stored.
+func recount(b dlm.Backend) error {
+	type counts struct{ locks, blocked, shares int64 }
+	want := map[*dlm.Host]counts{}
+	err := b.View(context.Background(), func(f *dlm.File) bool {
+		f.All(func(h *dlm.Held) bool {
+			c := want[h.Owner().Host]
+			c.locks++
+			want[h.Owner().Host] = c
+			return true
+		})
+		for _, w := range f.Waiters() {
+			c := want[w.Owner.Host]
+			c.blocked++
+			want[w.Owner.Host] = c
+		}
+		for _, s := range f.Shares() {
+			c := want[s.Host]
+			c.shares++
+			want[s.Host] = c
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	var bad error
+	b.Hosts(func(h *dlm.Host) bool {
+		w := want[h]
+		if got := (counts{h.Locks(), h.Blocked(), h.Shares()}); got != w {
+			bad = fmt.Errorf("host %v counts %+v, stored records %+v", h.HostKey, got, w)
+			return false
+		}
+		return true
+	})
+	return bad
 }

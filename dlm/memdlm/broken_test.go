@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
@@ -30,6 +31,57 @@ var brokenBackends = map[string]struct {
 	"fences-record-stamps": {"Fencing", func(b *Backend) dlm.Backend { return fencesStamps{b} }},
 	// The release's bulk edit is fenced like a single-file one.
 	"fences-releases": {"ReleaseFences", func(b *Backend) dlm.Backend { return fencesReleases{b} }},
+	// Grants are return values only: the pending grant is not stored, so
+	// no other node could send its callback, nor undo it.
+	"forgets-pending": {"PendingGrants", func(b *Backend) dlm.Backend { return forgetsPending{b} }},
+	// The queue is stored newest first.
+	"lifo-queue": {"WaiterOrder", func(b *Backend) dlm.Backend { return lifoQueue{b} }},
+	// Bulk edits change records but not the counters (a node that applies
+	// only the deltas of its own single-file edits).
+	"bulk-edits-uncounted": {"Counters", func(b *Backend) dlm.Backend { return bulkUncounted{b} }},
+}
+
+type forgetsPending struct{ *Backend }
+
+func (b forgetsPending) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, c, func(f *dlm.File) error {
+		err := fn(f)
+		for _, p := range slices.Clone(f.Pending()) {
+			f.RemovePending(p)
+		}
+		return err
+	})
+}
+
+type lifoQueue struct{ *Backend }
+
+func (b lifoQueue) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	return b.Backend.Update(ctx, fh, c, func(f *dlm.File) error {
+		err := fn(f)
+		ws := slices.Clone(f.Waiters())
+		f.RemoveWaiters(ws)
+		for _, w := range slices.Backward(ws) {
+			f.AddWaiter(w)
+		}
+		return err
+	})
+}
+
+type bulkUncounted struct{ *Backend }
+
+func (b bulkUncounted) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, fn func(f *dlm.File) error) error {
+	var fhs [][]byte
+	b.Backend.View(ctx, func(f *dlm.File) bool { fhs = append(fhs, []byte(f.FH())); return true })
+	for _, fh := range fhs {
+		// Read hands fn the stored state with no edit attached: changes
+		// are made, deltas are not counted.
+		var err error
+		b.Backend.Read(ctx, fh, func(f *dlm.File) { err = fn(f) })
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 type ignoresClaims struct{ *Backend }

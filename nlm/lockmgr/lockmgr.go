@@ -13,9 +13,12 @@
 //   - An owner's ranges never overlap: a new lock absorbs the owner's
 //     overlapping or adjacent ranges of the same mode and splits those of
 //     the other mode, so upgrades and downgrades are atomic.
-//   - Blocked requests wait FIFO per file. Whenever locks are released or
-//     downgraded the queue is re-evaluated in order, and each request that
-//     no longer conflicts is granted (and reported as a Grant).
+//   - Blocked requests wait FIFO per file (by their sequence number).
+//     Whenever locks are released or downgraded the queue is re-evaluated
+//     in order, and each request that no longer conflicts is granted: its
+//     lock is held at once, and a pending grant stays in the file (and is
+//     reported as a Grant) until its GRANTED callback is answered (Settle)
+//     or turned down (Ungrant).
 //   - Grace has two rules, chosen by the epoch floor, an input. With no
 //     floor (the backend lost the virtual server's records: the in-memory
 //     backend after its node died), only reclaims may lock or share during
@@ -103,13 +106,11 @@ type Result struct {
 	Grants []Grant
 }
 
-// Grant is a blocked request that has just been granted. Prev holds the
-// owner's own locks that the grant replaced, so that Ungrant can put them
-// back if the client turns the grant down.
+// Grant is a blocked request that has just been granted: the pending
+// grant recorded in the file, and the file's handle.
 type Grant struct {
 	FH     string
 	Waiter *dlm.Waiter
-	Prev   []dlm.Lock
 }
 
 // Lock handles LOCK and NM_LOCK.
@@ -245,19 +246,55 @@ func (m *Manager) Cancel(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive b
 	return Result{Status: Denied}
 }
 
+// Settle ends the pending grant of waiter w: its GRANTED callback was
+// answered, or given up (the lock stays granted either way; a client that
+// missed the callback finds its lock on its next request).
+func (m *Manager) Settle(f *dlm.File, w *dlm.Waiter) Result {
+	if p := pendingOf(f, w); p != nil {
+		f.RemovePending(p)
+	}
+	return Result{Status: Granted}
+}
+
 // Ungrant undoes a grant the client turned down (a GRANTED callback
 // answered other than GRANTED): the granted range is released and the
-// owner's earlier locks in it are restored.
-func (m *Manager) Ungrant(f *dlm.File, g *Grant) Result {
-	w := g.Waiter
-	if exactLock(f, w.Owner, w.Range, w.Exclusive) == nil {
+// owner's earlier locks in it are restored. A grant no longer pending
+// (settled, or dropped with its host) is left alone.
+func (m *Manager) Ungrant(f *dlm.File, w *dlm.Waiter) Result {
+	p := pendingOf(f, w)
+	if p == nil {
+		return Result{Status: Granted}
+	}
+	f.RemovePending(p)
+	if !covered(f, w.Owner, w.Range, w.Exclusive) {
 		return Result{Status: Granted} // already released or changed by the client
 	}
 	unlockRange(f, w.Owner, w.Range)
-	for _, p := range g.Prev {
-		apply(f, p.Owner, p.Range, p.Exclusive, p.Epoch, p.Since)
+	for _, l := range p.Prev {
+		apply(f, l.Owner, l.Range, l.Exclusive, l.Epoch, l.Since)
 	}
 	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// Restore records a pending grant carried over from a snapshot (a
+// planned move), if its owner holds the granted lock here; it reports
+// whether it did. The callback is then due from here.
+func (m *Manager) Restore(f *dlm.File, w *dlm.Waiter) bool {
+	if !holds(f, w.Owner, w.Range, w.Exclusive) || f.FindPending(w.Seq) != nil {
+		return false
+	}
+	f.AddPending(w)
+	return true
+}
+
+// pendingOf finds the pending grant of waiter w: by its number, checked
+// against its owner and lock, since a backend may hand over copies.
+func pendingOf(f *dlm.File, w *dlm.Waiter) *dlm.Waiter {
+	p := f.FindPending(w.Seq)
+	if p == nil || p.Owner != w.Owner || p.Range != w.Range || p.Exclusive != w.Exclusive {
+		return nil
+	}
+	return p
 }
 
 // ShareArgs is a SHARE request. A share owner is (host, oh). Grace,
@@ -342,6 +379,11 @@ func (m *Manager) Drop(f *dlm.File, sel *dlm.Selector) Result {
 		}
 	}
 	f.RemoveWaiters(waiters)
+	for _, p := range slices.Clone(f.Pending()) {
+		if gone(p.Owner.Host, p.Epoch) {
+			f.RemovePending(p)
+		}
+	}
 	for _, s := range slices.Clone(f.Shares()) {
 		if gone(s.Host, s.Epoch) {
 			f.RemoveShare(s)
@@ -367,11 +409,32 @@ func conflict(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.H
 	return c
 }
 
-// exactLock returns the owner's lock of exactly r and mode, if held.
-func exactLock(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Held {
-	var buf [8]*dlm.Held
-	exact, _ := scan(touching(f, r, buf[:0]), owner, r, exclusive)
-	return exact
+// covered reports whether the owner holds all of r in that mode (in one
+// lock: an owner's adjacent ranges of one mode are merged).
+func covered(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) bool {
+	found := false
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		found = h.Owner() == owner && h.Exclusive() == exclusive && h.Range().Contains(r)
+		return !found
+	})
+	return found
+}
+
+// holds reports whether the owner's locks cover all of r, each at least
+// in the mode asked for (a later grant of the same owner may have turned
+// part of a shared grant exclusive: the callback still tells the truth).
+func holds(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) bool {
+	next := r.Start
+	f.Overlapping(r, func(h *dlm.Held) bool {
+		if h.Owner() != owner || exclusive && !h.Exclusive() {
+			return true
+		}
+		if hr := h.Range(); hr.Start <= next && hr.End > next {
+			next = hr.End
+		}
+		return next < r.End
+	})
+	return next >= r.End
 }
 
 func findWaiter(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) *dlm.Waiter {
@@ -526,7 +589,9 @@ func wake(f *dlm.File) []Grant {
 				again = true
 			}
 			granted = append(granted, w)
-			grants = append(grants, Grant{FH: f.FH(), Waiter: w, Prev: prev})
+			w.Prev = prev
+			f.AddPending(w)
+			grants = append(grants, Grant{FH: f.FH(), Waiter: w})
 		}
 		// Out of the queue in one pass, after it (what is granted is held
 		// already, which is what later waiters are checked against).

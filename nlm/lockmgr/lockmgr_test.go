@@ -1,10 +1,13 @@
 package lockmgr
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,7 +20,8 @@ import (
 )
 
 // The scripts in testdata/scripts/ drive the manager through the in-memory
-// backend. Commands (arguments in brackets are optional):
+// backend, and again over bare files. Commands (arguments in brackets are
+// optional):
 //
 //	set [grace=true|false] [epoch=N] [floor=N] [vip=ADDR] [limit-locks=N] [limit-blocked=N] [limit-shares=N]
 //	                                    (floor: the epoch floor of grace; 0, the default, is
@@ -27,6 +31,7 @@ import (
 //	unlock owner=HOST/SVID range=S-E [fh=F]
 //	cancel owner=HOST/SVID range=S-E [fh=F] [excl]
 //	ungrant owner=HOST/SVID [fh=F]      (the client refuses the last grant to it)
+//	settle owner=HOST/SVID [fh=F]       (the client answered the last grant to it)
 //	share host=HOST oh=X mode=N access=N [fh=F] [reclaim]
 //	unshare host=HOST oh=X [fh=F]
 //	free-all host=HOST                  (every file, every virtual server of that host key)
@@ -38,7 +43,10 @@ import (
 // Ranges are S-E for [S,E) or S-EOF; a host name maps to a fixed address,
 // and owners use the virtual server set with "set vip=" (default 10.0.0.1).
 type harness struct {
-	b       *memdlm.Backend
+	b *memdlm.Backend // interns hosts and owners; holds the files unless bare
+	// bare holds the files as bare dlm.Files instead, with no backend
+	// around the lock manager: the scripts run both ways.
+	bare    map[string]*dlm.File
 	m       Manager
 	vip     netip.Addr
 	grace   bool
@@ -99,8 +107,17 @@ func arg(td *datadriven.TestData, key, def string) string {
 }
 
 func (h *harness) update(t *testing.T, td *datadriven.TestData, fn func(f *dlm.File) Result) Result {
+	fh := arg(td, "fh", "f1")
+	if h.bare != nil {
+		f := h.bare[fh]
+		if f == nil {
+			f = dlm.NewFile(fh)
+			h.bare[fh] = f
+		}
+		return h.bareUpdate(f, fn)
+	}
 	var res Result
-	err := h.b.Update(context.Background(), []byte(arg(td, "fh", "f1")), dlm.Claim{}, func(f *dlm.File) error {
+	err := h.b.Update(context.Background(), []byte(fh), dlm.Claim{}, func(f *dlm.File) error {
 		res = fn(f)
 		return nil
 	})
@@ -108,6 +125,49 @@ func (h *harness) update(t *testing.T, td *datadriven.TestData, fn func(f *dlm.F
 		t.Fatal(err)
 	}
 	return res
+}
+
+// bareUpdate runs fn on a bare file and applies its counter deltas, as a
+// backend's commit does.
+func (h *harness) bareUpdate(f *dlm.File, fn func(f *dlm.File) Result) Result {
+	var e dlm.Edit
+	f.Bind(f.State, &e)
+	res := fn(f)
+	f.Bind(f.State, nil)
+	e.Apply()
+	return res
+}
+
+func (h *harness) read(td *datadriven.TestData, fn func(f *dlm.File)) {
+	fh := arg(td, "fh", "f1")
+	if h.bare != nil {
+		f := h.bare[fh]
+		if f == nil {
+			f = dlm.NewFile(fh)
+		}
+		fn(f)
+		return
+	}
+	h.b.Read(context.Background(), []byte(fh), fn)
+}
+
+// updateAll runs fn on every file with state that sel may concern.
+func (h *harness) updateAll(t *testing.T, sel dlm.Selector, fn func(f *dlm.File) Result) {
+	if h.bare != nil {
+		for _, fh := range slices.Sorted(maps.Keys(h.bare)) {
+			if f := h.bare[fh]; !f.Empty() {
+				h.bareUpdate(f, fn)
+			}
+		}
+		return
+	}
+	err := h.b.UpdateAll(context.Background(), sel, dlm.Claim{}, func(f *dlm.File) error {
+		fn(f)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func mode(excl bool) string {
@@ -173,9 +233,7 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 	case "test":
 		o, r := h.owner(t, arg(td, "owner", "")), parseRange(t, arg(td, "range", ""))
 		var res Result
-		h.b.Read(context.Background(), []byte(arg(td, "fh", "f1")), func(f *dlm.File) {
-			res = h.m.Test(f, o, r, td.HasArg("excl"), h.grace, h.floor)
-		})
+		h.read(td, func(f *dlm.File) { res = h.m.Test(f, o, r, td.HasArg("excl"), h.grace, h.floor) })
 		return h.format(res)
 	case "unlock":
 		o, r := h.owner(t, arg(td, "owner", "")), parseRange(t, arg(td, "range", ""))
@@ -183,13 +241,16 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 	case "cancel":
 		o, r := h.owner(t, arg(td, "owner", "")), parseRange(t, arg(td, "range", ""))
 		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Cancel(f, o, r, td.HasArg("excl")) }))
-	case "ungrant":
+	case "ungrant", "settle":
 		o := h.owner(t, arg(td, "owner", ""))
 		g, ok := h.granted[o]
 		if !ok {
 			t.Fatalf("no grant to %v", o)
 		}
-		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Ungrant(f, &g) }))
+		if td.Cmd == "settle" {
+			return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Settle(f, g.Waiter) }))
+		}
+		return h.format(h.update(t, td, func(f *dlm.File) Result { return h.m.Ungrant(f, g.Waiter) }))
 	case "share":
 		mode, _ := strconv.Atoi(arg(td, "mode", "0"))
 		access, _ := strconv.Atoi(arg(td, "access", "0"))
@@ -211,26 +272,27 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 		}
 		var out strings.Builder
 		var all Result
-		err := h.b.UpdateAll(context.Background(), sel, dlm.Claim{}, func(f *dlm.File) error {
+		h.updateAll(t, sel, func(f *dlm.File) Result {
 			all.Grants = append(all.Grants, h.m.Drop(f, &sel).Grants...)
-			return nil
+			return Result{}
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
 		sort.Slice(all.Grants, func(i, j int) bool { return all.Grants[i].FH < all.Grants[j].FH })
 		out.WriteString(h.format(all))
 		return out.String()
 	case "dump":
 		var sb strings.Builder
-		h.b.Read(context.Background(), []byte(arg(td, "fh", "f1")), func(f *dlm.File) {
+		h.read(td, func(f *dlm.File) {
 			f.All(func(x *dlm.Held) bool {
 				o := x.Owner()
 				fmt.Fprintf(&sb, "lock %s/%d %v %s epoch=%d\n", o.Host.Name, o.SVID, x.Range(), mode(x.Exclusive()), x.Epoch())
 				return true
 			})
 			for _, w := range f.Waiters() {
-				fmt.Fprintf(&sb, "wait %s/%d %v %s\n", w.Owner.Host.Name, w.Owner.SVID, w.Range, mode(w.Exclusive))
+				fmt.Fprintf(&sb, "wait %s/%d %v %s seq=%d\n", w.Owner.Host.Name, w.Owner.SVID, w.Range, mode(w.Exclusive), w.Seq)
+			}
+			pending := slices.SortedFunc(slices.Values(f.Pending()), func(a, b *dlm.Waiter) int { return cmp.Compare(a.Seq, b.Seq) })
+			for _, w := range pending {
+				fmt.Fprintf(&sb, "pending %s/%d %v %s seq=%d prev=%d\n", w.Owner.Host.Name, w.Owner.SVID, w.Range, mode(w.Exclusive), w.Seq, len(w.Prev))
 			}
 			for _, s := range f.Shares() {
 				fmt.Fprintf(&sb, "share %s oh=%s mode=%d access=%d epoch=%d\n", s.Host.Name, s.OH, s.Mode, s.Access, s.Epoch)
@@ -258,11 +320,20 @@ func (h *harness) run(t *testing.T, td *datadriven.TestData) string {
 	return ""
 }
 
+// TestScripts runs each script through a backend and over bare files:
+// the lock manager must not depend on what a backend adds.
 func TestScripts(t *testing.T) {
-	datadriven.Walk(t, "testdata/scripts", func(t *testing.T, path string) {
-		h := newHarness()
-		datadriven.RunTest(t, path, h.run)
-	})
+	for _, bare := range []bool{false, true} {
+		t.Run(map[bool]string{false: "backend", true: "bare"}[bare], func(t *testing.T) {
+			datadriven.Walk(t, "testdata/scripts", func(t *testing.T, path string) {
+				h := newHarness()
+				if bare {
+					h.bare = map[string]*dlm.File{}
+				}
+				datadriven.RunTest(t, path, h.run)
+			})
+		})
+	}
 }
 
 // A lock's age is when its owner asked for it: a merge keeps the oldest
