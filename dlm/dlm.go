@@ -85,11 +85,6 @@ type Host struct {
 	shares  atomic.Int64
 	used    atomic.Uint32 // sweep generation of the last lookup
 	owners  atomic.Int32  // interned owners that point here
-
-	// Monitored belongs to the NLM service: the NSM generation under which
-	// the host was last seen monitored, so that locking does not ask the
-	// NSM service again while that holds.
-	Monitored atomic.Uint64
 }
 
 // Locks is the number of held lock ranges of the host.

@@ -92,6 +92,10 @@ type Service struct {
 	stopClk chan struct{}
 	clkDone sync.WaitGroup
 	stats   Stats
+	// monitored maps a *dlm.Host to the NSM generation under which it was
+	// last seen monitored, so that locking does not ask the NSM service
+	// again while that holds. Sweep forgets idle hosts.
+	monitored sync.Map
 }
 
 // Stats count the service's callbacks.
@@ -837,15 +841,15 @@ func selectedHosts(f *dlm.File, sel *dlm.Selector) map[*dlm.Host]bool {
 }
 
 // monitor has the NSM service monitor h unless it already did under the
-// current generation: after the first lock of a client this costs two
-// atomic loads.
+// current generation: after the first lock of a client this costs an
+// atomic load and a lookup.
 func (s *Service) monitor(ctx context.Context, h *dlm.Host) Stat {
 	m := s.cfg.Monitor
 	if m == nil {
 		return Granted
 	}
 	gen := m.Generation()
-	if h.Monitored.Load() == gen {
+	if g, ok := s.monitored.Load(h); ok && g.(uint64) == gen {
 		return Granted
 	}
 	if err := m.Monitor(ctx, h.VIP, h.Name, h.Addr); err != nil {
@@ -855,8 +859,23 @@ func (s *Service) monitor(ctx context.Context, h *dlm.Host) Stat {
 		s.log.Warn("nlm: cannot monitor the client; refusing its lock", "host", h.HostKey, "err", err)
 		return DeniedNoLocks
 	}
-	h.Monitored.Store(gen)
+	s.monitored.Store(h, gen)
 	return Granted
+}
+
+// Sweep forgets what the service remembers of idle hosts (call it with
+// the backend's Sweep): a host the backend forgets must not stay here.
+func (s *Service) Sweep() {
+	var gen uint64
+	if s.cfg.Monitor != nil {
+		gen = s.cfg.Monitor.Generation()
+	}
+	s.monitored.Range(func(k, v any) bool {
+		if h := k.(*dlm.Host); h.Idle() || v.(uint64) != gen {
+			s.monitored.Delete(k)
+		}
+		return true
+	})
 }
 
 // hostVS finds the virtual server a host belongs to.

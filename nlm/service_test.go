@@ -535,6 +535,29 @@ func TestMonitorBeforeLock(t *testing.T) {
 	if r, err := c.Share(ctx(t), &ShareArgs{Cookie: []byte("s"), Share: Share{CallerName: []byte("host-a"), FH: fh1, OH: []byte("o"), Mode: 1, Access: 1}}); err != nil || r.Stat != DeniedNoLocks {
 		t.Fatalf("SHARE of an unmonitorable host: %v %v", r.Stat, err)
 	}
+	// Sweep keeps what it knows of busy hosts and forgets idle ones.
+	m.set(4, false)
+	mustLock(t, c, lk("host-d", 1, 100, 1), true, false, Granted)
+	mustLock(t, c, lk("host-e", 1, 200, 1), true, false, Granted)
+	r, err := c.Unlock(ctx(t), &UnlockArgs{Cookie: []byte("u"), Lock: lk("host-e", 1, 200, 1)})
+	if err != nil || r.Stat != Granted {
+		t.Fatalf("UNLOCK: %v %v", r.Stat, err)
+	}
+	e.svc.Sweep()
+	before := m.count()
+	mustLock(t, c, lk("host-d", 2, 300, 1), true, false, Granted)
+	if m.count() != before {
+		t.Fatal("a busy host was forgotten by Sweep")
+	}
+	mustLock(t, c, lk("host-e", 2, 400, 1), true, false, Granted)
+	if m.count() != before+1 {
+		t.Fatal("an idle host was not forgotten by Sweep")
+	}
+	n := 0
+	e.svc.monitored.Range(func(any, any) bool { n++; return true })
+	if n != 2 { // host-d, host-e; host-a's was of an old generation
+		t.Fatalf("%d hosts remembered, want 2", n)
+	}
 }
 
 // One address cannot make the service keep a host (owner, monitor record)

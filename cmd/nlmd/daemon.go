@@ -36,7 +36,7 @@ type daemon struct {
 	pm        *sunrpc.Server // embedded portmapper, if running
 	registrar *sunrpc.Registrar
 	regs      []sunrpc.Registration
-	backend   *memdlm.Backend
+	backend   dlm.Backend
 	registry  *virtualserver.Registry
 	svc       *nlm.Service
 	nsm       *nsm.Service
@@ -87,8 +87,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{o: o, log: log, backend: memdlm.New(), stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
-	d.backend.SetHostLimit(o.namesPerAddr)
+	d := &daemon{o: o, log: log, backend: newBackend(o), stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
 	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
 	// in bursts of hundreds of datagrams, and a datagram dropped by the
 	// kernel costs its sender a retransmission timeout.
@@ -417,6 +416,14 @@ func systemRpcbind(ctx context.Context) bool {
 	return err == nil
 }
 
+// newBackend makes the lock backend. Everything above it sees only
+// dlm.Backend: the in-memory one is the only one so far.
+func newBackend(o *options) dlm.Backend {
+	b := memdlm.New()
+	b.SetHostLimit(o.namesPerAddr)
+	return b
+}
+
 // sweep lets the backend forget idle hosts and owners once a minute, and
 // the status monitor stop monitoring clients that hold nothing any more.
 func (d *daemon) sweep() {
@@ -428,6 +435,7 @@ func (d *daemon) sweep() {
 			return
 		case <-t.C:
 			d.backend.Sweep()
+			d.svc.Sweep()
 			busy := map[dlm.HostKey]bool{}
 			d.backend.Hosts(func(h *dlm.Host) bool {
 				if !h.Idle() {
