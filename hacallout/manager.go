@@ -28,6 +28,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/virtualserver"
@@ -73,8 +74,7 @@ type Manager struct {
 	locks map[netip.Addr]*sync.Mutex
 }
 
-// New returns a manager. Hook TakeoverHook into the registry's Takeover
-// and GraceEnded into its OnGraceEnd.
+// New returns a manager; Run orchestrates its registry.
 func New(cfg Config) *Manager {
 	m := &Manager{cfg: cfg, log: cfg.Logger, locks: map[netip.Addr]*sync.Mutex{}}
 	if m.log == nil {
@@ -241,15 +241,23 @@ func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *handoff
 	return nil
 }
 
-// TakeoverHook is the registry's Takeover: a request for an address that
-// is configured, or served as an unknown address, takes it over.
-func (m *Manager) TakeoverHook(spec virtualserver.Spec) (*virtualserver.Server, bool) {
-	if _, err := m.Takeover(context.Background(), spec); err != nil {
-		m.log.Error("hacallout: takeover on demand failed", "vip", spec.Addr, "err", err)
-		return nil, false
+// Run orchestrates the registry (made Orchestrated) until ctx ends: a
+// request for an address that is configured, or served as an unknown
+// address, takes it over; the end of a grace period purges what was not
+// reclaimed.
+func (m *Manager) Run(ctx context.Context) {
+	m.cfg.Registry.HandleEvents(ctx, m.handle)
+}
+
+func (m *Manager) handle(ctx context.Context, ev virtualserver.Event) {
+	switch ev.Kind {
+	case virtualserver.Wanted:
+		if _, err := m.Takeover(ctx, ev.Spec); err != nil {
+			m.log.Error("hacallout: takeover on demand failed", "vip", ev.Spec.Addr, "err", err)
+		}
+	case virtualserver.GraceEnded:
+		m.graceEnded(ctx, ev.Server, ev.Grace)
 	}
-	vs, ok := m.cfg.Registry.Get(spec.Addr)
-	return vs, ok && vs.Serving()
 }
 
 // ReleaseResult tells what a release did.
@@ -326,20 +334,20 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	return res, nil
 }
 
-// GraceEnded is the registry's OnGraceEnd: what was not reclaimed goes.
-func (m *Manager) GraceEnded(vs *virtualserver.Server, st virtualserver.GraceStatus) {
+// graceEnded purges what was not reclaimed in a grace period, under the
+// virtual server's claim (a virtual server released meanwhile is the next
+// owner's business: the purge is fenced).
+func (m *Manager) graceEnded(ctx context.Context, vs *virtualserver.Server, st virtualserver.GraceStatus) {
 	m.log.Info("hacallout: grace period over", "vip", vs.Addr(), "why", st.Why, "lasted", st.Ended.Sub(st.Started).Round(time.Millisecond),
 		"clients", st.Clients, "reclaims", st.Reclaims)
 	if !vs.Serving() {
 		return
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if err := m.cfg.NLM.PurgeVIP(ctx, vs); err != nil {
-			m.log.Warn("hacallout: purging unreclaimed state", "vip", vs.Addr(), "err", err)
-		}
-	}()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := m.cfg.NLM.PurgeVIP(ctx, vs); err != nil && !errors.Is(err, dlm.ErrFenced) {
+		m.log.Warn("hacallout: purging unreclaimed state", "vip", vs.Addr(), "err", err)
+	}
 }
 
 // StartAll takes over, at nlmd's start, the configured virtual servers and

@@ -41,6 +41,9 @@ type node struct {
 	rpc, nsr *sunrpc.Server
 	nlmPort  uint16
 	closed   bool
+	// the manager's Run
+	cancelRun context.CancelFunc
+	stopRun   chan struct{}
 }
 
 type wild struct{ a, b *sunrpc.Server }
@@ -83,8 +86,7 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 	log := slog.New(slog.NewTextHandler(testWriter{t, o.logName}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	n := &node{t: t, backend: memdlm.New(), rpc: &sunrpc.Server{}, nsr: &sunrpc.Server{}}
 	n.reg = virtualserver.New(virtualserver.Config{Claims: n.backend, Grace: o.grace, GraceQuiet: o.quiet, ServeUnknown: o.unknown,
-		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return n.mgr.TakeoverHook(s) },
-		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { n.mgr.GraceEnded(vs, st) }})
+		Orchestrated: true})
 	nsmPort := listenAny(t, n.nsr)
 	var err error
 	notify := nsm.NotifyConfig{Timeout: 100 * time.Millisecond, MaxTimeout: 200 * time.Millisecond, GiveUp: 2 * time.Second}
@@ -116,6 +118,10 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 	}
 	n.mgr = New(Config{Registry: n.reg, NLM: n.nlm, NSM: n.nsm, Addrs: wild{n.rpc, n.nsr}, StateDir: stateDir, Logger: log,
 		Notified: o.peers == nil})
+	ctx, stop := context.WithCancel(context.Background())
+	n.stopRun = make(chan struct{})
+	go func() { n.mgr.Run(ctx); close(n.stopRun) }()
+	n.cancelRun = stop
 	t.Cleanup(n.close)
 	return n
 }
@@ -128,6 +134,8 @@ func (n *node) close() {
 	n.closed = true
 	n.rpc.Close()
 	n.nsr.Close()
+	n.cancelRun()
+	<-n.stopRun
 	n.nsm.Close()
 	n.nlm.Close()
 	n.backend.Close()

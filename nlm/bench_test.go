@@ -25,22 +25,7 @@ func benchLockUnlock(b *testing.B, monitored bool) {
 	vcfg := virtualserver.Config{ServeUnknown: true}
 	var reg *virtualserver.Registry
 	var m *nsm.Service
-	if monitored {
-		// As nlmd's takeover does: the status monitor starts with the
-		// virtual server.
-		vcfg.Takeover = func(spec virtualserver.Spec) (*virtualserver.Server, bool) {
-			vs, created, _ := reg.Begin(context.Background(), spec, 1)
-			if !created {
-				return vs, vs.Serving()
-			}
-			if _, err := m.Start(vs, nsm.Restart); err != nil {
-				b.Error(err)
-				return nil, false
-			}
-			vs.Serve()
-			return vs, true
-		}
-	}
+	vcfg.Orchestrated = monitored
 	backend := memdlm.New()
 	vcfg.Claims = backend
 	reg = virtualserver.New(vcfg)
@@ -53,6 +38,24 @@ func benchLockUnlock(b *testing.B, monitored bool) {
 		}
 		defer m.Close()
 		cfg.Monitor = m
+		// As nlmd's takeover does: the status monitor starts with the
+		// virtual server.
+		ctx, stop := context.WithCancel(context.Background())
+		defer stop()
+		go reg.HandleEvents(ctx, func(ctx context.Context, ev virtualserver.Event) {
+			if ev.Kind != virtualserver.Wanted {
+				return
+			}
+			vs, created, err := reg.Begin(ctx, ev.Spec, 1)
+			if err != nil || !created {
+				return
+			}
+			if _, err := m.Start(vs, nsm.Restart); err != nil {
+				b.Error(err)
+				return
+			}
+			vs.Serve()
+		})
 	}
 	svc := New(cfg)
 	defer svc.Close()

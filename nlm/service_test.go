@@ -40,6 +40,9 @@ func newEnv(t *testing.T, opts ...envOpt) *env {
 	vcfg.Claims = cfg.Backend
 	e.reg = virtualserver.New(vcfg)
 	cfg.VirtualServers, cfg.RPC = e.reg, e.srv
+	if vcfg.Orchestrated {
+		orchestrate(t, e.reg)
+	}
 	l, err := net.Listen("tcp4", "0.0.0.0:0")
 	if err != nil {
 		t.Fatal(err)
@@ -208,21 +211,36 @@ func TestRangeLimitsByVersion(t *testing.T) {
 	}
 }
 
-func TestGraceRules(t *testing.T) {
-	var reg *virtualserver.Registry
-	e := newEnv(t, func(_ *Config, v *virtualserver.Config) {
-		v.Grace = time.Hour
-		// Every virtual server starts as after a crash: a full grace period.
-		v.Takeover = func(s virtualserver.Spec) (*virtualserver.Server, bool) {
-			vs, created, _ := reg.Begin(context.Background(), s, 1)
+// orchestrate takes over every address a request comes for, as after a
+// crash: a full grace period. It stops with the test.
+func orchestrate(t *testing.T, reg *virtualserver.Registry) {
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		reg.HandleEvents(ctx, func(ctx context.Context, ev virtualserver.Event) {
+			if ev.Kind != virtualserver.Wanted {
+				return
+			}
+			vs, created, err := reg.Begin(ctx, ev.Spec, 1)
+			if err != nil {
+				t.Error(err)
+				return
+			}
 			if created {
 				vs.BeginGrace(false, true, nil)
 				vs.Serve()
 			}
-			return vs, true
-		}
+		})
+		close(done)
+	}()
+	t.Cleanup(func() { stop(); <-done })
+}
+
+func TestGraceRules(t *testing.T) {
+	e := newEnv(t, func(_ *Config, v *virtualserver.Config) {
+		v.Grace = time.Hour
+		v.Orchestrated = true
 	})
-	reg = e.reg
 	c := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
 	mustLock(t, c, lk("a", 1, 0, 10), true, false, DeniedGracePeriod)
 	if r := mustTest(t, c, lk("a", 1, 0, 10), true); r.Stat != DeniedGracePeriod {

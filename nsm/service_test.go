@@ -43,6 +43,8 @@ type node struct {
 	mu       sync.Mutex
 	rebooted [][]Client
 	started  []Started
+	stopRun  context.CancelFunc // the takeovers' orchestrator
+	ran      chan struct{}
 }
 
 type nodeOpts struct {
@@ -84,29 +86,31 @@ func startNode(t testing.TB, o nodeOpts) *node {
 	// What the HA layer does at a takeover, reduced to the status monitor:
 	// a new virtual server, restarted, served; its grace period waits for
 	// the clients being notified.
-	n.reg = virtualserver.New(virtualserver.Config{Servers: o.vips, Grace: o.grace, ServeUnknown: o.unknown,
-		Takeover: func(spec virtualserver.Spec) (*virtualserver.Server, bool) {
-			n.mu.Lock()
-			defer n.mu.Unlock()
-			vs, created, _ := n.reg.Begin(context.Background(), spec, 1)
-			if !created {
-				return vs, vs.Serving()
-			}
-			st, err := n.svc.Start(vs, Restart)
-			if err != nil {
-				t.Error(err)
-				return nil, false
-			}
-			n.started = append(n.started, st)
-			if o.grace > 0 {
-				vs.BeginGrace(true, false, st.Clients)
-			}
-			if err := n.svc.Notify(vs); err != nil {
-				t.Error(err)
-			}
-			vs.Serve()
-			return vs, true
-		}})
+	n.reg = virtualserver.New(virtualserver.Config{Servers: o.vips, Grace: o.grace, ServeUnknown: o.unknown, Orchestrated: true})
+	takeover := func(ctx context.Context, ev virtualserver.Event) {
+		if ev.Kind != virtualserver.Wanted {
+			return
+		}
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		vs, created, _ := n.reg.Begin(ctx, ev.Spec, 1)
+		if !created {
+			return
+		}
+		st, err := n.svc.Start(vs, Restart)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		n.started = append(n.started, st)
+		if o.grace > 0 {
+			vs.BeginGrace(true, false, st.Clients)
+		}
+		if err := n.svc.Notify(vs); err != nil {
+			t.Error(err)
+		}
+		vs.Serve()
+	}
 	// One port for both transports: a UDP port whose TCP twin is free.
 	var pc net.PacketConn
 	var l net.Listener
@@ -154,6 +158,9 @@ func startNode(t testing.TB, o nodeOpts) *node {
 	}
 	go n.rpc.ServePacket(pc)
 	go n.rpc.Serve(l)
+	ctx, stop := context.WithCancel(context.Background())
+	n.stopRun, n.ran = stop, make(chan struct{})
+	go func() { n.reg.HandleEvents(ctx, takeover); close(n.ran) }()
 	for _, v := range o.vips {
 		if _, ok := n.reg.Lookup(v.Addr); !ok {
 			t.Fatalf("%v does not start", v.Addr)
@@ -165,6 +172,8 @@ func startNode(t testing.TB, o nodeOpts) *node {
 
 func (n *node) stop() {
 	n.rpc.Close()
+	n.stopRun()
+	<-n.ran
 	n.svc.Close()
 }
 

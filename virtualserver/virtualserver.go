@@ -192,8 +192,8 @@ func (v *Server) update(now time.Time) {
 	}
 	st := v.grace.Status()
 	v.mu.Unlock()
-	if wasOn && !on && v.reg.cfg.OnGraceEnd != nil {
-		v.reg.cfg.OnGraceEnd(v, st)
+	if wasOn && !on && v.reg.cfg.Orchestrated {
+		v.reg.ev.emit(Event{Kind: GraceEnded, Server: v, Grace: st})
 	}
 }
 
@@ -306,18 +306,18 @@ type Config struct {
 	// ServeUnknown makes every other local address a virtual server of
 	// its own, taken over on first use, instead of refusing its requests.
 	ServeUnknown bool
-	// Takeover starts serving an address that has no virtual server yet
-	// (a configured one, or any under ServeUnknown) when a request for it
-	// arrives; it returns the virtual server once served. Without it, such
-	// an address is served at once, at epoch 1, with no grace period.
-	Takeover func(Spec) (*Server, bool)
+	// Orchestrated: an orchestrator runs HandleEvents. A request for an
+	// address that has no virtual server yet (a configured one, or any
+	// under ServeUnknown) then waits, up to TakeoverWait (default
+	// DefaultTakeoverWait), for the orchestrator to take it over. Without
+	// one (tools, tests), such an address is served at once, at epoch 1,
+	// with no grace period, and no events are published.
+	Orchestrated bool
+	TakeoverWait time.Duration
 	// Grace is the length of a grace period; GraceQuiet how long a
 	// notified client may stay silent before it counts as done reclaiming.
 	Grace      time.Duration
 	GraceQuiet time.Duration
-	// OnGraceEnd, if set, is called when a grace period ends (the lock
-	// service purges what was not reclaimed).
-	OnGraceEnd func(*Server, GraceStatus)
 }
 
 // Registry is the set of virtual servers of this node.
@@ -326,6 +326,7 @@ type Registry struct {
 	configured map[netip.Addr]Spec
 	mu         sync.RWMutex
 	servers    map[netip.Addr]*Server
+	ev         events
 }
 
 // New returns an empty registry; virtual servers join it through Begin.
@@ -333,7 +334,11 @@ func New(cfg Config) *Registry {
 	if cfg.GraceQuiet <= 0 {
 		cfg.GraceQuiet = 5 * time.Second
 	}
+	if cfg.TakeoverWait <= 0 {
+		cfg.TakeoverWait = DefaultTakeoverWait
+	}
 	r := &Registry{cfg: cfg, servers: map[netip.Addr]*Server{}, configured: map[netip.Addr]Spec{}}
+	r.ev.init()
 	for _, s := range cfg.Servers {
 		s.Addr = s.Addr.Unmap()
 		r.configured[s.Addr] = s
@@ -381,7 +386,8 @@ func (r *Registry) Spec(a netip.Addr) Spec {
 // Lookup returns the served virtual server for a local address
 // (IPv4-mapped IPv6 addresses match their IPv4 form). An address that has
 // no virtual server yet is taken over first when it is configured or when
-// ServeUnknown is set; one released here stays released.
+// ServeUnknown is set (by the orchestrator, see Wanted, while the request
+// waits); one released here stays released.
 func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	a = a.Unmap()
 	r.mu.RLock()
@@ -393,8 +399,8 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 	if !a.IsValid() {
 		return nil, false
 	}
-	// Not yet taken over, or being taken over right now: the takeover
-	// hook waits for the takeover in progress.
+	// Not yet taken over, or being taken over right now: the
+	// orchestrator's takeover waits for the one in progress.
 	r.mu.RLock()
 	spec, configured := r.configured[a]
 	r.mu.RUnlock()
@@ -407,7 +413,7 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 			spec.Name = v.Name()
 		}
 	}
-	if r.cfg.Takeover == nil {
+	if !r.cfg.Orchestrated {
 		// Standalone use (tests, tools): served at once, epoch 1.
 		v, _, err := r.Begin(context.Background(), spec, 1)
 		if err != nil {
@@ -416,7 +422,7 @@ func (r *Registry) Lookup(a netip.Addr) (*Server, bool) {
 		v.Serve()
 		return v, v.Serving()
 	}
-	return r.cfg.Takeover(spec)
+	return r.waitTakeover(spec)
 }
 
 // Get returns the newest virtual server at a, in whatever state.

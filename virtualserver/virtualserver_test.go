@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -19,16 +20,26 @@ func TestLifecycle(t *testing.T) {
 	var r *Registry
 	ctx := context.Background()
 	b := memdlm.New()
-	r = New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}}, Claims: b,
-		Takeover: func(s Spec) (*Server, bool) {
-			taken = append(taken, s)
-			v, _, err := r.Begin(ctx, s, 7)
-			if err != nil {
-				t.Fatal(err)
-			}
-			v.Serve()
-			return v, true
-		}})
+	r = New(Config{Servers: []Spec{{Addr: netip.MustParseAddr("10.0.0.1"), Name: "nfs-a"}}, Claims: b, Orchestrated: true})
+	var mu sync.Mutex
+	orchestrate(t, r, func(_ context.Context, ev Event) {
+		if ev.Kind != Wanted {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		taken = append(taken, ev.Spec)
+		if v, ok := r.Get(ev.Spec.Addr); ok && (v.State() == Serving || v.State() == Starting) {
+			v.Serve() // a takeover in progress elsewhere finishes
+			return
+		}
+		v, _, err := r.Begin(ctx, ev.Spec, 7)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		v.Serve()
+	})
 	// edit reports how the backend takes an edit under v's claim.
 	edit := func(v *Server, bulk bool) error {
 		if bulk {
@@ -90,13 +101,87 @@ func TestLifecycle(t *testing.T) {
 	}
 }
 
+// orchestrate runs fn on r's events until the test ends.
+func orchestrate(t *testing.T, r *Registry, fn func(context.Context, Event)) {
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.HandleEvents(ctx, fn); close(done) }()
+	t.Cleanup(func() { stop(); <-done })
+}
+
+// Requests for an address to take over wait for the orchestrator: one
+// event however many requests, all woken when it is handled; a request
+// the orchestrator does not handle in time is not served, nor one made
+// when no orchestrator runs.
+func TestWantedEvents(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := New(Config{ServeUnknown: true, Orchestrated: true, TakeoverWait: 5 * time.Second})
+		a := netip.MustParseAddr("127.0.0.9")
+		release, hold := make(chan struct{}), make(chan struct{})
+		var mu sync.Mutex
+		var got []Event
+		ctx, stop := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			r.HandleEvents(ctx, func(_ context.Context, ev Event) {
+				mu.Lock()
+				got = append(got, ev)
+				mu.Unlock()
+				if ev.Spec.Addr != a {
+					<-hold // too slow
+					return
+				}
+				<-release
+				v, _, _ := r.Begin(context.Background(), ev.Spec, 3)
+				v.Serve()
+			})
+			close(done)
+		}()
+		results := make(chan *Server, 2)
+		for range 2 {
+			go func() {
+				v, ok := r.Lookup(a)
+				if !ok {
+					v = nil
+				}
+				results <- v
+			}()
+		}
+		synctest.Wait()
+		if len(results) != 0 {
+			t.Fatal("a request did not wait for the takeover")
+		}
+		close(release)
+		v1, v2 := <-results, <-results
+		if v1 == nil || v1 != v2 || v1.Epoch() != 3 {
+			t.Fatalf("after the takeover: %v %v", v1, v2)
+		}
+		mu.Lock()
+		if len(got) != 1 || got[0].Kind != Wanted || got[0].Spec.Addr != a {
+			t.Fatalf("events %+v, want one Wanted for %v", got, a)
+		}
+		mu.Unlock()
+		lookup := func(a netip.Addr) {
+			t.Helper()
+			start := time.Now()
+			if _, ok := r.Lookup(a); ok || time.Since(start) != 5*time.Second {
+				t.Fatalf("takeover of %v not done: served %v after %v, want not after 5s", a, ok, time.Since(start))
+			}
+		}
+		lookup(netip.MustParseAddr("127.0.0.10"))
+		close(hold)
+		stop()
+		<-done
+		lookup(netip.MustParseAddr("127.0.0.11"))
+	})
+}
+
 func TestServeUnknown(t *testing.T) {
-	var r *Registry
-	r = New(Config{ServeUnknown: true, Takeover: func(s Spec) (*Server, bool) {
-		v, _, _ := r.Begin(context.Background(), s, 1)
+	r := New(Config{ServeUnknown: true, Orchestrated: true})
+	orchestrate(t, r, func(_ context.Context, ev Event) {
+		v, _, _ := r.Begin(context.Background(), ev.Spec, 1)
 		v.Serve()
-		return v, true
-	}})
+	})
 	a, ok := r.Lookup(netip.MustParseAddr("127.0.0.9"))
 	b, _ := r.Lookup(netip.MustParseAddr("127.0.0.9"))
 	if !ok || a != b || a.Name() != "127.0.0.9" || a.InGrace(time.Now()) {
@@ -115,7 +200,14 @@ func TestServeUnknown(t *testing.T) {
 func TestServerGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ended := make(chan GraceStatus, 1)
-		r := New(Config{Grace: time.Minute, GraceQuiet: 2 * time.Second, OnGraceEnd: func(_ *Server, st GraceStatus) { ended <- st }})
+		r := New(Config{Grace: time.Minute, GraceQuiet: 2 * time.Second, Orchestrated: true})
+		ctx, stop := context.WithCancel(context.Background())
+		defer stop()
+		go r.HandleEvents(ctx, func(_ context.Context, ev Event) {
+			if ev.Kind == GraceEnded {
+				ended <- ev.Grace
+			}
+		})
 		v, _, _ := r.Begin(context.Background(), Spec{Addr: netip.MustParseAddr("10.0.0.1")}, 1)
 		v.Serve()
 		c := netip.MustParseAddr("10.1.0.1")

@@ -95,9 +95,9 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	d.rpc = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nlmConns}
 	d.nsmRPC = &sunrpc.Server{Logger: log, MaxRecordSize: o.maxRecord, UDPBuffer: 4 << 20, Observer: d.metrics, MaxConns: nsmConns}
 	d.registry = virtualserver.New(virtualserver.Config{Claims: d.backend, Servers: vips, ServeUnknown: o.serveUnknown, Grace: o.grace, GraceQuiet: o.graceQuiet,
-		// Hooks into the manager, which exists by the first request.
-		Takeover:   func(s virtualserver.Spec) (*virtualserver.Server, bool) { return d.mgr.TakeoverHook(s) },
-		OnGraceEnd: func(vs *virtualserver.Server, st virtualserver.GraceStatus) { d.mgr.GraceEnded(vs, st) },
+		// The manager orchestrates it (Run): requests that come before it
+		// runs wait for their takeover.
+		Orchestrated: true,
 	})
 	d.nsm, err = nsm.New(nsm.Config{
 		VirtualServers:    d.registry,
@@ -166,6 +166,9 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	}
 	d.mgr = hacallout.New(hacallout.Config{Registry: d.registry, NLM: d.svc, NSM: d.nsm, Addrs: d.addrs, StateDir: o.stateDir,
 		NoSnapshot: o.noSnapshot, Notified: o.noNotify, ServeUnknown: o.serveUnknown && o.listenMode == "wildcard", Logger: log})
+	octx, ocancel := context.WithCancel(context.Background())
+	d.serving.Go(func() { d.mgr.Run(octx) })
+	d.serving.Go(func() { <-d.stop; ocancel() })
 	for _, fam := range families {
 		for _, t := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
 			for _, v := range []uint32{nlm.Vers1, nlm.Vers3, nlm.Vers4} {
