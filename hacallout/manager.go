@@ -24,7 +24,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -53,6 +52,9 @@ type Config struct {
 	// StateDir holds a directory per virtual server (see virtualserver
 	// and nsm); on shared storage, it moves with the address.
 	StateDir string
+	// Ownership is where virtual servers are claimed and handed over
+	// (default: the state directories, virtualserver.StateDir).
+	Ownership virtualserver.Ownership
 	// NoSnapshot makes releases drop state without a snapshot, so that
 	// every takeover goes through grace and reclaim.
 	NoSnapshot bool
@@ -69,6 +71,7 @@ type Config struct {
 type Manager struct {
 	cfg Config
 	log *slog.Logger
+	own virtualserver.Ownership
 
 	mu    sync.Mutex
 	locks map[netip.Addr]*sync.Mutex
@@ -76,7 +79,10 @@ type Manager struct {
 
 // New returns a manager; Run orchestrates its registry.
 func New(cfg Config) *Manager {
-	m := &Manager{cfg: cfg, log: cfg.Logger, locks: map[netip.Addr]*sync.Mutex{}}
+	m := &Manager{cfg: cfg, log: cfg.Logger, locks: map[netip.Addr]*sync.Mutex{}, own: cfg.Ownership}
+	if m.own == nil {
+		m.own = &virtualserver.StateDir{Root: cfg.StateDir}
+	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}
@@ -94,8 +100,6 @@ func (m *Manager) lock(a netip.Addr) func() {
 	l.Lock()
 	return l.Unlock
 }
-
-const snapshotFile = "snapshot.json"
 
 // TakeoverResult tells what a takeover did.
 type TakeoverResult struct {
@@ -139,16 +143,17 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		return TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: vs.Epoch(), Already: true, NSMState: st,
 			GraceUntil: graceUntil(vs)}, nil
 	}
-	dir := virtualserver.Dir(m.cfg.StateDir, spec.Addr.String())
-	prev, epoch, err := virtualserver.ClaimEpoch(dir)
-	if epoch == 0 {
-		return TakeoverResult{}, fmt.Errorf("hacallout: claiming %v: %w", spec.Addr, err)
-	}
+	claim, err := m.own.Claim(ctx, spec.Addr)
 	if err != nil {
-		m.log.Warn("hacallout: damaged epoch; starting over", "vip", spec.Addr, "err", err)
+		return TakeoverResult{}, fmt.Errorf("hacallout: %w", err)
 	}
+	if claim.Damaged != nil {
+		m.log.Warn("hacallout: damaged state; clients will reclaim", "vip", spec.Addr, "err", claim.Damaged)
+	}
+	epoch := claim.Epoch
 	vs, _, err := m.cfg.Registry.Begin(ctx, spec, epoch)
 	if err != nil {
+		m.giveUp(ctx, spec.Addr, epoch)
 		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
 	}
 	res := TakeoverResult{VIP: vs.Addr(), Name: vs.Name(), Epoch: epoch}
@@ -162,6 +167,7 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		if cerr != nil {
 			m.log.Warn("hacallout: the backend did not take the failed takeover's release", "vip", vs.Addr(), "err", cerr)
 		}
+		m.giveUp(ctx, spec.Addr, epoch)
 		return TakeoverResult{}, fmt.Errorf("hacallout: taking over %v: %w", spec.Addr, err)
 	}
 	// The sockets first: notifications leave from them, and their answers
@@ -170,7 +176,7 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	if err := m.cfg.Addrs.Serve(vs.Addr()); err != nil {
 		return fail(err)
 	}
-	snap := m.loadSnapshot(dir, spec.Addr, prev)
+	snap := m.handoff(spec.Addr, claim)
 	var started nsm.Started
 	if snap != nil {
 		in, err := m.cfg.NLM.InstallSnapshot(ctx, snap.Locks, vs)
@@ -187,7 +193,6 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 			vs.ResumeGrace(*snap.Grace)
 			res.GraceResumed = true
 		}
-		os.Remove(filepath.Join(dir, snapshotFile))
 	} else {
 		if started, err = m.cfg.NSM.Start(vs, nsm.Restart); err != nil {
 			return fail(err)
@@ -216,29 +221,31 @@ func graceUntil(vs *virtualserver.Server) time.Time {
 	return time.Time{}
 }
 
-// loadSnapshot returns the handoff of epoch prev, if that is what the
-// directory holds. Anything else there is stale (a later epoch ended in a
-// crash) or damaged: reported and removed.
-func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *handoff {
-	path := filepath.Join(dir, snapshotFile)
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
+// handoff decodes what the previous owner left, if it is the handoff of
+// the epoch this claim follows. Anything else is stale (a later epoch
+// ended in a crash) or damaged: reported, and the clients reclaim.
+func (m *Manager) handoff(vip netip.Addr, c virtualserver.Claimed) *handoff {
+	if c.Handoff == nil {
 		return nil
 	}
-	var h handoff
-	if err == nil {
-		h, err = unmarshalHandoff(b)
-	}
+	h, err := unmarshalHandoff(c.Handoff)
 	switch {
 	case err != nil:
 		m.log.Warn("hacallout: cannot use the snapshot; clients will reclaim", "vip", vip, "err", err)
-	case h.Locks.VIP != vip || h.Locks.Epoch != prev || prev == 0:
-		m.log.Warn("hacallout: stale snapshot ignored; clients will reclaim", "vip", vip, "snapshot_epoch", h.Locks.Epoch, "previous_epoch", prev)
+	case h.Locks.VIP != vip || h.Locks.Epoch != c.Prev || c.Prev == 0:
+		m.log.Warn("hacallout: stale snapshot ignored; clients will reclaim", "vip", vip, "snapshot_epoch", h.Locks.Epoch, "previous_epoch", c.Prev)
 	default:
 		return &h
 	}
-	os.Remove(path)
 	return nil
+}
+
+// giveUp hands back a claim this node cannot serve (a takeover that
+// failed), leaving nothing: the next owner goes through grace.
+func (m *Manager) giveUp(ctx context.Context, a netip.Addr, epoch uint64) {
+	if err := m.own.Release(ctx, a, epoch, nil); err != nil {
+		m.log.Warn("hacallout: giving up a failed takeover's claim", "vip", a, "epoch", epoch, "err", err)
+	}
 }
 
 // Run orchestrates the registry (made Orchestrated) until ctx ends: a
@@ -246,7 +253,31 @@ func (m *Manager) loadSnapshot(dir string, vip netip.Addr, prev uint64) *handoff
 // address, takes it over; the end of a grace period purges what was not
 // reclaimed.
 func (m *Manager) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if lost := m.own.Lost(); lost != nil {
+		wg.Go(func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case a := <-lost:
+					m.lose(ctx, a)
+				}
+			}
+		})
+	}
 	m.cfg.Registry.HandleEvents(ctx, m.handle)
+}
+
+// lose stops serving a virtual server whose claim this node lost: another
+// node may own it already, so nothing is answered or handed over from
+// here any more.
+func (m *Manager) lose(ctx context.Context, a netip.Addr) {
+	m.log.Error("hacallout: lost the claim of a virtual server; no longer serving it", "vip", a)
+	if _, err := m.release(ctx, a, false, true); err != nil {
+		m.log.Warn("hacallout: stopping a lost virtual server", "vip", a, "err", err)
+	}
 }
 
 func (m *Manager) handle(ctx context.Context, ev virtualserver.Event) {
@@ -281,6 +312,12 @@ type ReleaseResult struct {
 // the next owner through a snapshot unless snapshot is false (or the
 // manager takes none). It is idempotent.
 func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (ReleaseResult, error) {
+	return m.release(ctx, a, snapshot, false)
+}
+
+// release is Release; lost: the claim is gone already (Ownership.Lost),
+// there is nothing to hand over.
+func (m *Manager) release(ctx context.Context, a netip.Addr, snapshot, lost bool) (ReleaseResult, error) {
 	start := time.Now()
 	a = a.Unmap()
 	defer m.lock(a)()
@@ -313,16 +350,16 @@ func (m *Manager) Release(ctx context.Context, a netip.Addr, snapshot bool) (Rel
 	if snap != nil {
 		res.Locks, res.Waiters, res.Shares = snap.Counts()
 	}
-	path := filepath.Join(virtualserver.Dir(m.cfg.StateDir, a.String()), snapshotFile)
-	if err == nil && snapshot && !m.cfg.NoSnapshot {
-		var b []byte
-		if b, err = marshalHandoff(handoff{Locks: snap, Grace: grace}); err == nil {
-			err = virtualserver.WriteFileAtomic(path, b, 0o600)
-		}
-		res.Snapshot = err == nil
-	} else {
-		os.Remove(path)
+	var b []byte
+	if err == nil && snapshot && !m.cfg.NoSnapshot && !lost {
+		b, err = marshalHandoff(handoff{Locks: snap, Grace: grace})
 	}
+	if !lost {
+		if oerr := m.own.Release(ctx, a, res.Epoch, b); oerr != nil {
+			err = errors.Join(err, oerr)
+		}
+	}
+	res.Snapshot = b != nil && err == nil
 	res.Took = Duration(time.Since(start))
 	if err != nil {
 		m.log.Error("hacallout: released without a snapshot; clients will reclaim at the next takeover", "vip", a, "err", err)

@@ -2,6 +2,7 @@ package hacallout
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -73,6 +74,7 @@ type nodeOpts struct {
 	quiet   time.Duration
 	peers   *nsmtest.Peers
 	logName string
+	own     virtualserver.Ownership
 }
 
 func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
@@ -117,7 +119,7 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 		n.nsr.Register(p)
 	}
 	n.mgr = New(Config{Registry: n.reg, NLM: n.nlm, NSM: n.nsm, Addrs: wild{n.rpc, n.nsr}, StateDir: stateDir, Logger: log,
-		Notified: o.peers == nil})
+		Notified: o.peers == nil, Ownership: o.own})
 	ctx, stop := context.WithCancel(context.Background())
 	n.stopRun = make(chan struct{})
 	go func() { n.mgr.Run(ctx); close(n.stopRun) }()
@@ -553,5 +555,58 @@ func TestPlannedMoveDuringGrace(t *testing.T) {
 	}
 	if st := c2.lock(c, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.Denied {
 		t.Fatalf("c1's lock after grace: c2 got %v", st)
+	}
+}
+
+// losable is state-directory ownership whose claims the test can end, as
+// an expired lease ends a shared backend's.
+type losable struct {
+	virtualserver.StateDir
+	lost chan netip.Addr
+}
+
+func (l *losable) Lost() <-chan netip.Addr { return l.lost }
+
+// A node whose claim of a virtual server ended stops serving it at once
+// and hands nothing over; a node that lost its claim to another cannot
+// leave the next owner a stale snapshot either.
+func TestLostClaim(t *testing.T) {
+	dir := t.TempDir()
+	own := &losable{StateDir: virtualserver.StateDir{Root: dir}, lost: make(chan netip.Addr)}
+	a := newNode(t, dir, nodeOpts{own: own})
+	c1 := newClient(t, 1)
+	takeover(t, a, vipX)
+	if st := c1.lock(a, vipX, "f1", 1, 0, 100, true, false, false); st != nlm.Granted {
+		t.Fatalf("lock: %v", st)
+	}
+	own.lost <- vipX
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		vs, _ := a.reg.Get(vipX)
+		if vs.State() == virtualserver.Released {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("still %v after its claim was lost", vs.State())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if a.backend.Files() != 0 {
+		t.Fatal("the lost virtual server's locks stayed on the node")
+	}
+	if _, err := os.Stat(filepath.Join(dir, vipX.String(), "snapshot.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("a lost virtual server was handed over")
+	}
+
+	// b takes it over while a, unaware, still serves it: a's release
+	// fails and leaves nothing for b's successor.
+	takeover(t, a, vipX)
+	b := newNode(t, dir, nodeOpts{logName: "B "})
+	takeover(t, b, vipX)
+	if _, err := a.mgr.Release(context.Background(), vipX, true); !errors.Is(err, virtualserver.ErrLost) {
+		t.Fatalf("release of a virtual server claimed over: %v, want ErrLost", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, vipX.String(), "snapshot.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("a stale release left a snapshot")
 	}
 }
