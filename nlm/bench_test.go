@@ -68,13 +68,15 @@ func benchLockUnlock(b *testing.B, monitored bool) {
 	unlockReq.Args = (&UnlockArgs{Cookie: []byte("cookie02"), Lock: l}).Append(nil, Vers4)
 	res := make([]byte, 0, 256)
 	ctx := context.Background()
+	procs := svc.Programs()[2].Procs
+	handleLock, handleUnlock := procs[ProcLock].Handler, procs[ProcUnlock].Handler
 	b.ReportAllocs()
 	for b.Loop() {
-		out, err := svc.handleLock(ctx, lockReq, res[:0])
+		out, err := handleLock(ctx, lockReq, res[:0])
 		if err != nil || out[len(out)-1] != byte(Granted) {
 			b.Fatalf("LOCK: %x %v", out, err)
 		}
-		if _, err := svc.handleUnlock(ctx, &unlockReq, res[:0]); err != nil {
+		if _, err := handleUnlock(ctx, &unlockReq, res[:0]); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -543,13 +543,13 @@ func grantArgs(vs *virtualserver.Server, g *lockmgr.Grant, cookie []byte) []byte
 
 // respond queues the *_RES call answering a *_MSG request, to go from the
 // virtual server's NLM port over the transport the request came on.
-func (c *callbacks) respond(req *sunrpc.Request, proc uint32, body []byte) {
-	vs, ok := c.s.cfg.VirtualServers.Lookup(req.Local.Addr())
+func (c *callbacks) respond(call *Call, proc uint32, body []byte) {
+	vs, ok := c.s.cfg.VirtualServers.Lookup(call.VIP)
 	if !ok {
 		return
 	}
-	addr := req.Remote.Addr().Unmap()
-	key := peerKey{vip: vs.Addr(), addr: addr, vers: req.Vers, t: req.Transport}
+	addr := call.Remote.Addr().Unmap()
+	key := peerKey{vip: vs.Addr(), addr: addr, vers: call.Vers, t: call.Transport}
 	j := &cbJob{host: &dlm.Host{HostKey: dlm.HostKey{VIP: vs.Addr(), Addr: addr}}, proc: proc, body: body,
 		deadline: time.Now().Add(c.cfg.ResLifetime)}
 	c.enqueue(key, vs, j)

@@ -153,7 +153,8 @@ func (s *Service) Close() {
 
 type handler func(s *Service, ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error)
 
-// Programs returns NLM versions 1, 3 and 4 for registration.
+// Programs returns NLM versions 1, 3 and 4 for registration: the lock
+// procedures from the table (procs.go), the others here.
 func (s *Service) Programs() []sunrpc.Program {
 	bind := func(name string, h handler, nonIdempotent bool) sunrpc.Proc {
 		return sunrpc.Proc{Name: name, NonIdempotent: nonIdempotent, Handler: func(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
@@ -162,16 +163,9 @@ func (s *Service) Programs() []sunrpc.Program {
 	}
 	procs := make([]sunrpc.Proc, ProcFreeAll+1)
 	procs[ProcNull] = bind("NULL", (*Service).null, false)
-	procs[ProcTest] = bind("TEST", (*Service).handleTest, false)
-	procs[ProcLock] = bind("LOCK", (*Service).handleLock, true)
-	procs[ProcCancel] = bind("CANCEL", (*Service).handleCancel, true)
-	procs[ProcUnlock] = bind("UNLOCK", (*Service).handleUnlock, true)
-	procs[ProcGranted] = bind("GRANTED", (*Service).handleGranted, true)
-	procs[ProcTestMsg] = bind("TEST_MSG", (*Service).handleTestMsg, true)
-	procs[ProcLockMsg] = bind("LOCK_MSG", (*Service).handleLockMsg, true)
-	procs[ProcCancelMsg] = bind("CANCEL_MSG", (*Service).handleCancelMsg, true)
-	procs[ProcUnlockMsg] = bind("UNLOCK_MSG", (*Service).handleUnlockMsg, true)
-	procs[ProcGrantedMsg] = bind("GRANTED_MSG", (*Service).handleGrantedMsg, true)
+	for proc, p := range lockProcs {
+		procs[proc] = sunrpc.Proc{Name: p.name, NonIdempotent: p.kind != pkTest || p.res != 0, Handler: (&procHandler{s, p}).handle}
+	}
 	// Results of asynchronous calls a client made of us: we make none,
 	// so there is nothing to match them with (as in Linux lockd).
 	for _, p := range []uint32{ProcTestRes, ProcLockRes, ProcCancelRes, ProcUnlockRes} {
@@ -179,9 +173,6 @@ func (s *Service) Programs() []sunrpc.Program {
 	}
 	procs[ProcGrantedRes] = bind("GRANTED_RES", (*Service).handleGrantedRes, true)
 	procs[ProcSMNotify] = bind("SM_NOTIFY", (*Service).handleSMNotify, true)
-	procs[ProcShare] = bind("SHARE", (*Service).handleShare, true)
-	procs[ProcUnshare] = bind("UNSHARE", (*Service).handleUnshare, true)
-	procs[ProcNMLock] = bind("NM_LOCK", (*Service).handleNMLock, true)
 	procs[ProcFreeAll] = bind("FREE_ALL", (*Service).handleFreeAll, true)
 	return []sunrpc.Program{
 		{Name: "nlockmgr", Prog: Prog, Vers: Vers1, Procs: procs[:ProcSMNotify+1]},
@@ -317,20 +308,20 @@ func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl,
 
 // prepare finds the virtual server, checks the range and the handle, and
 // interns the owner into o. A status other than Granted is the reply.
-func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *op) Stat {
-	vs, st := s.lookupVS(req)
+func (s *Service) prepare(ctx context.Context, c *Call, l *Lock, o *op) Stat {
+	vs, st := s.lookupVS(c)
 	if st != Granted {
 		return st
 	}
-	rng, st := ToRange(req.Vers, l.Offset, l.Len)
+	rng, st := ToRange(c.Vers, l.Offset, l.Len)
 	if st != Granted {
 		return st
 	}
-	if st := s.checkFH(ctx, req.Vers, l.FH); st != Granted {
+	if st := s.checkFH(ctx, c.Vers, l.FH); st != Granted {
 		return st
 	}
 	o.vs, o.claim, o.rng = vs, vs.Claim(), rng
-	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), req.Remote.Addr(), l.CallerName, l.SVID)
+	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), c.Remote.Addr(), l.CallerName, l.SVID)
 	if o.owner == nil {
 		o.limited = true
 		return DeniedNoLocks
@@ -342,9 +333,9 @@ func (s *Service) prepare(ctx context.Context, req *sunrpc.Request, l *Lock, o *
 // for its address (the backend's host limit): one address could otherwise
 // make the service keep a host, an owner and a monitor record for every
 // name it sends.
-func (s *Service) tooManyNames(vs *virtualserver.Server, req *sunrpc.Request) {
+func (s *Service) tooManyNames(vs *virtualserver.Server, c *Call) {
 	s.stats.TooManyNames.Add(1)
-	s.log.Warn("nlm: refused: too many caller_names from one address", "vip", vs.Addr(), "client", req.Remote.Addr())
+	s.log.Warn("nlm: refused: too many caller_names from one address", "vip", vs.Addr(), "client", c.Remote.Addr())
 }
 
 // fenced is the outcome of a request that raced with the release of its
@@ -359,13 +350,13 @@ const fenced Stat = 1 << 31
 // lookupVS finds the virtual server a request was sent to. One being
 // released (or released) here is fenced; an address that is no virtual
 // server at all fails.
-func (s *Service) lookupVS(req *sunrpc.Request) (*virtualserver.Server, Stat) {
-	vs, ok := s.cfg.VirtualServers.Lookup(req.Local.Addr())
+func (s *Service) lookupVS(c *Call) (*virtualserver.Server, Stat) {
+	vs, ok := s.cfg.VirtualServers.Lookup(c.VIP)
 	if ok {
 		return vs, Granted
 	}
 	if vs != nil {
-		vs.CutOff(req.Remote.Addr())
+		vs.CutOff(c.Remote.Addr())
 		return nil, fenced
 	}
 	return nil, Failed
@@ -446,226 +437,104 @@ func holder(vers uint32, l dlm.Lock) Holder {
 
 // ---- the operations, shared by the synchronous and _MSG procedures -------
 
-func (s *Service) test(ctx context.Context, req *sunrpc.Request, a *TestArgs) TestRes {
+func (s *Service) test(ctx context.Context, c *Call, a *TestArgs) TestRes {
 	out := TestRes{Cookie: a.Cookie}
 	o := s.getOp()
 	defer s.putOp(o)
-	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+	if st := s.prepare(ctx, c, &a.Lock, o); st != Granted {
 		if o.limited {
-			s.tooManyNames(o.vs, req)
+			s.tooManyNames(o.vs, c)
 		}
-		out.Stat = st.ForVersion(req.Vers)
+		out.Stat = st.ForVersion(c.Vers)
 		return out
 	}
 	o.excl, o.inGrace = a.Exclusive, o.vs.InGraceNow(s.now)
 	if o.inGrace {
-		o.vs.GraceRequest(req.Remote.Addr(), false)
+		o.vs.GraceRequest(c.Remote.Addr(), false)
 	}
 	if err := s.cfg.Backend.Read(ctx, a.Lock.FH, o.read); err != nil {
-		out.Stat = s.backendStat(err).ForVersion(req.Vers)
+		out.Stat = s.backendStat(err).ForVersion(c.Vers)
 		return out
 	}
-	out.Stat = status(o.res.Status).ForVersion(req.Vers)
+	out.Stat = status(o.res.Status).ForVersion(c.Vers)
 	if o.res.HasHolder {
-		out.Holder = holder(req.Vers, o.res.Holder)
+		out.Holder = holder(c.Vers, o.res.Holder)
 	}
 	return out
 }
 
-func (s *Service) lock(ctx context.Context, req *sunrpc.Request, a *LockArgs, monitor, async bool) Stat {
+func (s *Service) lock(ctx context.Context, c *Call, a *LockArgs, monitor, async bool) Stat {
 	o := s.getOp()
 	defer s.putOp(o)
-	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+	if st := s.prepare(ctx, c, &a.Lock, o); st != Granted {
 		if o.limited {
-			s.tooManyNames(o.vs, req)
+			s.tooManyNames(o.vs, c)
 		}
-		return st.ForVersion(req.Vers)
+		return st.ForVersion(c.Vers)
 	}
 	o.owner.SetOH(a.Lock.OH)
 	o.kind = opLock
 	o.lock = lockmgr.LockArgs{
 		Owner: o.owner, Range: o.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
 		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(), Now: s.secs.Load(),
-		OH: a.Lock.OH, Vers: req.Vers, Transport: uint8(req.Transport), Async: async,
+		OH: a.Lock.OH, Vers: c.Vers, Transport: uint8(c.Transport), Async: async,
 	}
 	if monitor {
 		if st := s.monitor(ctx, o.owner.Host); st != Granted {
-			return st.ForVersion(req.Vers)
+			return st.ForVersion(c.Vers)
 		}
 	}
 	st := s.update(ctx, o, a.Lock.FH)
 	if o.lock.InGrace {
 		// After the reclaim is in: the grace period may end on the next one.
-		o.vs.GraceRequest(req.Remote.Addr(), a.Reclaim)
+		o.vs.GraceRequest(c.Remote.Addr(), a.Reclaim)
 	}
-	return st.ForVersion(req.Vers)
+	return st.ForVersion(c.Vers)
 }
 
-func (s *Service) cancel(ctx context.Context, req *sunrpc.Request, a *CancelArgs) Stat {
+func (s *Service) cancel(ctx context.Context, c *Call, a *CancelArgs) Stat {
 	o := s.getOp()
 	defer s.putOp(o)
-	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+	if st := s.prepare(ctx, c, &a.Lock, o); st != Granted {
 		if o.limited {
 			return Denied // a host that does not exist waits for nothing
 		}
-		return st.ForVersion(req.Vers)
+		return st.ForVersion(c.Vers)
 	}
-	s.graceNote(o.vs, req, false)
+	s.graceNote(o.vs, c, false)
 	o.kind, o.excl = opCancel, a.Exclusive
-	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
+	return s.update(ctx, o, a.Lock.FH).ForVersion(c.Vers)
 }
 
 // graceNote tells a virtual server in grace of a client's request: its
 // reclaims, and its first other request after them, end the grace period
 // early (see virtualserver.Grace).
-func (s *Service) graceNote(vs *virtualserver.Server, req *sunrpc.Request, reclaim bool) {
+func (s *Service) graceNote(vs *virtualserver.Server, c *Call, reclaim bool) {
 	if vs.InGraceNow(s.now) {
-		vs.GraceRequest(req.Remote.Addr(), reclaim)
+		vs.GraceRequest(c.Remote.Addr(), reclaim)
 	}
 }
 
-func (s *Service) unlock(ctx context.Context, req *sunrpc.Request, a *UnlockArgs) Stat {
+func (s *Service) unlock(ctx context.Context, c *Call, a *UnlockArgs) Stat {
 	o := s.getOp()
 	defer s.putOp(o)
-	if st := s.prepare(ctx, req, &a.Lock, o); st != Granted {
+	if st := s.prepare(ctx, c, &a.Lock, o); st != Granted {
 		if o.limited {
 			return Granted // a host that does not exist holds nothing
 		}
-		return st.ForVersion(req.Vers)
+		return st.ForVersion(c.Vers)
 	}
-	s.graceNote(o.vs, req, false)
+	s.graceNote(o.vs, c, false)
 	// Fenced like the rest: an unlock applied here after the release took
 	// its snapshot would leave the lock with the next owner. Unanswered, it
 	// is sent again there.
 	o.kind = opUnlock
-	return s.update(ctx, o, a.Lock.FH).ForVersion(req.Vers)
+	return s.update(ctx, o, a.Lock.FH).ForVersion(c.Vers)
 }
 
 // ---- procedure handlers -------------------------------------------------
 
 func (s *Service) null(_ context.Context, _ *sunrpc.Request, res []byte) ([]byte, error) {
-	return res, nil
-}
-
-func (s *Service) handleTest(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a TestArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := s.test(ctx, req, &a)
-	return reply(r.Append(res, req.Vers), r.Stat)
-}
-
-func (s *Service) handleLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a LockArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, false)}
-	return reply(r.Append(res), r.Stat)
-}
-
-// handleNMLock is LOCK for clients without a status monitor: the host is
-// not monitored.
-func (s *Service) handleNMLock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a LockArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, false, false)}
-	return reply(r.Append(res), r.Stat)
-}
-
-func (s *Service) handleCancel(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a CancelArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
-	return reply(r.Append(res), r.Stat)
-}
-
-func (s *Service) handleUnlock(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a UnlockArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
-	return reply(r.Append(res), r.Stat)
-}
-
-// handleGranted: GRANTED is a server-to-client call. We are the server
-// and hold no blocked client-side requests, so nothing matches it.
-func (s *Service) handleGranted(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a TestArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: Denied}
-	return r.Append(res), nil
-}
-
-// The _MSG procedures do what their synchronous twins do, answer the call
-// with a void reply, and send the result back as the matching _RES call
-// from the virtual server's NLM port.
-
-func (s *Service) handleTestMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a TestArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := s.test(ctx, req, &a)
-	if r.Stat != fenced {
-		s.cb.respond(req, ProcTestRes, r.Append(nil, req.Vers))
-	}
-	return res, nil
-}
-
-func (s *Service) handleLockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a LockArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.lock(ctx, req, &a, true, true)}
-	s.respond(req, ProcLockRes, &r)
-	return res, nil
-}
-
-func (s *Service) handleCancelMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a CancelArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.cancel(ctx, req, &a)}
-	s.respond(req, ProcCancelRes, &r)
-	return res, nil
-}
-
-func (s *Service) handleUnlockMsg(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a UnlockArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: s.unlock(ctx, req, &a)}
-	s.respond(req, ProcUnlockRes, &r)
-	return res, nil
-}
-
-// respond sends a *_MSG request's result back as its *_RES call; a fenced
-// request gets none (the client sends the request again).
-func (s *Service) respond(req *sunrpc.Request, proc uint32, r *Res) {
-	if r.Stat != fenced {
-		s.cb.respond(req, proc, r.Append(nil))
-	}
-}
-
-func (s *Service) handleGrantedMsg(_ context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a TestArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d, req.Vers) }); err != nil {
-		return nil, err
-	}
-	r := Res{Cookie: a.Cookie, Stat: Denied}
-	s.cb.respond(req, ProcGrantedRes, r.Append(nil))
 	return res, nil
 }
 
@@ -712,57 +581,39 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 	return res, nil
 }
 
-func (s *Service) handleShare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a ShareArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
-		return nil, err
-	}
-	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, false)}
-	return reply(r.Append(res), r.Stat)
-}
-
-func (s *Service) handleUnshare(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a ShareArgs
-	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
-		return nil, err
-	}
-	r := ShareRes{Cookie: a.Cookie, Stat: s.share(ctx, req, &a, true)}
-	return reply(r.Append(res), r.Stat)
-}
-
-func (s *Service) share(ctx context.Context, req *sunrpc.Request, a *ShareArgs, unshare bool) Stat {
-	vs, st := s.lookupVS(req)
+func (s *Service) share(ctx context.Context, c *Call, a *ShareArgs, unshare bool) Stat {
+	vs, st := s.lookupVS(c)
 	if st != Granted {
-		return st.ForVersion(req.Vers)
+		return st.ForVersion(c.Vers)
 	}
-	if st := s.checkFH(ctx, req.Vers, a.Share.FH); st != Granted {
-		return st.ForVersion(req.Vers)
+	if st := s.checkFH(ctx, c.Vers, a.Share.FH); st != Granted {
+		return st.ForVersion(c.Vers)
 	}
 	o := s.getOp()
 	defer s.putOp(o)
-	host := s.cfg.Backend.HostLimited(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: req.Remote.Addr()})
+	host := s.cfg.Backend.HostLimited(dlm.HostKey{VIP: vs.Addr(), Name: string(a.Share.CallerName), Addr: c.Remote.Addr()})
 	if host == nil {
 		if unshare {
 			return Granted // a host that does not exist shares nothing
 		}
-		s.tooManyNames(vs, req)
-		return DeniedNoLocks.ForVersion(req.Vers)
+		s.tooManyNames(vs, c)
+		return DeniedNoLocks.ForVersion(c.Vers)
 	}
 	if unshare {
 		o.kind, o.vs, o.claim, o.host, o.oh = opUnshare, vs, vs.Claim(), host, a.Share.OH
-		return s.update(ctx, o, a.Share.FH).ForVersion(req.Vers)
+		return s.update(ctx, o, a.Share.FH).ForVersion(c.Vers)
 	}
 	if st := s.monitor(ctx, host); st != Granted {
-		return st.ForVersion(req.Vers)
+		return st.ForVersion(c.Vers)
 	}
 	o.kind, o.vs, o.claim = opShare, vs, vs.Claim()
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
 	st = s.update(ctx, o, a.Share.FH)
 	if o.share.InGrace {
-		vs.GraceRequest(req.Remote.Addr(), a.Reclaim)
+		vs.GraceRequest(c.Remote.Addr(), a.Reclaim)
 	}
-	return st.ForVersion(req.Vers)
+	return st.ForVersion(c.Vers)
 }
 
 // handleFreeAll drops everything of a client host that says it rebooted:
@@ -776,7 +627,8 @@ func (s *Service) handleFreeAll(ctx context.Context, req *sunrpc.Request, res []
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
-	vs, st := s.lookupVS(req)
+	c := callOf(req)
+	vs, st := s.lookupVS(&c)
 	if st != Granted {
 		return reply(res, st) // FREE_ALL has no result; a failure is silent
 	}
