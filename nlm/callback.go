@@ -6,6 +6,7 @@ import (
 	crand "crypto/rand"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"sync"
@@ -91,8 +92,7 @@ func (c *CallbackConfig) defaults() {
 //   - a *_RES is sent once, never retransmitted: toward a (spoofable)
 //     source, one reply's worth at most.
 type callbacks struct {
-	s    *Service
-	cfg  CallbackConfig
+	callbackDeps
 	ctx  context.Context
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -142,8 +142,22 @@ type cbJob struct {
 	body []byte
 }
 
-func newCallbacks(s *Service) *callbacks {
-	c := &callbacks{s: s, cfg: s.cfg.Callbacks, peers: map[peerKey]*peer{}, awaiting: map[string]*peer{},
+// callbackDeps is what the callback sender uses: it sends from the
+// service's sockets, and ends the grants it called back about itself (a
+// backend update each) — it does not call back up into the service.
+type callbackDeps struct {
+	cfg     CallbackConfig
+	rpc     *sunrpc.Server
+	port    uint16
+	vss     *virtualserver.Registry
+	backend dlm.Backend
+	mgr     *lockmgr.Manager
+	stats   *Stats
+	log     *slog.Logger
+}
+
+func newCallbacks(d callbackDeps) *callbacks {
+	c := &callbacks{callbackDeps: d, peers: map[peerKey]*peer{}, awaiting: map[string]*peer{},
 		bell: make(chan struct{}, 1)}
 	c.cfg.defaults()
 	c.work = make(chan *peer, c.cfg.Workers)
@@ -198,14 +212,14 @@ func (c *callbacks) enqueue(key peerKey, vs *virtualserver.Server, j *cbJob) boo
 			c.sweepLocked(time.Now())
 		}
 		if len(c.peers) >= c.cfg.Peers {
-			c.s.stats.CallbacksDropped.Add(1)
+			c.stats.CallbacksDropped.Add(1)
 			return false
 		}
 		p = &peer{key: key, idx: -1}
 		c.peers[key] = p
 	}
 	if len(p.jobs) >= c.cfg.PeerQueue {
-		c.s.stats.CallbacksDropped.Add(1)
+		c.stats.CallbacksDropped.Add(1)
 		return false
 	}
 	p.vs = vs
@@ -313,7 +327,7 @@ func (c *callbacks) attempt(p *peer) {
 	j, expired := c.nextJobLocked(p, now)
 	vs := p.vs
 	c.mu.Unlock()
-	c.s.settle(c.ctx, expired)
+	c.settle(c.ctx, expired)
 	if j == nil {
 		return
 	}
@@ -364,8 +378,8 @@ func (c *callbacks) nextJobLocked(p *peer, now time.Time) (*cbJob, []lockmgr.Gra
 		j := p.jobs[0]
 		p.jobs = p.jobs[1:]
 		if j.grant != nil && c.ctx.Err() == nil {
-			c.s.stats.CallbacksGivenUp.Add(1)
-			c.s.log.Warn("nlm: giving up on a GRANTED callback; the lock stays granted",
+			c.stats.CallbacksGivenUp.Add(1)
+			c.log.Warn("nlm: giving up on a GRANTED callback; the lock stays granted",
 				"client", j.host.HostKey.String(), "svid", j.grant.Waiter.Owner.SVID, "range", j.grant.Waiter.Range.String())
 			expired = append(expired, *j.grant)
 		}
@@ -390,7 +404,7 @@ func (c *callbacks) next(p *peer, err error) {
 		}
 		p.delay = 0
 	} else {
-		c.s.stats.CallbackFailures.Add(1)
+		c.stats.CallbackFailures.Add(1)
 		p.delay = min(max(2*p.delay, c.cfg.Retry), c.cfg.MaxRetry)
 	}
 	if len(p.jobs) == 0 {
@@ -401,7 +415,7 @@ func (c *callbacks) next(p *peer, err error) {
 	at := now
 	if err != nil {
 		at = now.Add(jitter(p.delay))
-		c.s.log.Debug("nlm: callback failed; retrying", "client", p.key.addr, "err", err, "in", at.Sub(now), "queued", len(p.jobs))
+		c.log.Debug("nlm: callback failed; retrying", "client", p.key.addr, "err", err, "in", at.Sub(now), "queued", len(p.jobs))
 	}
 	c.scheduleLocked(p, at)
 }
@@ -417,17 +431,17 @@ func jitter(d time.Duration) time.Duration {
 func (c *callbacks) granted(j *cbJob, st Stat) error {
 	switch st {
 	case Granted:
-		c.s.stats.GrantedCallbacks.Add(1)
-		c.s.settle(c.ctx, []lockmgr.Grant{*j.grant})
+		c.stats.GrantedCallbacks.Add(1)
+		c.settle(c.ctx, []lockmgr.Grant{*j.grant})
 		return nil
 	case DeniedGracePeriod:
 		return errors.New("nlm: the client is in its grace period")
 	}
 	// The client no longer wants it (the waiting process gave up):
 	// release exactly what the grant took.
-	c.s.log.Info("nlm: client refused a granted lock; releasing it", "client", j.host.HostKey.String(), "answer", st)
-	c.s.stats.RefusedCallbacks.Add(1)
-	c.s.ungrant(c.ctx, *j.grant)
+	c.log.Info("nlm: client refused a granted lock; releasing it", "client", j.host.HostKey.String(), "answer", st)
+	c.stats.RefusedCallbacks.Add(1)
+	c.ungrant(c.ctx, *j.grant)
 	return nil
 }
 
@@ -490,7 +504,7 @@ func (c *callbacks) grantedRes(from netip.Addr, cookie []byte, st Stat) {
 	p := c.awaiting[string(cookie)]
 	if p == nil || p.key.addr != from.Unmap() || p.answer == nil {
 		c.mu.Unlock()
-		c.s.log.Debug("nlm: GRANTED_RES matches no callback", "from", from)
+		c.log.Debug("nlm: GRANTED_RES matches no callback", "from", from)
 		return
 	}
 	select {
@@ -513,7 +527,7 @@ func (c *callbacks) grant(grants []lockmgr.Grant) {
 	for i := range grants {
 		g := &grants[i]
 		w := g.Waiter
-		vs, ok := c.s.hostVS(w.Owner.Host)
+		vs, ok := c.hostVS(w.Owner.Host)
 		if !ok {
 			continue
 		}
@@ -525,11 +539,11 @@ func (c *callbacks) grant(grants []lockmgr.Grant) {
 		dropped = append(dropped, *g)
 		if full != w.Owner.Host {
 			full = w.Owner.Host
-			c.s.log.Warn("nlm: too many callbacks outstanding; the client will find its lock on its next request",
+			c.log.Warn("nlm: too many callbacks outstanding; the client will find its lock on its next request",
 				"client", w.Owner.Host.HostKey.String())
 		}
 	}
-	c.s.settle(c.ctx, dropped)
+	c.settle(c.ctx, dropped)
 }
 
 func grantArgs(vs *virtualserver.Server, g *lockmgr.Grant, cookie []byte) []byte {
@@ -544,7 +558,7 @@ func grantArgs(vs *virtualserver.Server, g *lockmgr.Grant, cookie []byte) []byte
 // respond queues the *_RES call answering a *_MSG request, to go from the
 // virtual server's NLM port over the transport the request came on.
 func (c *callbacks) respond(call *Call, proc uint32, body []byte) {
-	vs, ok := c.s.cfg.VirtualServers.Lookup(call.VIP)
+	vs, ok := c.vss.Lookup(call.VIP)
 	if !ok {
 		return
 	}
@@ -573,8 +587,8 @@ func (c *callbacks) sendRes(p *peer, vs *virtualserver.Server, j *cbJob) {
 		}
 	}
 	if err != nil {
-		c.s.stats.ResDropped.Add(1)
-		c.s.log.Debug("nlm: _RES call not sent", "client", p.key.addr, "proc", j.proc, "err", err)
+		c.stats.ResDropped.Add(1)
+		c.log.Debug("nlm: _RES call not sent", "client", p.key.addr, "proc", j.proc, "err", err)
 	}
 }
 
@@ -583,7 +597,7 @@ func (c *callbacks) sendRes(p *peer, vs *virtualserver.Server, j *cbJob) {
 func (c *callbacks) datagram(p *peer, vs *virtualserver.Server, proc uint32, args []byte) error {
 	h := sunrpc.CallHeader{XID: uint32(c.seq.Add(1)) ^ binary.BigEndian.Uint32(c.salt[:]), RPCVers: sunrpc.RPCVersion,
 		Prog: Prog, Vers: p.key.vers, Proc: proc, Cred: sunrpc.NewAuthSys(&sunrpc.AuthSysCred{MachineName: vs.Name()})}
-	return c.s.cfg.RPC.SendPacket(netip.AddrPortFrom(vs.Addr(), c.s.cfg.Port), netip.AddrPortFrom(p.key.addr, p.port),
+	return c.rpc.SendPacket(netip.AddrPortFrom(vs.Addr(), c.port), netip.AddrPortFrom(p.key.addr, p.port),
 		append(sunrpc.AppendCall(nil, &h), args...))
 }
 
@@ -601,8 +615,8 @@ func (c *callbacks) client(ctx context.Context, p *peer, vs *virtualserver.Serve
 		MaxRetransmit: c.cfg.MaxRetransmit,
 		Cred:          sunrpc.NewAuthSys(&sunrpc.AuthSysCred{MachineName: vs.Name()}),
 	}
-	if p.key.t == sunrpc.UDP && c.s.cfg.RPC != nil {
-		return c.s.cfg.RPC.PacketClient(netip.AddrPortFrom(vs.Addr(), c.s.cfg.Port), to, opts), nil
+	if p.key.t == sunrpc.UDP && c.rpc != nil {
+		return c.rpc.PacketClient(netip.AddrPortFrom(vs.Addr(), c.port), to, opts), nil
 	}
 	c.mu.Lock()
 	cl := p.client
@@ -639,7 +653,7 @@ func (c *callbacks) lookup(ctx context.Context, p *peer, vs *virtualserver.Serve
 		}
 		return nil
 	}
-	c.s.stats.PortLookups.Add(1)
+	c.stats.PortLookups.Add(1)
 	got, err := sunrpc.LookupPort(ctx, p.key.addr, vs.Addr(), Prog, p.key.vers, p.key.t,
 		sunrpc.ClientOptions{Retransmit: c.cfg.Retransmit, MaxRetransmit: c.cfg.MaxRetransmit})
 	c.mu.Lock()
@@ -705,4 +719,69 @@ func (h *peerHeap) Pop() any {
 	*h = old[:len(old)-1]
 	p.idx = -1
 	return p
+}
+
+// hostVS finds the virtual server a host belongs to, if served here.
+func (c *callbacks) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
+	vs, ok := c.vss.Get(h.VIP)
+	return vs, ok && vs.Serving()
+}
+
+// grantClaim is what ending a grant acts under: the claim the waiter was
+// queued in. Once its virtual server has moved on, the grant is the next
+// owner's business (the edit is fenced).
+func grantClaim(g *lockmgr.Grant) dlm.Claim {
+	return dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}
+}
+
+// ungrant takes back a grant the client refused, and calls back what
+// that makes grantable.
+func (c *callbacks) ungrant(ctx context.Context, g lockmgr.Grant) {
+	var res lockmgr.Result
+	err := c.backend.Update(ctx, []byte(g.FH), grantClaim(&g), func(f *dlm.File) error {
+		res = c.mgr.Ungrant(f, g.Waiter)
+		return nil
+	})
+	if err != nil {
+		if !errors.Is(err, dlm.ErrFenced) {
+			c.log.Warn("nlm: cannot take back a refused grant", "err", err)
+		}
+		return
+	}
+	c.grant(res.Grants)
+}
+
+// settle ends pending grants whose callback was answered, given up or
+// left out, one update per file and claim (a release may leave thousands
+// of one file's grants out of a full queue at once).
+func (c *callbacks) settle(ctx context.Context, grants []lockmgr.Grant) {
+	if len(grants) == 0 || ctx.Err() != nil {
+		return
+	}
+	type group struct {
+		fh    string
+		claim dlm.Claim
+	}
+	byGroup := map[group][]*dlm.Waiter{}
+	var order []group
+	for i := range grants {
+		g := &grants[i]
+		k := group{g.FH, grantClaim(g)}
+		if _, ok := byGroup[k]; !ok {
+			order = append(order, k)
+		}
+		byGroup[k] = append(byGroup[k], g.Waiter)
+	}
+	for _, k := range order {
+		ws := byGroup[k]
+		err := c.backend.Update(ctx, []byte(k.fh), k.claim, func(f *dlm.File) error {
+			for _, w := range ws {
+				c.mgr.Settle(f, w)
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, dlm.ErrFenced) {
+			c.log.Debug("nlm: cannot settle granted callbacks", "err", err)
+		}
+	}
 }

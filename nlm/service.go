@@ -122,7 +122,8 @@ func New(cfg Config) *Service {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	s.cb = newCallbacks(s)
+	s.cb = newCallbacks(callbackDeps{cfg: cfg.Callbacks, rpc: cfg.RPC, port: cfg.Port, vss: cfg.VirtualServers,
+		backend: cfg.Backend, mgr: &s.mgr, stats: &s.stats, log: s.log})
 	s.secs.Store(uint32(s.now().Unix()))
 	s.stopClk = make(chan struct{})
 	s.clkDone.Go(func() {
@@ -232,7 +233,6 @@ type op struct {
 	kind    opKind
 	lock    lockmgr.LockArgs
 	share   lockmgr.ShareArgs
-	grant   lockmgr.Grant
 	owner   *dlm.Owner
 	host    *dlm.Host
 	oh      []byte
@@ -253,7 +253,6 @@ const (
 	opCancel
 	opShare
 	opUnshare
-	opUngrant
 )
 
 func (s *Service) getOp() *op {
@@ -284,8 +283,6 @@ func (o *op) apply(f *dlm.File) error {
 		o.res = m.Share(f, &o.share)
 	case opUnshare:
 		o.res = m.Unshare(f, o.host, o.oh)
-	case opUngrant:
-		o.res = m.Ungrant(f, o.grant.Waiter)
 	}
 	return nil
 }
@@ -728,55 +725,4 @@ func (s *Service) Sweep() {
 		}
 		return true
 	})
-}
-
-// hostVS finds the virtual server a host belongs to.
-func (s *Service) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
-	vs, ok := s.cfg.VirtualServers.Get(h.VIP)
-	return vs, ok && vs.Serving()
-}
-
-// ungrant takes back a grant the client refused, under the claim the
-// waiter was queued in: once its virtual server has moved on, the grant is
-// the next owner's business.
-func (s *Service) ungrant(ctx context.Context, g lockmgr.Grant) {
-	o := s.getOp()
-	defer s.putOp(o)
-	o.kind, o.grant = opUngrant, g
-	o.claim = dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}
-	s.update(ctx, o, []byte(g.FH))
-}
-
-// settle ends pending grants whose callback was answered, given up or
-// left out, one update per file and claim (a release may leave thousands
-// of one file's grants out of a full queue at once).
-func (s *Service) settle(ctx context.Context, grants []lockmgr.Grant) {
-	if len(grants) == 0 || ctx.Err() != nil {
-		return
-	}
-	type group struct {
-		fh    string
-		claim dlm.Claim
-	}
-	byGroup := map[group][]*dlm.Waiter{}
-	var order []group
-	for _, g := range grants {
-		k := group{g.FH, dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}}
-		if _, ok := byGroup[k]; !ok {
-			order = append(order, k)
-		}
-		byGroup[k] = append(byGroup[k], g.Waiter)
-	}
-	for _, k := range order {
-		ws := byGroup[k]
-		err := s.cfg.Backend.Update(ctx, []byte(k.fh), k.claim, func(f *dlm.File) error {
-			for _, w := range ws {
-				s.mgr.Settle(f, w)
-			}
-			return nil
-		})
-		if err != nil && !errors.Is(err, dlm.ErrFenced) {
-			s.log.Debug("nlm: cannot settle granted callbacks", "err", err)
-		}
-	}
 }
