@@ -104,8 +104,7 @@ func newNode(t testing.TB, stateDir string, o nodeOpts) *node {
 			for _, c := range cs {
 				keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 			}
-			_, err := n.nlm.DropHosts(ctx, dlm.Selector{Keys: keys}, dlm.Claim{})
-			return err
+			return n.nlm.Rebooted(ctx, dlm.Selector{Keys: keys})
 		}})
 	if err != nil {
 		t.Fatal(err)

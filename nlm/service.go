@@ -51,9 +51,6 @@ type Config struct {
 	// (LOCK, SHARE; not NM_LOCK) before it is served, so that the client's
 	// reboots are noticed and it is told of ours.
 	Monitor Monitor
-	// OnSMNotify, if set, handles statd's private SM_NOTIFY callback
-	// (procedure 16); by default the named host's state is dropped.
-	OnSMNotify func(ctx context.Context, st *SMStatus)
 	// UnprivilegedLocal accepts that callback from any local port; by
 	// default, as Linux lockd, only from a privileged one, so that an
 	// unprivileged local user cannot drop other clients' locks. For test
@@ -566,16 +563,45 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 		s.log.Warn("nlm: rejected SM_NOTIFY callback from an unprivileged port", "remote", req.Remote)
 		return res, nil
 	}
-	if s.cfg.OnSMNotify != nil {
-		s.cfg.OnSMNotify(ctx, &a)
-		return res, nil
-	}
 	name := string(a.MonName)
 	s.log.Info("nlm: client rebooted; dropping its locks", "mon_name", name, "state", a.State)
-	if _, err := s.DropHosts(ctx, dlm.Selector{Name: name}, dlm.Claim{}); err != nil {
+	if err := s.Rebooted(ctx, dlm.Selector{Name: name}); err != nil {
 		s.log.Warn("nlm: dropping a rebooted client's locks failed", "mon_name", name, "err", err)
 	}
 	return res, nil
+}
+
+// Rebooted is the one path of a client host's reboot, whoever noticed it
+// (the NSM service, or a local statd's private callback): the state of
+// the hosts sel selects is dropped on every virtual server they used, and
+// their virtual servers' grace periods stop waiting for them — they have
+// nothing left to reclaim. The drop needs no claim: it is right whoever
+// serves the records.
+func (s *Service) Rebooted(ctx context.Context, sel dlm.Selector) error {
+	_, err := s.DropHosts(ctx, sel, dlm.Claim{})
+	told := map[dlm.HostKey]bool{}
+	tell := func(vip, addr netip.Addr) {
+		k := dlm.HostKey{VIP: vip, Addr: addr}
+		if told[k] {
+			return
+		}
+		told[k] = true
+		if vs, ok := s.cfg.VirtualServers.Get(vip); ok {
+			vs.GraceRebooted(addr)
+		}
+	}
+	for k := range sel.Keys {
+		tell(k.VIP, k.Addr)
+	}
+	if len(sel.Keys) == 0 {
+		s.cfg.Backend.Hosts(func(h *dlm.Host) bool {
+			if sel.Match(h) {
+				tell(h.VIP, h.Addr)
+			}
+			return true
+		})
+	}
+	return err
 }
 
 func (s *Service) share(ctx context.Context, c *Call, a *ShareArgs, unshare bool) Stat {

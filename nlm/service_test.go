@@ -670,3 +670,47 @@ func TestInFlightRequestFencedByClaim(t *testing.T) {
 		t.Error("the release does not know the fenced client will resend")
 	}
 }
+
+// A reboot, noticed by the NSM service (host keys) or told by a local
+// statd (procedure 16, by name), drops the host's state and stops the
+// grace period waiting for it: one path for both.
+func TestRebootedEndsTheWait(t *testing.T) {
+	vip, a, b := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.10"), netip.MustParseAddr("127.0.0.11")
+	e := newEnv(t, func(_ *Config, v *virtualserver.Config) { v.Grace = time.Hour })
+	vs, _, err := e.reg.Begin(context.Background(), virtualserver.Spec{Addr: vip}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vs.BeginGrace(true, true, []netip.Addr{a, b})
+	vs.Serve()
+	ca := e.client(t, a.String(), vip.String(), sunrpc.UDP, Vers4)
+	r, err := ca.Lock(ctx(t), &LockArgs{Cookie: []byte("r"), Exclusive: true, Reclaim: true, Lock: lk("host-a", 1, 0, 10)})
+	if err != nil || r.Stat != Granted {
+		t.Fatalf("reclaim: %v %v", r.Stat, err)
+	}
+	if g := vs.Grace(); !g.Active || g.Pending != 2 {
+		t.Fatalf("grace before the reboots: %+v", g)
+	}
+	// host-b rebooted, as the NSM service saw it.
+	if err := e.svc.Rebooted(context.Background(), dlm.Selector{Keys: map[dlm.HostKey]bool{{VIP: vip, Name: "host-b", Addr: b}: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if g := vs.Grace(); g.Pending != 1 {
+		t.Fatalf("after host-b's reboot: %d pending, want 1", g.Pending)
+	}
+	// host-a rebooted, as a local statd tells lockd (procedure 16).
+	local := &sunrpc.Request{Vers: Vers4, Remote: netip.MustParseAddrPort("127.0.0.1:700"),
+		Args: (&SMStatus{MonName: []byte("host-a"), State: 3}).Append(nil)}
+	if _, err := e.svc.handleSMNotify(context.Background(), local, nil); err != nil {
+		t.Fatal(err)
+	}
+	if g := vs.Grace(); g.Active {
+		t.Fatalf("after both reboots the grace period still waits: %+v", g)
+	}
+	e.b.Hosts(func(h *dlm.Host) bool {
+		if h.Locks() != 0 {
+			t.Errorf("%v still holds %d locks", h.HostKey, h.Locks())
+		}
+		return true
+	})
+}

@@ -229,15 +229,7 @@ func (d *daemon) dropClients(ctx context.Context, clients []nsm.Client) error {
 	for _, c := range clients {
 		keys[dlm.HostKey{VIP: c.VIP, Name: c.Caller, Addr: c.Addr}] = true
 	}
-	_, err := d.svc.DropHosts(ctx, dlm.Selector{Keys: keys}, dlm.Claim{})
-	// A rebooted client has nothing left to reclaim: a grace period need
-	// not wait for it.
-	for _, c := range clients {
-		if vs, ok := d.registry.Get(c.VIP); ok {
-			vs.GraceRebooted(c.Addr)
-		}
-	}
-	return err
+	return d.svc.Rebooted(ctx, dlm.Selector{Keys: keys})
 }
 
 // reload applies a re-read configuration: virtual servers added to the
