@@ -94,6 +94,50 @@ func (h *Held) Lock() Lock {
 	return Lock{Owner: h.owner, Range: h.Range(), Exclusive: h.Exclusive(), Since: h.since, Epoch: h.epoch}
 }
 
+// Clone returns a deep copy of the state: an optimistic backend runs an
+// Update's function on a copy, and throws the copy away if the commit
+// fails. Owners and hosts are shared (they are interned); the copy's
+// waiters and pending grants are copies, with their Prev.
+func (s *State) Clone() *State {
+	c := &State{fh: s.fh, root: cloneTree(s.root)}
+	if m := s.more; m != nil {
+		cm := &fileMore{seq: m.seq}
+		for _, w := range m.waiters {
+			cm.waiters = append(cm.waiters, w.clone())
+		}
+		for _, p := range m.pending {
+			cm.pending = append(cm.pending, p.clone())
+		}
+		if m.pendingAt != nil {
+			cm.pendingAt = make(map[uint64]int, len(m.pendingAt))
+			for k, v := range m.pendingAt {
+				cm.pendingAt[k] = v
+			}
+		}
+		for _, sh := range m.shares {
+			x := *sh
+			cm.shares = append(cm.shares, &x)
+		}
+		c.more = cm
+	}
+	return c
+}
+
+func cloneTree(t *Held) *Held {
+	if t == nil {
+		return nil
+	}
+	c := *t
+	c.left, c.right = cloneTree(t.left), cloneTree(t.right)
+	return &c
+}
+
+func (w *Waiter) clone() *Waiter {
+	c := *w
+	c.Prev = slices.Clone(w.Prev)
+	return &c
+}
+
 // Len is the number of held lock ranges (it walks the tree).
 func (s *State) Len() int {
 	n := 0

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/dlm/dlmtest"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/virtualserver"
 )
@@ -37,7 +38,18 @@ func goroutinesWithin(t *testing.T, limit int, wait time.Duration) int {
 // callbacks are given up after their lifetime — not 2 000 goroutines each
 // asking the host's rpcbind, in waves.
 func TestGrantedFanOutBounded(t *testing.T) {
-	e := newEnv(t, fastCallbacks)
+	t.Run("memdlm", func(t *testing.T) { grantedFanOutBounded(t, false) })
+	// Every update run twice, the first thrown away: each grant is still
+	// called back once.
+	t.Run("retrying", func(t *testing.T) { grantedFanOutBounded(t, true) })
+}
+
+func grantedFanOutBounded(t *testing.T, retrying bool) {
+	e := newEnv(t, fastCallbacks, func(c *Config, _ *virtualserver.Config) {
+		if retrying {
+			c.Backend = dlmtest.Retrying(c.Backend)
+		}
+	})
 	holder := e.client(t, "127.0.0.10", "127.0.0.2", sunrpc.TCP, Vers4)
 	mustLock(t, holder, lk("holder", 1, 0, 10), true, false, Granted)
 	gone := e.client(t, "127.0.0.66", "127.0.0.2", sunrpc.UDP, Vers4)

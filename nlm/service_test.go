@@ -32,11 +32,12 @@ type envOpt func(*Config, *virtualserver.Config)
 func newEnv(t *testing.T, opts ...envOpt) *env {
 	t.Helper()
 	vcfg := virtualserver.Config{ServeUnknown: true}
-	cfg := Config{Backend: memdlm.New()}
+	inner := memdlm.New()
+	cfg := Config{Backend: inner}
 	for _, o := range opts {
-		o(&cfg, &vcfg)
+		o(&cfg, &vcfg) // may wrap the backend
 	}
-	e := &env{srv: &sunrpc.Server{}, b: cfg.Backend.(*memdlm.Backend)}
+	e := &env{srv: &sunrpc.Server{}, b: inner}
 	vcfg.Claims = cfg.Backend
 	e.reg = virtualserver.New(vcfg)
 	cfg.VirtualServers, cfg.RPC = e.reg, e.srv

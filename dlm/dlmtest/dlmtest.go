@@ -122,9 +122,9 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 		insert(b, "f2", ob, 0)
 		insert(b, "f3", oa, 0)
 		insert(b, "f3", ob, 5)
-		var seen []string
+		seen := map[string]bool{} // assigned, not appended: fn may run more than once
 		err := b.UpdateAll(context.Background(), dlm.Selector{VIP: vipA}, claimed(oa), func(f *dlm.File) error {
-			seen = append(seen, f.FH())
+			seen[f.FH()] = true
 			var victims []*dlm.Held
 			f.All(func(h *dlm.Held) bool {
 				if h.Owner().Host.VIP == vipA {
@@ -545,10 +545,12 @@ func counterSequence(b dlm.Backend, seed uint64) error {
 		var what string
 		var err error
 		edit := func(fn func(f *dlm.File) lockmgr.Result) {
+			var got []lockmgr.Grant // the last run's: fn may run more than once
 			err = b.Update(ctx, fh, c, func(f *dlm.File) error {
-				grants = append(grants, fn(f).Grants...)
+				got = fn(f).Grants
 				return nil
 			})
+			grants = append(grants, got...)
 		}
 		switch op := rng.IntN(10); {
 		case op < 4:
@@ -568,14 +570,17 @@ func counterSequence(b dlm.Backend, seed uint64) error {
 			g := grants[rng.IntN(len(grants))]
 			gc := dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: epochs[g.Waiter.Owner.Host.VIP]}
 			what = "settle or ungrant"
+			var got []lockmgr.Grant
+			settle := rng.IntN(2) == 0
 			err = b.Update(ctx, []byte(g.FH), gc, func(f *dlm.File) error {
-				if rng.IntN(2) == 0 {
+				if settle {
 					m.Settle(f, g.Waiter)
 				} else {
-					grants = append(grants, m.Ungrant(f, g.Waiter).Grants...)
+					got = m.Ungrant(f, g.Waiter).Grants
 				}
 				return nil
 			})
+			grants = append(grants, got...)
 		case op < 9:
 			what = "drop a host"
 			sel := dlm.Selector{Keys: map[dlm.HostKey]bool{o.Host.HostKey: true}}
