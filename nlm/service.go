@@ -678,19 +678,11 @@ func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector, c dlm.Claim) 
 	if sel.Below == 0 {
 		s.cb.cancelHosts(sel.Match)
 	}
-	// Per file, assigned rather than appended: a backend may run an
-	// update again, and only its last run counts.
-	grants := map[string][]lockmgr.Grant{}
 	hosts := map[string]map[*dlm.Host]bool{}
-	err := s.cfg.Backend.UpdateAll(ctx, sel, c, func(f *dlm.File) error {
-		hosts[f.FH()] = selectedHosts(f, &sel)
-		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
-		return nil
-	})
+	err := s.dropAll(ctx, sel, c, func(f *dlm.File) { hosts[f.FH()] = selectedHosts(f, &sel) })
 	seen := map[*dlm.Host]bool{}
-	for fh, g := range grants {
-		s.cb.grant(g)
-		for h := range hosts[fh] {
+	for _, hs := range hosts {
+		for h := range hs {
 			seen[h] = true
 		}
 	}

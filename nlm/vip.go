@@ -3,8 +3,9 @@ package nlm
 import (
 	"context"
 	"encoding/hex"
+	"maps"
 	"net/netip"
-	"sort"
+	"slices"
 	"time"
 
 	"github.com/nlmha/nlmha/dlm"
@@ -26,24 +27,29 @@ func (s *Service) ReleaseVIP(ctx context.Context, c dlm.Claim) (*dlm.Snapshot, e
 	sel := dlm.Selector{VIP: vip}
 	s.cb.cancelHosts(sel.Match)
 	files := map[string]dlm.SnapshotFile{}
+	err := s.dropAll(ctx, sel, c, func(f *dlm.File) { files[f.FH()] = dlm.CaptureFile(f, sel) })
+	snap := &dlm.Snapshot{VIP: vip, Epoch: c.Epoch, Taken: time.Now()}
+	for _, fh := range slices.Sorted(maps.Keys(files)) {
+		snap.Files = append(snap.Files, files[fh])
+	}
+	return snap, err
+}
+
+// dropAll drops what sel selects, under claim c, file by file; each file
+// goes through before first (while it still has the records), and what
+// the drops make grantable is granted. A backend may run the per-file
+// function more than once: before must assign, not append.
+func (s *Service) dropAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, before func(f *dlm.File)) error {
 	grants := map[string][]lockmgr.Grant{}
 	err := s.cfg.Backend.UpdateAll(ctx, sel, c, func(f *dlm.File) error {
-		// A backend may run this again on conflict: the last run counts.
-		files[f.FH()] = dlm.CaptureFile(f, sel)
+		before(f)
 		grants[f.FH()] = s.mgr.Drop(f, &sel).Grants
 		return nil
 	})
-	snap := &dlm.Snapshot{VIP: vip, Epoch: c.Epoch, Taken: time.Now()}
-	fhs := make([]string, 0, len(files))
-	for fh := range files {
-		fhs = append(fhs, fh)
-	}
-	sort.Strings(fhs)
-	for _, fh := range fhs {
-		snap.Files = append(snap.Files, files[fh])
+	for _, fh := range slices.Sorted(maps.Keys(grants)) {
 		s.cb.grant(grants[fh])
 	}
-	return snap, err
+	return err
 }
 
 // InstallResult counts what InstallSnapshot restored.
