@@ -23,6 +23,7 @@ import (
 
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/sunrpc/xdr"
 	"github.com/nlmha/nlmha/virtualserver"
@@ -551,7 +552,7 @@ func (s *Service) handleGrantedRes(_ context.Context, req *sunrpc.Request, res [
 // monitored host reboots. Like Linux lockd, only loopback callers from a
 // privileged port count.
 func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
-	var a SMStatus
+	var a nsm.Status // sm_status, the NSM's wire type: its one definition
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.Decode(d) }); err != nil {
 		return nil, err
 	}
@@ -563,7 +564,7 @@ func (s *Service) handleSMNotify(ctx context.Context, req *sunrpc.Request, res [
 		s.log.Warn("nlm: rejected SM_NOTIFY callback from an unprivileged port", "remote", req.Remote)
 		return res, nil
 	}
-	name := string(a.MonName)
+	name := a.MonName
 	s.log.Info("nlm: client rebooted; dropping its locks", "mon_name", name, "state", a.State)
 	if err := s.Rebooted(ctx, dlm.Selector{Name: name}); err != nil {
 		s.log.Warn("nlm: dropping a rebooted client's locks failed", "mon_name", name, "err", err)

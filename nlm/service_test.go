@@ -14,6 +14,7 @@ import (
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/sunrpc"
 	"github.com/nlmha/nlmha/sunrpc/xdr"
 	"github.com/nlmha/nlmha/virtualserver"
@@ -411,7 +412,7 @@ func TestSMNotifyCallback(t *testing.T) {
 	mustLock(t, c, lk("rebooter", 1, 0, 10), true, false, Granted)
 
 	remote := &sunrpc.Request{Vers: Vers4, Remote: netip.MustParseAddrPort("192.0.2.7:700"),
-		Args: (&SMStatus{MonName: []byte("rebooter"), State: 5}).Append(nil)}
+		Args: (&nsm.Status{MonName: "rebooter", State: 5}).Append(nil)}
 	if _, err := e.svc.handleSMNotify(context.Background(), remote, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -421,14 +422,14 @@ func TestSMNotifyCallback(t *testing.T) {
 	}
 	// From loopback but an unprivileged port: any local user could send
 	// it. Refused, as Linux lockd does.
-	if err := c.Msg(ctx(t), ProcSMNotify, (&SMStatus{MonName: []byte("127.0.0.10"), State: 5}).Append(nil)); err != nil {
+	if err := c.Msg(ctx(t), ProcSMNotify, (&nsm.Status{MonName: "127.0.0.10", State: 5}).Append(nil)); err != nil {
 		t.Fatal(err)
 	}
 	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Denied {
 		t.Fatal("an SM_NOTIFY callback from an unprivileged local port was obeyed")
 	}
 	local := &sunrpc.Request{Vers: Vers4, Remote: netip.MustParseAddrPort("127.0.0.1:40000"),
-		Args: (&SMStatus{MonName: []byte("127.0.0.10"), State: 5}).Append(nil)}
+		Args: (&nsm.Status{MonName: "127.0.0.10", State: 5}).Append(nil)}
 	e.svc.handleSMNotify(context.Background(), local, nil)
 	if r := mustTest(t, other, lk("x", 1, 0, 10), true); r.Stat != Denied {
 		t.Fatal("an SM_NOTIFY callback from an unprivileged local port was obeyed")
@@ -701,7 +702,7 @@ func TestRebootedEndsTheWait(t *testing.T) {
 	}
 	// host-a rebooted, as a local statd tells lockd (procedure 16).
 	local := &sunrpc.Request{Vers: Vers4, Remote: netip.MustParseAddrPort("127.0.0.1:700"),
-		Args: (&SMStatus{MonName: []byte("host-a"), State: 3}).Append(nil)}
+		Args: (&nsm.Status{MonName: "host-a", State: 3}).Append(nil)}
 	if _, err := e.svc.handleSMNotify(context.Background(), local, nil); err != nil {
 		t.Fatal(err)
 	}

@@ -45,7 +45,6 @@ const (
 	MaxNetobj   = 1024 // MAXNETOBJ_SZ: cookies, file and owner handles
 	MaxStrLen   = 1024 // LM_MAXSTRLEN: caller_name
 	MaxNameLen  = 1025 // LM_MAXNAMELEN: nlm_notify name
-	SMPrivSize  = 16   // SM_PRIV_SIZE
 	Offset32Max = 1<<32 - 1
 	// Offset64Max is the largest byte offset of NLM4 (and Linux's
 	// NLM4_OFFSET_MAX): offsets and ends beyond it are NLM4_FBIG.
@@ -183,14 +182,6 @@ type ShareRes struct {
 type Notify struct {
 	Name  []byte
 	State int32
-}
-
-// SMStatus is the argument of the private SM_NOTIFY callback (procedure
-// 16) that a statd makes when a monitored host reboots.
-type SMStatus struct {
-	MonName []byte
-	State   int32
-	Priv    [SMPrivSize]byte
 }
 
 func offsetWidth(vers uint32) bool { return vers == Vers4 }
@@ -369,18 +360,4 @@ func (n *Notify) Decode(d *xdr.Decoder) {
 // Append encodes n.
 func (n *Notify) Append(b []byte) []byte {
 	return xdr.AppendInt32(xdr.AppendOpaque(b, n.Name), n.State)
-}
-
-// Decode decodes s from d.
-func (s *SMStatus) Decode(d *xdr.Decoder) {
-	s.MonName = d.Opaque(MaxStrLen)
-	s.State = d.Int32()
-	copy(s.Priv[:], d.FixedOpaque(SMPrivSize))
-}
-
-// Append encodes s.
-func (s *SMStatus) Append(b []byte) []byte {
-	b = xdr.AppendOpaque(b, s.MonName)
-	b = xdr.AppendInt32(b, s.State)
-	return xdr.AppendFixedOpaque(b, s.Priv[:])
 }

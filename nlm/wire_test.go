@@ -88,8 +88,6 @@ func TestSmallStructsGolden(t *testing.T) {
 		{"res", (&Res{Cookie: []byte("ck"), Stat: StaleFH}).Append(nil), "00000002 636b0000 00000007"},
 		{"shareres", (&ShareRes{Cookie: nil, Stat: Granted, Sequence: -1}).Append(nil), "00000000 00000000 ffffffff"},
 		{"notify", (&Notify{Name: []byte("host"), State: 5}).Append(nil), "00000004 686f7374 00000005"},
-		{"smstatus", (&SMStatus{MonName: []byte("a"), State: 3, Priv: [16]byte{15: 9}}).Append(nil),
-			"00000001 61000000 00000003 00000000 00000000 00000000 00000009"},
 		{"shareargs", (&ShareArgs{Cookie: []byte{}, Share: Share{CallerName: []byte("c"), FH: []byte{1}, OH: []byte{2}, Mode: 2, Access: 1}, Reclaim: true}).Append(nil),
 			"00000000 00000001 63000000 00000001 01000000 00000001 02000000 00000002 00000001 00000001"},
 	}
@@ -228,12 +226,6 @@ type rShareRes struct {
 type rNotify struct {
 	Name  string
 	State int32
-}
-
-type rSMStatus struct {
-	MonName string
-	State   int32
-	Priv    [16]byte
 }
 
 func lock4(l rLock4) Lock {
@@ -440,15 +432,6 @@ func FuzzNotify(f *testing.F) {
 		differential(t, b, func(d *xdr.Decoder) (n Notify) { n.Decode(d); return },
 			func(n Notify) []byte { return n.Append(nil) },
 			func(r rNotify) Notify { return Notify{Name: []byte(r.Name), State: r.State} })
-	})
-}
-
-func FuzzSMStatus(f *testing.F) {
-	f.Add((&SMStatus{MonName: []byte("10.0.0.9"), State: 5, Priv: [16]byte{1, 2, 3}}).Append(nil))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		differential(t, b, func(d *xdr.Decoder) (s SMStatus) { s.Decode(d); return },
-			func(s SMStatus) []byte { return s.Append(nil) },
-			func(r rSMStatus) SMStatus { return SMStatus{MonName: []byte(r.MonName), State: r.State, Priv: r.Priv} })
 	})
 }
 

@@ -586,7 +586,7 @@ func runRPC(args []string) (any, error) {
 	decodeState := func(d *xdr.Decoder) { res.State = intp(int(d.Int32())) }
 	switch *op {
 	case "nlm-smnotify":
-		st := nlm.SMStatus{MonName: []byte(*monName), State: int32(*state)}
+		st := nsm.Status{MonName: *monName, State: int32(*state)}
 		call.prog, call.vers, call.proc, call.args = nlm.Prog, uint32(*nlmVers), nlm.ProcSMNotify, st.Append(nil)
 	case "sm-stat":
 		call.prog, call.vers, call.proc, call.args, call.decode = nsm.Prog, nsm.Vers, nsm.ProcStat, xdr.AppendString(nil, *monName), decodeStat
