@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -529,14 +530,24 @@ func TestPlannedMoveDuringGrace(t *testing.T) {
 		t.Fatalf("TEST of c1's range in the handed-over grace period: %v", r.Stat)
 	}
 	// c1's statd is back: the new owner notifies it (same state number as
-	// B's notification) and its reclaim is granted.
+	// B's notification) and its reclaim is granted. (c2 may be told once
+	// more: a release leaves the answered clients it had not filed yet in
+	// the notify list rather than hold itself up, see nsm's job.finish.)
 	peers.Reset()
 	peers.SetDead(c1.addr, false)
-	if err := peers.WaitNotified(1, 5*time.Second); err != nil {
-		t.Fatal("c1 not notified by the new owner")
-	}
-	if n := peers.Notifications()[0]; n.To != c1.addr || n.From.Addr() != vipX || n.State != 3 {
-		t.Fatalf("notification: %+v", n)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		i := slices.IndexFunc(peers.Notifications(), func(n nsmtest.Notification) bool { return n.To == c1.addr })
+		if i >= 0 {
+			if n := peers.Notifications()[i]; n.From.Addr() != vipX || n.State != 3 {
+				t.Fatalf("notification: %+v", n)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("c1 not notified by the new owner: %+v", peers.Notifications())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if st := c1.lock(c, vipX, "f1", 1, 0, 100, true, false, true); st != nlm.Granted {
 		t.Fatalf("c1's reclaim on the new owner: %v", st)
@@ -545,7 +556,7 @@ func TestPlannedMoveDuringGrace(t *testing.T) {
 		t.Fatalf("c2 after c1's reclaim: %v", st)
 	}
 	vs, _ := c.reg.Get(vipX)
-	deadline := time.Now().Add(5 * time.Second)
+	deadline = time.Now().Add(5 * time.Second)
 	for vs.InGrace(time.Now()) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
