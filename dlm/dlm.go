@@ -76,7 +76,10 @@ type OwnerKey struct {
 
 // Host is an interned client host: backends hand out one *Host per
 // HostKey, so owners compare by pointer. Its counters cover every file of
-// the backend and move when an Update commits.
+// the backend and are the backend's to keep: they move when an Update or
+// UpdateAll commits, whichever node made it (a shared backend derives
+// them from the shared state), and the lock manager's limits and NSM
+// pruning trust them (contract case Counters).
 type Host struct {
 	HostKey
 	id      uint32
