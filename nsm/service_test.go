@@ -339,6 +339,10 @@ func TestNotifiedClientsStayMonitored(t *testing.T) {
 		a.peers.SetDead(clientAddr(i), true)
 	}
 	b := startNode(t, nodeOpts{dir: dir, peers: a.peers, grace: time.Hour})
+	// The records load after the start, and bump the generation once
+	// installed: count from there.
+	b.svc.startedVIP(vip2)
+	b.svc.startedVIP(vip3)
 	gen := b.svc.Generation()
 	for i := range 3 {
 		if err := b.svc.Monitor(ctx, vip2, "c", clientAddr(i)); err != nil {
