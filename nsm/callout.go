@@ -95,3 +95,9 @@ func (c *callout) close() {
 		c.cancel()
 	})
 }
+
+func (s *Service) runCallout(args ...string) {
+	if s.callout != nil {
+		s.callout.run(args...)
+	}
+}

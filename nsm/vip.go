@@ -1,0 +1,172 @@
+package nsm
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// vip is the NSM state of one virtual server.
+type vip struct {
+	vs    *virtualserver.Server
+	st    *store
+	ready chan struct{} // closed once started; err tells how
+	err   error
+
+	// io is held shared by record writes and exclusively by a restart, so
+	// that no write lands in sm/ while the records are being retired.
+	io sync.RWMutex
+
+	// fmu orders the file moves of notified clients' records (see acked)
+	// and the writes of the reboot journal. Lock order: io, fmu, mu.
+	fmu          sync.Mutex
+	journalLines int // lines in the reboot journal
+
+	// detached is set, under io held exclusively, when the virtual server
+	// leaves this node: no writer touches its directory after that (the
+	// next owner may be writing it already).
+	detached bool
+
+	mu    sync.Mutex
+	state int32
+	recs  map[string]*entry
+	// byName and byAddr index recs by the names and addresses a reboot
+	// notification may give (see Record.matches).
+	byName  map[string][]*entry
+	byAddr  map[netip.Addr][]*entry
+	writing map[string]chan struct{}
+	// pending are the client records still in notify/, by file name: their
+	// clients count as monitored (a crash notifies them again) and, once
+	// they answer, their records move back to sm/ (see acked).
+	pending map[string]*entry
+	// toNotify is the notification a start prepared and Notify launches.
+	toNotify *prepared
+	job      *job
+	stop     context.CancelFunc
+	jobDone  chan struct{}
+}
+
+type entry struct {
+	rec *Record
+	// doomed marks a client record found idle by one Prune; the next
+	// Prune removes it unless the client was monitored again in between.
+	doomed bool
+	// file is the record's file in notify/ while its client waits to be
+	// notified (it is pending: v.pending[file] is this entry).
+	file string
+}
+
+func (v *vip) currentState() int32 {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.state
+}
+
+// setRecs installs the records and indexes them; v.mu is held (or v is
+// not shared yet).
+func (v *vip) setRecs(recs map[string]*entry) {
+	v.recs = recs
+	v.byName, v.byAddr = map[string][]*entry{}, map[netip.Addr][]*entry{}
+	for _, e := range recs {
+		v.index(e)
+	}
+}
+
+// putRec adds a record; v.mu is held.
+func (v *vip) putRec(key string, e *entry) {
+	v.recs[key] = e
+	v.index(e)
+}
+
+// delRec removes a record; v.mu is held.
+func (v *vip) delRec(key string) {
+	e := v.recs[key]
+	if e == nil {
+		return
+	}
+	delete(v.recs, key)
+	drop := func(l []*entry) []*entry { return slices.DeleteFunc(l, func(x *entry) bool { return x == e }) }
+	for _, n := range e.names() {
+		if l := drop(v.byName[n]); len(l) > 0 {
+			v.byName[n] = l
+		} else {
+			delete(v.byName, n)
+		}
+	}
+	for _, a := range e.rec.Addrs {
+		a = a.Unmap()
+		if l := drop(v.byAddr[a]); len(l) > 0 {
+			v.byAddr[a] = l
+		} else {
+			delete(v.byAddr, a)
+		}
+	}
+}
+
+func (v *vip) index(e *entry) {
+	for _, n := range e.names() {
+		v.byName[n] = append(v.byName[n], e)
+	}
+	for _, a := range e.rec.Addrs {
+		v.byAddr[a.Unmap()] = append(v.byAddr[a.Unmap()], e)
+	}
+}
+
+// names are the names a notification may call the record's host by, but
+// for a mon_name that is one of its addresses (a client's always is): that
+// one is found through byAddr (see matching).
+func (e *entry) names() []string {
+	var out []string
+	if a, err := netip.ParseAddr(e.rec.MonName); err != nil || !slices.ContainsFunc(e.rec.Addrs, func(x netip.Addr) bool { return x.Unmap() == a.Unmap() }) {
+		out = append(out, e.rec.MonName)
+	}
+	if e.rec.Caller != "" && e.rec.Caller != e.rec.MonName {
+		out = append(out, e.rec.Caller)
+	}
+	return out
+}
+
+// matching returns the records a notification from sender naming monName
+// is about (Record.matches), each once; v.mu is held.
+func (v *vip) matching(monName string, sender netip.Addr) []*entry {
+	var out []*entry
+	add := func(l []*entry) {
+		for _, e := range l {
+			if !slices.Contains(out, e) {
+				out = append(out, e)
+			}
+		}
+	}
+	if monName != "" {
+		add(v.byName[monName])
+		if a, err := netip.ParseAddr(monName); err == nil {
+			add(v.byAddr[a.Unmap()])
+		}
+	}
+	add(v.byAddr[sender.Unmap()])
+	return out
+}
+
+// load reads a list, setting damaged records aside.
+func (s *Service) load(v *vip, sub string) []loaded {
+	list, bad := v.st.load(sub)
+	for _, b := range bad {
+		s.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
+		if b.path != "" {
+			s.quarantine(b.path)
+		}
+	}
+	return list
+}
+
+// quarantine renames a damaged record file so that it is reported once
+// and kept for inspection.
+func (s *Service) quarantine(path string) {
+	if err := os.Rename(path, path+".damaged"); err != nil {
+		s.log.Warn("nsm: cannot set a damaged record aside", "path", path, "err", err)
+	}
+}
