@@ -63,7 +63,7 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 	// first: the notification starts from the list's names).
 	rm := newAcker(func(files []string) {
 		<-v.ready
-		s.acked(v, files)
+		v.acked(files)
 	})
 	j.acked = rm.add
 	vs := v.vs
@@ -117,7 +117,7 @@ func keepPending(list []loaded, recs, pending map[string]*entry) {
 // still monitored has its record moved back to sm/; any other file is
 // removed. A move or removal lost in a crash only means one more
 // notification next time, so directories are not synced for each.
-func (s *Service) acked(v *vip, files []string) {
+func (v *vip) acked(files []string) {
 	v.fmu.Lock()
 	defer v.fmu.Unlock()
 	for _, f := range files {
@@ -128,18 +128,18 @@ func (s *Service) acked(v *vip, files []string) {
 		v.mu.Unlock()
 		if keep {
 			if err := os.Rename(v.st.path(notifyDir, f), v.st.path(smDir, f)); err != nil {
-				s.log.Warn("nsm: moving a notified client's record back to the monitor list", "vip", v.vs.Addr(), "file", f, "err", err)
+				v.log.Warn("nsm: moving a notified client's record back to the monitor list", "vip", v.vs.Addr(), "file", f, "err", err)
 			}
 			continue
 		}
-		s.unlinkNotify(v, f)
+		v.unlinkNotify(f)
 	}
 }
 
 // unlinkNotify removes a file of the notify list that is done with.
-func (s *Service) unlinkNotify(v *vip, f string) {
+func (v *vip) unlinkNotify(f string) {
 	if err := os.Remove(v.st.path(notifyDir, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Warn("nsm: removing a record from the notify list", "vip", v.vs.Addr(), "file", f, "err", err)
+		v.log.Warn("nsm: removing a record from the notify list", "vip", v.vs.Addr(), "file", f, "err", err)
 	}
 }
 

@@ -180,7 +180,7 @@ func (s *Service) rebooted(ctx context.Context, batch []*rebootNote) {
 		s.logReboot(n)
 	}
 	for v, recs := range changed {
-		s.persist(v, recs)
+		v.persist(recs)
 	}
 	if len(clients) > 0 && s.cfg.OnReboot != nil {
 		if err := s.cfg.OnReboot(ctx, clients); err != nil {
@@ -227,7 +227,7 @@ func (s *Service) logReboot(n *rebootNote) {
 // persist records the peers' new states in the reboot journal: one
 // write and one fsync, however many records. Nothing is written once the
 // virtual server has left this node.
-func (s *Service) persist(v *vip, recs map[*entry]*Record) {
+func (v *vip) persist(recs map[*entry]*Record) {
 	v.io.RLock()
 	defer v.io.RUnlock()
 	if v.detached {
@@ -240,7 +240,7 @@ func (s *Service) persist(v *vip, recs map[*entry]*Record) {
 		states[r.fileName()] = r.LastState
 	}
 	if err := v.st.appendStates(states); err != nil {
-		s.log.Warn("nsm: recording rebooted peers' new state", "vip", v.vs.Addr(), "records", len(states), "err", err)
+		v.log.Warn("nsm: recording rebooted peers' new state", "vip", v.vs.Addr(), "records", len(states), "err", err)
 		return
 	}
 	v.journalLines += len(states)
@@ -248,14 +248,14 @@ func (s *Service) persist(v *vip, recs map[*entry]*Record) {
 	live := len(v.recs)
 	v.mu.Unlock()
 	if v.journalLines > 2*live+256 {
-		s.foldJournal(v)
+		v.foldJournal()
 	}
 }
 
 // foldJournal rewrites the reboot journal with the states of the records
 // there are: it grew past them (records pruned, states superseded). v.fmu
 // is held (or v is not shared yet).
-func (s *Service) foldJournal(v *vip) {
+func (v *vip) foldJournal() {
 	states := map[string]int32{}
 	v.mu.Lock()
 	for _, e := range v.recs {
@@ -265,17 +265,17 @@ func (s *Service) foldJournal(v *vip) {
 	}
 	v.mu.Unlock()
 	if err := v.st.writeStates(states); err != nil {
-		s.log.Warn("nsm: folding the reboot journal", "vip", v.vs.Addr(), "err", err)
+		v.log.Warn("nsm: folding the reboot journal", "vip", v.vs.Addr(), "err", err)
 		return
 	}
 	v.journalLines = len(states)
 }
 
 // loadStates gives loaded records the states of the reboot journal.
-func (s *Service) loadStates(v *vip, lists ...[]loaded) {
+func (v *vip) loadStates(lists ...[]loaded) {
 	states, lines, err := v.st.readStates()
 	if err != nil {
-		s.log.Warn("nsm: cannot read the reboot journal; repeated notifications may drop state again", "vip", v.vs.Addr(), "err", err)
+		v.log.Warn("nsm: cannot read the reboot journal; repeated notifications may drop state again", "vip", v.vs.Addr(), "err", err)
 		return
 	}
 	for _, l := range lists {

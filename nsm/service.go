@@ -189,7 +189,7 @@ type Started struct {
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
-	v := &vip{vs: vs, ready: make(chan struct{})}
+	v := &vip{vs: vs, log: s.log, ready: make(chan struct{})}
 	s.mu.Lock()
 	s.vips[a] = v
 	s.mu.Unlock()
@@ -286,9 +286,9 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	defer v.io.Unlock()
 	var state int32
 	if mode == Adopt {
-		state, err = s.adoptState(v)
+		state, err = v.adoptState()
 	} else {
-		state, err = s.restartState(v)
+		state, err = v.restartState()
 	}
 	if err != nil {
 		return Started{}, nil, err
@@ -297,7 +297,7 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	if err != nil {
 		return Started{}, nil, err
 	}
-	targets := s.targetsOf(v, names)
+	targets := v.targetsOf(names)
 	if mode == Restart || len(targets) > 0 {
 		s.prepare(v, state, targets)
 	}
@@ -316,7 +316,7 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 // targetsOf returns who a notify list names are to be notified: a client
 // by the address its file's name carries (no need to read it), any other
 // record read now (SM_MON records, a handful).
-func (s *Service) targetsOf(v *vip, names []string) []loaded {
+func (v *vip) targetsOf(names []string) []loaded {
 	out := make([]loaded, 0, len(names))
 	var others []string
 	for _, n := range names {
@@ -327,7 +327,7 @@ func (s *Service) targetsOf(v *vip, names []string) []loaded {
 		}
 	}
 	if len(others) > 0 {
-		for _, l := range s.load(v, notifyDir) {
+		for _, l := range v.load(notifyDir) {
 			if slices.Contains(others, l.file) {
 				out = append(out, l)
 			}
@@ -375,7 +375,7 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 		stop()
 		<-done
 	}
-	state, err := s.restartState(v)
+	state, err := v.restartState()
 	if err != nil {
 		return Started{}, err
 	}
@@ -389,10 +389,10 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 
 // restartState bumps the state number and retires the monitor list to
 // the notify list; v.io is held.
-func (s *Service) restartState(v *vip) (int32, error) {
+func (v *vip) restartState() (int32, error) {
 	prev, rerr := v.st.readState()
 	if rerr != nil {
-		s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
+		v.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
 	}
 	state := nextState(prev, rerr, time.Now())
 	if err := v.st.writeState(state); err != nil {
@@ -406,21 +406,21 @@ func (s *Service) restartState(v *vip) (int32, error) {
 
 // restartLists loads the notify list after a restart; v.io is held.
 func (s *Service) restartLists(v *vip, state int32) []loaded {
-	list := s.load(v, notifyDir)
-	s.loadStates(v, list)
+	list := v.load(notifyDir)
+	v.loadStates(list)
 	s.setLists(v, state, map[string]*entry{}, list)
-	s.foldJournal(v)
+	v.foldJournal()
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
 	return list
 }
 
 // adoptState carries the state number on (a damaged or missing one starts
 // from the clock); v.io is held.
-func (s *Service) adoptState(v *vip) (int32, error) {
+func (v *vip) adoptState() (int32, error) {
 	state, rerr := v.st.readState()
 	if rerr != nil || state == 0 {
 		if rerr != nil {
-			s.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
+			v.log.Warn("nsm: damaged state number; starting from the clock", "vip", v.vs.Addr(), "err", rerr)
 		}
 		state = nextState(state, rerr, time.Now())
 		if err := v.st.writeState(state); err != nil {
@@ -434,15 +434,15 @@ func (s *Service) adoptState(v *vip) (int32, error) {
 // held.
 func (s *Service) adoptLists(v *vip, state int32) {
 	recs := map[string]*entry{}
-	sm := s.load(v, smDir)
-	list := s.load(v, notifyDir)
-	s.loadStates(v, sm, list)
+	sm := v.load(smDir)
+	list := v.load(notifyDir)
+	v.loadStates(sm, list)
 	for _, l := range sm {
 		recs[l.rec.key()] = &entry{rec: l.rec}
 	}
 	s.setLists(v, state, recs, list)
 	if v.journalLines > len(recs)+len(list) {
-		s.foldJournal(v)
+		v.foldJournal()
 	}
 	s.log.Info("nsm: virtual server adopted", "vip", v.vs.Addr(), "state", state, "monitored", len(recs), "to_notify", len(list))
 }

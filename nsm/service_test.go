@@ -1025,7 +1025,7 @@ func TestDetachFencesWriters(t *testing.T) {
 	v.mu.Unlock()
 	r := *e.rec
 	r.LastState = 77
-	n.svc.persist(v, map[*entry]*Record{e: &r})
+	v.persist(map[*entry]*Record{e: &r})
 	// ... and a new client monitored through it.
 	if err := n.svc.add(ctx, v, clientKey("two", clientAddr(2)), func() *Record {
 		return clientRecord(Client{VIP: vip2, Caller: "two", Addr: clientAddr(2)}, "127.0.0.2", time.Now())

@@ -2,6 +2,7 @@ package nsm
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"os"
 	"slices"
@@ -14,6 +15,7 @@ import (
 type vip struct {
 	vs    *virtualserver.Server
 	st    *store
+	log   *slog.Logger  // the service's
 	ready chan struct{} // closed once started; err tells how
 	err   error
 
@@ -152,12 +154,12 @@ func (v *vip) matching(monName string, sender netip.Addr) []*entry {
 }
 
 // load reads a list, setting damaged records aside.
-func (s *Service) load(v *vip, sub string) []loaded {
+func (v *vip) load(sub string) []loaded {
 	list, bad := v.st.load(sub)
 	for _, b := range bad {
-		s.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
+		v.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
 		if b.path != "" {
-			s.quarantine(b.path)
+			v.quarantine(b.path)
 		}
 	}
 	return list
@@ -165,8 +167,8 @@ func (s *Service) load(v *vip, sub string) []loaded {
 
 // quarantine renames a damaged record file so that it is reported once
 // and kept for inspection.
-func (s *Service) quarantine(path string) {
+func (v *vip) quarantine(path string) {
 	if err := os.Rename(path, path+".damaged"); err != nil {
-		s.log.Warn("nsm: cannot set a damaged record aside", "path", path, "err", err)
+		v.log.Warn("nsm: cannot set a damaged record aside", "path", path, "err", err)
 	}
 }
