@@ -1,7 +1,6 @@
 package nsm
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -74,65 +73,33 @@ type Progress struct {
 // Pending is the number of peers still being notified.
 func (p Progress) Pending() int { return p.Total - p.Done - p.Failed }
 
-// target is one peer being notified.
-type target struct {
-	file    string
-	rec     *Record
-	addr    netip.Addr
-	port    uint16 // the peer's statd; 0: ask its portmapper
-	lookup  bool   // the call in flight asks the portmapper
-	xid     uint32 // 0: no call in flight
-	peer    netip.AddrPort
-	timeout time.Duration
-	due     time.Time
-	sends   int
-	fresh   bool // counts against the window
-	idx     int  // in the heap; -1 when not queued
-	over    bool
-}
-
-// targetHeap orders targets by due time.
-type targetHeap []*target
-
-func (h targetHeap) Len() int           { return len(h) }
-func (h targetHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
-func (h targetHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i]; h[i].idx = i; h[j].idx = j }
-func (h *targetHeap) Push(x any)        { t := x.(*target); t.idx = len(*h); *h = append(*h, t) }
-func (h *targetHeap) Pop() any {
-	old := *h
-	t := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	t.idx = -1
-	return t
-}
-
+// delivery is a reply to call xid of target t (a portmapper query, or
+// SM_NOTIFY).
 type delivery struct {
-	t   *target
-	xid uint32
-	msg []byte
+	t     int
+	xid   uint32
+	query bool
+	v6    bool
+	msg   []byte
 }
 
 // job notifies one virtual server's peers: a single goroutine, an event
-// loop over a heap of retransmission deadlines, so that ten thousand
-// peers cost ten thousand small structs rather than goroutines, and each
-// reply is matched by the RPC server's socket reader.
+// loop that drives the notification's schedule (fanout) with the clock,
+// the socket and the replies, so that ten thousand peers cost ten
+// thousand small structs rather than goroutines, and each reply is
+// matched by the RPC server's socket reader.
 type job struct {
-	cfg     NotifyConfig
 	rpc     *sunrpc.Server
 	from    netip.AddrPort
-	args    []byte // the encoded stat_chge, the same for every peer
-	targets []*target
-	queue   targetHeap
+	args    []byte   // the encoded stat_chge, the same for every peer
+	targets []loaded // the peers: the schedule's targets by index
+	fan     *fanout
 	// inbox takes replies from the socket reader without ever blocking
 	// it or losing one (a lost reply costs its peer a retransmission
 	// timeout): a list under a lock, and a doorbell.
 	inboxMu sync.Mutex
 	inbox   []delivery
 	bell    chan struct{}
-	xid     uint32
-	fresh   int
-	left    int
 	sendBuf []byte // the call being sent; SendPacket does not keep it
 	// acked hears of each peer whose statd answered (its file in notify/).
 	// Until every peer has had its first SM_NOTIFY and the window is empty
@@ -157,19 +124,19 @@ type job struct {
 func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName string, state int32, recs []loaded, now time.Time) *job {
 	c := StatChge{MonName: monName, State: state}
 	j := &job{
-		cfg: cfg, rpc: rpc, from: from, args: c.Append(nil),
+		rpc: rpc, from: from, args: c.Append(nil),
 		bell:    make(chan struct{}, 1),
 		outcome: map[netip.Addr]bool{},
-		xid:     rand.Uint32(),
 		prog:    Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
 	}
-	// One allocation for all targets, not one each.
-	ts := make([]target, len(recs))
-	j.targets = make([]*target, len(recs))
+	j.targets = recs
+	addrs := make([]netip.Addr, len(recs))
 	for i, l := range recs {
-		ts[i] = target{file: l.file, rec: l.rec, idx: -1}
-		j.targets[i] = &ts[i]
+		if len(l.rec.Addrs) > 0 {
+			addrs[i] = l.rec.Addrs[0]
+		}
 	}
+	j.fan = newFanout(cfg, from.Addr(), addrs, rand.Uint32())
 	return j
 }
 
@@ -200,51 +167,17 @@ func (j *job) progress() Progress {
 	return j.prog
 }
 
-func (j *job) nextXID() uint32 {
-	j.xid++
-	if j.xid == 0 {
-		j.xid++
-	}
-	return j.xid
-}
-
 // run notifies every target until each answered or was given up, or ctx
 // ends. It returns when the last one is settled.
 func (j *job) run(ctx context.Context) {
 	defer func() { j.finish(ctx.Err() != nil) }()
-	j.left = len(j.targets)
 	j.holding = true
-	start := time.Now()
-	var deadline time.Time
-	if j.cfg.GiveUp > 0 {
-		deadline = start.Add(j.cfg.GiveUp)
-	}
+	j.fan.Start(time.Now())
+	j.apply()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	next := 0
-	for {
-		now := time.Now()
-		for j.fresh < j.cfg.Window && next < len(j.targets) {
-			j.begin(j.targets[next], now)
-			next++
-		}
-		if j.holding && next == len(j.targets) && j.fresh == 0 {
-			j.release()
-		}
-		if j.left == 0 {
-			return
-		}
-		if !deadline.IsZero() && !now.Before(deadline) {
-			for _, t := range j.targets {
-				j.fail(t, "gave up")
-			}
-			return
-		}
-		wake := deadline
-		if len(j.queue) > 0 && (wake.IsZero() || j.queue[0].due.Before(wake)) {
-			wake = j.queue[0].due
-		}
-		timer.Reset(max(0, wake.Sub(now)))
+	for !j.fan.Over() {
+		timer.Reset(max(0, time.Until(j.fan.Next())))
 		select {
 		case <-j.bell:
 			j.inboxMu.Lock()
@@ -259,9 +192,25 @@ func (j *job) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
-		now = time.Now()
-		for len(j.queue) > 0 && !j.queue[0].due.After(now) {
-			j.expire(heap.Pop(&j.queue).(*target), now)
+		j.fan.Tick(time.Now())
+		j.apply()
+	}
+}
+
+// apply does what the schedule asks for, in order.
+func (j *job) apply() {
+	for _, a := range j.fan.Actions() {
+		switch a.kind {
+		case actQuery, actNotify:
+			j.send(a)
+		case actEndCall:
+			j.rpc.ForgetReply(a.peer, a.xid)
+		case actDone:
+			j.done(&j.targets[a.target])
+		case actFailed:
+			j.fail(&j.targets[a.target], a.why)
+		case actFirstPass:
+			j.release()
 		}
 	}
 }
@@ -288,55 +237,22 @@ func (j *job) finish(stopped bool) {
 	} else {
 		j.release()
 	}
-	for _, t := range j.targets {
-		if t.xid != 0 {
-			j.rpc.ForgetReply(t.peer, t.xid)
-			t.xid = 0
-		}
-	}
+	j.fan.Stop()
+	j.apply()
 	j.mu.Lock()
 	j.prog.Finished = time.Now()
 	j.mu.Unlock()
 }
 
-func (j *job) begin(t *target, now time.Time) {
-	t.timeout = j.cfg.Timeout
-	switch {
-	case len(t.rec.Addrs) == 0:
-		j.fail(t, "no address")
-		return
-	case t.rec.Addrs[0].Unmap().Is4() != j.from.Addr().Is4():
-		j.fail(t, "address family differs from the virtual server's")
-		return
-	}
-	t.addr = t.rec.Addrs[0].Unmap()
-	t.lookup = true
-	t.fresh = true
-	j.fresh++
-	j.send(t, now)
-}
-
-// send (re)transmits the target's call and queues its retransmission.
-// A retransmission reuses the XID, so a late answer to an earlier copy
-// still counts.
-func (j *job) send(t *target, now time.Time) {
-	prog, vers, proc := uint32(Prog), uint32(Vers), uint32(ProcNotify)
-	if t.lookup {
-		prog, vers, proc = sunrpc.PmapProg, sunrpc.PmapVers2, sunrpc.PmapProcGetPort
-		if t.addr.Is6() {
-			vers, proc = sunrpc.RpcbVers3, sunrpc.RpcbProcGetAddr
-		}
-	}
-	if t.xid == 0 {
-		t.xid = j.nextXID()
-		t.peer = netip.AddrPortFrom(t.addr, t.port)
-		if t.lookup {
-			t.peer = netip.AddrPortFrom(t.addr, j.cfg.PortmapPort)
-		}
-		xid := t.xid
-		j.rpc.ExpectReply(t.peer, xid, func(msg []byte) {
+// send transmits a call; a new one has its replies routed to the inbox
+// first.
+func (j *job) send(a fanAction) {
+	query, v6 := a.kind == actQuery, a.peer.Addr().Is6()
+	if a.newCall {
+		t, xid := a.target, a.xid
+		j.rpc.ExpectReply(a.peer, xid, func(msg []byte) {
 			j.inboxMu.Lock()
-			j.inbox = append(j.inbox, delivery{t: t, xid: xid, msg: msg})
+			j.inbox = append(j.inbox, delivery{t: t, xid: xid, query: query, v6: v6, msg: msg})
 			j.inboxMu.Unlock()
 			select {
 			case j.bell <- struct{}{}:
@@ -344,101 +260,70 @@ func (j *job) send(t *target, now time.Time) {
 			}
 		})
 	}
-	h := sunrpc.CallHeader{XID: t.xid, RPCVers: sunrpc.RPCVersion, Prog: prog, Vers: vers, Proc: proc}
+	prog, vers, proc := uint32(Prog), uint32(Vers), uint32(ProcNotify)
+	if query {
+		prog, vers, proc = sunrpc.PmapProg, sunrpc.PmapVers2, sunrpc.PmapProcGetPort
+		if v6 {
+			vers, proc = sunrpc.RpcbVers3, sunrpc.RpcbProcGetAddr
+		}
+	}
+	h := sunrpc.CallHeader{XID: a.xid, RPCVers: sunrpc.RPCVersion, Prog: prog, Vers: vers, Proc: proc}
 	msg := sunrpc.AppendCall(j.sendBuf[:0], &h)
 	switch {
-	case !t.lookup:
+	case !query:
 		msg = append(msg, j.args...)
-	case t.addr.Is6():
+	case v6:
 		msg = sunrpc.AppendGetAddrArgs(msg, Prog, Vers, sunrpc.NetID(sunrpc.UDP, true))
 	default:
 		msg = sunrpc.AppendGetPortArgs(msg, Prog, Vers, sunrpc.UDP)
 	}
 	// A failed send is retried like a lost one, even for want of a socket
 	// on the address: one that comes a moment later (a listener still being
-	// set up) must not cost the clients their reclaims.
-	if err := j.rpc.SendPacket(j.from, t.peer, msg); err != nil {
+	// set up) must not cost the clients their reclaims. So the schedule
+	// hears nothing of it.
+	if err := j.rpc.SendPacket(j.from, a.peer, msg); err != nil {
 		logf := j.logf
 		if errors.Is(err, sunrpc.ErrNoSocket) && j.warnf != nil {
 			// The address's socket should be there before any notification
 			// leaves (a takeover attaches it first): worth a warning.
 			logf = j.warnf
 		}
-		logf("nsm: sending SM_NOTIFY failed; will retry", "peer", t.peer, "err", err)
+		logf("nsm: sending SM_NOTIFY failed; will retry", "peer", a.peer, "err", err)
 	}
 	j.sendBuf = msg
-	t.sends++
-	j.schedule(t, now.Add(t.timeout))
 }
 
-func (j *job) schedule(t *target, due time.Time) {
-	t.due = due
-	if t.idx >= 0 {
-		heap.Fix(&j.queue, t.idx)
-	} else {
-		heap.Push(&j.queue, t)
-	}
-}
-
-// endCall withdraws the call in flight.
-func (j *job) endCall(t *target) {
-	if t.xid != 0 {
-		j.rpc.ForgetReply(t.peer, t.xid)
-		t.xid = 0
-	}
-}
-
-func (j *job) unfresh(t *target) {
-	if t.fresh {
-		t.fresh = false
-		j.fresh--
-	}
-}
-
-// handle takes a reply.
+// handle passes a reply on to the schedule, which drops it if its call
+// is over.
 func (j *job) handle(d delivery, now time.Time) {
-	t := d.t
-	if t.over || d.xid != t.xid {
-		return
-	}
 	rh, res, err := sunrpc.ParseReply(d.msg)
 	if err == nil {
 		err = rh.Err()
 	}
-	if t.lookup {
-		var port uint16
-		if err == nil {
-			if t.addr.Is6() {
-				port, err = sunrpc.ParseGetAddrResult(res)
-			} else {
-				port, err = sunrpc.ParseGetPortResult(res)
-			}
-		}
-		j.endCall(t)
-		if err != nil || port == 0 {
-			// No statd registered (yet): ask again later, as sm-notify
-			// defers such a host.
-			j.unfresh(t)
-			j.schedule(t, now.Add(j.cfg.MaxTimeout))
-			return
-		}
-		t.port, t.lookup, t.sends, t.timeout = port, false, 0, j.cfg.Timeout
-		j.send(t, now)
+	if !d.query {
+		j.fan.NotifyReply(now, d.t, d.xid, err == nil)
 		return
 	}
-	j.endCall(t)
+	var port uint16
+	if err == nil {
+		if d.v6 {
+			port, err = sunrpc.ParseGetAddrResult(res)
+		} else {
+			port, err = sunrpc.ParseGetPortResult(res)
+		}
+	}
 	if err != nil {
-		// A statd that answers but refuses: look it up again later.
-		j.unfresh(t)
-		t.lookup = true
-		t.timeout = min(2*t.timeout, j.cfg.MaxTimeout)
-		j.schedule(t, now.Add(t.timeout))
-		return
+		port = 0
 	}
-	j.settle(t)
+	j.fan.PortReply(now, d.t, d.xid, port)
+}
+
+// done records a peer whose statd answered.
+func (j *job) done(t *loaded) {
+	a := t.rec.Addrs[0].Unmap()
 	j.mu.Lock()
 	j.prog.Done++
-	j.outcome[t.addr] = true
+	j.outcome[a] = true
 	j.mu.Unlock()
 	switch {
 	case j.holding:
@@ -447,46 +332,12 @@ func (j *job) handle(d delivery, now time.Time) {
 		j.acked(t.file)
 	}
 	if j.settled != nil {
-		j.settled(t.addr, true)
+		j.settled(a, true)
 	}
 }
 
-// expire handles a target whose timeout passed: retransmit with a longer
-// timeout, and now and then ask its portmapper again (its statd may have
-// restarted on another port).
-func (j *job) expire(t *target, now time.Time) {
-	if t.over {
-		return
-	}
-	j.unfresh(t)
-	if t.xid == 0 {
-		// A deferred peer: ask its portmapper afresh.
-		t.lookup, t.sends = true, 0
-	} else {
-		t.timeout = min(2*t.timeout, j.cfg.MaxTimeout)
-		if !t.lookup && t.sends >= j.cfg.Requery {
-			j.endCall(t)
-			t.lookup, t.sends = true, 0
-		}
-	}
-	j.send(t, now)
-}
-
-func (j *job) settle(t *target) {
-	t.over = true
-	j.endCall(t)
-	j.unfresh(t)
-	if t.idx >= 0 {
-		heap.Remove(&j.queue, t.idx)
-	}
-	j.left--
-}
-
-func (j *job) fail(t *target, why string) {
-	if t.over {
-		return
-	}
-	j.settle(t)
+// fail records a peer given up.
+func (j *job) fail(t *loaded, why fanWhy) {
 	j.mu.Lock()
 	j.prog.Failed++
 	if len(t.rec.Addrs) > 0 {
@@ -496,7 +347,7 @@ func (j *job) fail(t *target, why string) {
 	if j.settled != nil && len(t.rec.Addrs) > 0 {
 		j.settled(t.rec.Addrs[0].Unmap(), false)
 	}
-	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why)
+	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why.String())
 }
 
 // acker hands the files of notified peers to done off the event loop,
