@@ -88,3 +88,41 @@ func BenchmarkMonitorNewClient(b *testing.B) {
 		i++
 	}
 }
+
+// BenchmarkFanoutSchedule is the schedule's own share of a fan-out: n
+// peers with the default window, each portmapper and statd answering at
+// once, no I/O. Per peer it is a small fraction of BenchmarkNotifyFanout's.
+func BenchmarkFanoutSchedule(b *testing.B) {
+	const n = 10000
+	addrs := make([]netip.Addr, n)
+	for i := range addrs {
+		addrs[i] = benchAddr(i)
+	}
+	cfg := NotifyConfig{}.withDefaults()
+	from := netip.MustParseAddr("127.0.0.2")
+	b.ReportAllocs()
+	for b.Loop() {
+		now := fixedTime
+		f := newFanout(cfg, from, addrs, 1)
+		f.Start(now)
+		var calls []fanAction
+		for !f.Over() {
+			calls = calls[:0]
+			for _, a := range f.Actions() {
+				if a.kind == actQuery || a.kind == actNotify {
+					calls = append(calls, a)
+				}
+			}
+			now = now.Add(time.Millisecond)
+			for _, a := range calls {
+				if a.kind == actQuery {
+					f.PortReply(now, a.target, a.xid, 2049)
+				} else {
+					f.NotifyReply(now, a.target, a.xid, true)
+				}
+			}
+			f.Tick(now)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/peer")
+}
