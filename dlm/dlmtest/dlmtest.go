@@ -508,6 +508,50 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 			}
 		}
 	})
+	t.Run("BulkManyFiles", func(t *testing.T) {
+		// A drop by host key and a purge below an epoch reach every file
+		// concerned however many there are (a shared backend batches them
+		// under its request limits), and touch nothing else.
+		b := newBackend(t)
+		ctx := context.Background()
+		var m lockmgr.Manager
+		gone, kept := owner(b, vipA, "gone", 1), owner(b, vipA, "kept", 1)
+		stale := owner(b, vipB, "stale", 1)
+		const n = 3000
+		for i := range n {
+			fh := []byte(fmt.Sprintf("file-%d", i))
+			for j, o := range []*dlm.Owner{gone, kept, stale} {
+				start := uint64(10 * j)
+				if err := b.Update(ctx, fh, claimed(o), func(f *dlm.File) error {
+					m.Lock(f, &lockmgr.LockArgs{Owner: o, Range: dlm.Range{Start: start, End: start + 5}, Exclusive: true, Epoch: 1})
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		drop := dlm.Selector{Keys: map[dlm.HostKey]bool{gone.Host.HostKey: true}}
+		if err := b.UpdateAll(ctx, drop, dlm.Claim{}, func(f *dlm.File) error { m.Drop(f, &drop); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		next := dlm.Claim{VIP: vipB, Epoch: 2}
+		if err := b.SetClaim(ctx, next, dlm.ClaimActive); err != nil {
+			t.Fatal(err)
+		}
+		purge := dlm.Selector{VIP: vipB, Below: 2}
+		if err := b.UpdateAll(ctx, purge, next, func(f *dlm.File) error { m.Drop(f, &purge); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if gone.Host.Locks() != 0 || stale.Host.Locks() != 0 || kept.Host.Locks() != n {
+			t.Fatalf("after the drop and the purge: %d, %d, %d locks; want 0, 0, %d", gone.Host.Locks(), stale.Host.Locks(), kept.Host.Locks(), n)
+		}
+		if got := files(t, b); len(got) != n {
+			t.Fatalf("%d files left, want %d", len(got), n)
+		}
+		if err := recount(b); err != nil {
+			t.Fatal(err)
+		}
+	})
 	t.Run("Closed", func(t *testing.T) {
 		b := newBackend(t)
 		b.Close()

@@ -39,6 +39,21 @@ var brokenBackends = map[string]struct {
 	// Bulk edits change records but not the counters (a node that applies
 	// only the deltas of its own single-file edits).
 	"bulk-edits-uncounted": {"Counters", func(b *Backend) dlm.Backend { return bulkUncounted{b} }},
+	// A bulk edit that does one batch and forgets to page on.
+	"one-batch-only": {"BulkManyFiles", func(b *Backend) dlm.Backend { return oneBatch{b} }},
+}
+
+type oneBatch struct{ *Backend }
+
+func (b oneBatch) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, fn func(f *dlm.File) error) error {
+	seen := map[string]bool{}
+	return b.Backend.UpdateAll(ctx, sel, c, func(f *dlm.File) error {
+		if !seen[f.FH()] && len(seen) >= 1000 {
+			return nil
+		}
+		seen[f.FH()] = true
+		return fn(f)
+	})
 }
 
 type forgetsPending struct{ *Backend }
