@@ -620,3 +620,22 @@ func TestLostClaim(t *testing.T) {
 		t.Fatal("a stale release left a snapshot")
 	}
 }
+
+// A damaged epoch file does not send the epoch back: the node whose lock
+// backend still knows the virtual server's later claim takes it over
+// again (through grace, the snapshot being unusable).
+func TestDamagedEpochTakesOverAgain(t *testing.T) {
+	dir := t.TempDir()
+	a := newNode(t, dir, nodeOpts{})
+	for range 3 {
+		takeover(t, a, vipX)
+		release(t, a, vipX, true)
+	}
+	if err := os.WriteFile(filepath.Join(dir, vipX.String(), "epoch"), []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := a.mgr.Takeover(context.Background(), virtualserver.Spec{Addr: vipX})
+	if err != nil || r.Planned || r.Epoch <= 3 {
+		t.Fatalf("takeover over a damaged epoch: %+v %v; want a restart above epoch 3", r, err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // A virtual server's state directory (<state-dir>/<address>/) holds its
@@ -43,17 +44,20 @@ func ReadEpoch(dir string) (uint64, error) {
 // ClaimEpoch starts a new epoch of the virtual server whose directory is
 // dir: it returns the epoch stored there (the one this takeover follows)
 // and stores, durably, the next. A damaged epoch file is reported and
-// skipped over (prev is returned as 0, so no snapshot matches it).
+// skipped over: prev is returned as 0, so no snapshot matches it, and the
+// next epoch is the current Unix time in seconds — above any epoch the
+// counter reached before, so epochs never go backwards (a lock backend
+// that still knows a later claim would refuse an epoch that did).
 func ClaimEpoch(dir string) (prev, next uint64, err error) {
 	if err := os.MkdirAll(dir, dirPerm); err != nil {
 		return 0, 0, err
 	}
 	prev, rerr := ReadEpoch(dir)
-	if rerr != nil {
-		err = rerr
-		prev = 0
-	}
 	next = prev + 1
+	if rerr != nil {
+		err, prev = rerr, 0
+		next = uint64(time.Now().Unix())
+	}
 	if werr := WriteFileAtomic(filepath.Join(dir, epochFile), []byte(strconv.FormatUint(next, 10)+"\n"), 0o600); werr != nil {
 		return 0, 0, werr
 	}
