@@ -431,12 +431,16 @@ func (f *File) Pending() []*Waiter {
 }
 
 // AddPending records a granted waiter whose callback is still to be
-// answered.
+// answered, numbering it (Seq) unless it has a number already.
 func (f *File) AddPending(p *Waiter) {
 	if f.more == nil {
 		f.more = &fileMore{}
 	}
 	m := f.more
+	if p.Seq == 0 {
+		m.seq++
+		p.Seq = m.seq
+	}
 	m.seq = max(m.seq, p.Seq)
 	m.pending = append(m.pending, p)
 	if m.pendingAt != nil {

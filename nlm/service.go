@@ -702,6 +702,9 @@ func selectedHosts(f *dlm.File, sel *dlm.Selector) map[*dlm.Host]bool {
 	for _, w := range f.Waiters() {
 		add(w.Owner.Host, w.Epoch)
 	}
+	for _, p := range f.Pending() {
+		add(p.Owner.Host, p.Epoch)
+	}
 	for _, sh := range f.Shares() {
 		add(sh.Host, sh.Epoch)
 	}

@@ -99,18 +99,10 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 					res.Refused++
 				}
 			}
-			// Pending grants are numbered after the file's queue: a fresh
-			// number, as their own may be taken here.
-			seq := uint64(0)
-			for _, w := range f.Waiters() {
-				seq = max(seq, w.Seq)
-			}
-			for _, p := range f.Pending() {
-				seq = max(seq, p.Seq)
-			}
+			// A restored grant gets a fresh number from the file (its own
+			// may be taken here).
 			restore := func(p *dlm.Waiter) bool {
-				seq++
-				p.Seq = seq
+				p.Seq = 0
 				if !s.mgr.Restore(f, p) {
 					return false
 				}

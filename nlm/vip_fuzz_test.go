@@ -147,3 +147,34 @@ func FuzzInstallSnapshot(f *testing.F) {
 		}
 	})
 }
+
+// Grants restored or made by an install are numbered by the file, apart
+// from the waiters it queues: each waiter's grant is found by its number.
+func TestInstallNumbersGrantsApart(t *testing.T) {
+	vip := netip.MustParseAddr("127.0.0.2")
+	svc, vs, b := fuzzService(t, vip, 2)
+	addr := netip.MustParseAddr("127.0.9.1")
+	lock := func(name string, start, end uint64) dlm.SnapshotLock {
+		return dlm.SnapshotLock{Name: name, Addr: addr, SVID: 1, Start: start, End: end, Exclusive: true, Vers: Vers4, Transport: uint8(sunrpc.UDP)}
+	}
+	snap := &dlm.Snapshot{VIP: vip, Epoch: 1, Files: []dlm.SnapshotFile{{FH: []byte("f"),
+		Locks:   []dlm.SnapshotLock{lock("a", 0, 10)},
+		Pending: []dlm.SnapshotLock{lock("p", 200, 210)},
+		Waiters: []dlm.SnapshotLock{lock("w1", 0, 10), lock("w2", 100, 110)}}}}
+	snap.Files[0].Locks = append(snap.Files[0].Locks, lock("p", 200, 210))
+	if _, err := svc.InstallSnapshot(context.Background(), snap, vs); err != nil {
+		t.Fatal(err)
+	}
+	seqs := map[uint64]string{}
+	b.Read(context.Background(), []byte("f"), func(f *dlm.File) {
+		for _, w := range append(slices.Clone(f.Waiters()), f.Pending()...) {
+			if other, dup := seqs[w.Seq]; dup {
+				t.Errorf("%s and %s both numbered %d", other, w.Owner.Host.Name, w.Seq)
+			}
+			seqs[w.Seq] = w.Owner.Host.Name
+		}
+	})
+	if len(seqs) != 3 {
+		t.Fatalf("numbers %v, want w1 waiting, p and w2 pending", seqs)
+	}
+}

@@ -508,6 +508,37 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 			}
 		}
 	})
+	t.Run("PendingOnlyFiles", func(t *testing.T) {
+		// A file whose only record is a pending grant (its owner unlocked
+		// before answering the callback) is still reached by a drop of
+		// that owner's host, and goes.
+		b := newBackend(t)
+		ctx := context.Background()
+		var m lockmgr.Manager
+		holder, w := owner(b, vipA, "h", 1), owner(b, vipA, "w", 1)
+		r := dlm.Range{Start: 0, End: 10}
+		step := func(fn func(f *dlm.File)) {
+			if err := b.Update(ctx, []byte("f1"), claimed(holder), func(f *dlm.File) error { fn(f); return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		step(func(f *dlm.File) { m.Lock(f, &lockmgr.LockArgs{Owner: holder, Range: r, Exclusive: true, Epoch: 1}) })
+		step(func(f *dlm.File) {
+			m.Lock(f, &lockmgr.LockArgs{Owner: w, Range: r, Exclusive: true, Block: true, Epoch: 1})
+		})
+		step(func(f *dlm.File) { m.Unlock(f, holder, r) })
+		step(func(f *dlm.File) { m.Unlock(f, w, r) })
+		if got := files(t, b); len(got) != 1 {
+			t.Fatalf("files %v, want f1 with its pending grant", got)
+		}
+		sel := dlm.Selector{Keys: map[dlm.HostKey]bool{w.Host.HostKey: true}}
+		if err := b.UpdateAll(ctx, sel, dlm.Claim{}, func(f *dlm.File) error { m.Drop(f, &sel); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got := files(t, b); len(got) != 0 {
+			t.Fatalf("after dropping the host: files %v, want none", got)
+		}
+	})
 	t.Run("BulkManyFiles", func(t *testing.T) {
 		// A drop by host key and a purge below an epoch reach every file
 		// concerned however many there are (a shared backend batches them

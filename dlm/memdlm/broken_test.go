@@ -41,6 +41,17 @@ var brokenBackends = map[string]struct {
 	"bulk-edits-uncounted": {"Counters", func(b *Backend) dlm.Backend { return bulkUncounted{b} }},
 	// A bulk edit that does one batch and forgets to page on.
 	"one-batch-only": {"BulkManyFiles", func(b *Backend) dlm.Backend { return oneBatch{b} }},
+	// A retrying backend that commits the run it should have thrown away.
+	"commits-every-run": {"UpdatePersists", func(b *Backend) dlm.Backend { return commitsEveryRun{b} }},
+}
+
+type commitsEveryRun struct{ *Backend }
+
+func (b commitsEveryRun) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f *dlm.File) error) error {
+	if err := b.Backend.Update(ctx, fh, c, fn); err != nil {
+		return err
+	}
+	return b.Backend.Update(ctx, fh, c, fn)
 }
 
 type oneBatch struct{ *Backend }

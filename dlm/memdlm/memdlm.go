@@ -272,6 +272,11 @@ func involves(st *dlm.State, match func(*dlm.Host) bool) bool {
 			return true
 		}
 	}
+	for _, p := range f.Pending() {
+		if match(p.Owner.Host) {
+			return true
+		}
+	}
 	for _, sh := range f.Shares() {
 		if match(sh.Host) {
 			return true

@@ -271,7 +271,18 @@ func (m *Manager) Ungrant(f *dlm.File, w *dlm.Waiter) Result {
 	}
 	unlockRange(f, w.Owner, w.Range)
 	for _, l := range p.Prev {
-		apply(f, l.Owner, l.Range, l.Exclusive, l.Epoch, l.Since)
+		if !l.Exclusive || conflict(f, l.Owner, l.Range, true) == nil {
+			apply(f, l.Owner, l.Range, l.Exclusive, l.Epoch, l.Since)
+			continue
+		}
+		// Others took shared locks over what the grant made shared: the
+		// owner's exclusive lock cannot come back there (never two
+		// conflicting holders). The part the grant covered stays shared;
+		// the rest of it was never taken away.
+		r := dlm.Range{Start: max(l.Range.Start, w.Range.Start), End: min(l.Range.End, w.Range.End)}
+		if r.Start < r.End {
+			apply(f, l.Owner, r, false, l.Epoch, l.Since)
+		}
 	}
 	return Result{Status: Granted, Grants: wake(f)}
 }
