@@ -138,6 +138,38 @@ func (w *Waiter) clone() *Waiter {
 	return &c
 }
 
+// Records calls fn with the host and epoch of every record of the file —
+// held locks, blocked requests, pending grants, shares — until fn returns
+// false. Bulk operations find what a Selector concerns through it.
+func (s *State) Records(fn func(h *Host, epoch uint64) bool) {
+	if !visit(s.root, Range{0, Inf}, func(x *Held) bool { return fn(x.owner.Host, x.epoch) }) || s.more == nil {
+		return
+	}
+	for _, w := range s.more.waiters {
+		if !fn(w.Owner.Host, w.Epoch) {
+			return
+		}
+	}
+	for _, p := range s.more.pending {
+		if !fn(p.Owner.Host, p.Epoch) {
+			return
+		}
+	}
+	for _, sh := range s.more.shares {
+		if !fn(sh.Host, sh.Epoch) {
+			return
+		}
+	}
+}
+
+// Involves reports whether a host sel selects has a record in the file:
+// the files a bulk operation (UpdateAll) visits.
+func (s *State) Involves(sel *Selector) bool {
+	found := false
+	s.Records(func(h *Host, _ uint64) bool { found = sel.Match(h); return !found })
+	return found
+}
+
 // Len is the number of held lock ranges (it walks the tree).
 func (s *State) Len() int {
 	n := 0
@@ -323,16 +355,7 @@ func (f *File) Waiters() []*Waiter {
 // AddWaiter queues a blocked request at the end, numbering it (Seq) unless
 // it has a number already (a backend that loaded it).
 func (f *File) AddWaiter(w *Waiter) {
-	if f.more == nil {
-		f.more = &fileMore{}
-	}
-	if w.Seq == 0 {
-		f.more.seq++
-		w.Seq = f.more.seq
-	} else {
-		f.more.seq = max(f.more.seq, w.Seq)
-	}
-	f.more.waiters = append(f.more.waiters, w)
+	f.number(w).waiters = append(f.more.waiters, w)
 	f.note(w.Owner, w.Owner.Host, 0, 1, 0)
 }
 
@@ -421,6 +444,22 @@ func (f *File) compact() {
 	}
 }
 
+// number gives w the file's next sequence number unless it has one (a
+// backend that loaded it), keeps the counter above it, and returns the
+// file's queue storage.
+func (f *File) number(w *Waiter) *fileMore {
+	if f.more == nil {
+		f.more = &fileMore{}
+	}
+	m := f.more
+	if w.Seq == 0 {
+		m.seq++
+		w.Seq = m.seq
+	}
+	m.seq = max(m.seq, w.Seq)
+	return m
+}
+
 // Pending returns the grants whose callback is not answered yet, in no
 // particular order. The slice must not be changed.
 func (f *File) Pending() []*Waiter {
@@ -433,15 +472,7 @@ func (f *File) Pending() []*Waiter {
 // AddPending records a granted waiter whose callback is still to be
 // answered, numbering it (Seq) unless it has a number already.
 func (f *File) AddPending(p *Waiter) {
-	if f.more == nil {
-		f.more = &fileMore{}
-	}
-	m := f.more
-	if p.Seq == 0 {
-		m.seq++
-		p.Seq = m.seq
-	}
-	m.seq = max(m.seq, p.Seq)
+	m := f.number(p)
 	m.pending = append(m.pending, p)
 	if m.pendingAt != nil {
 		m.pendingAt[p.Seq] = len(m.pending) - 1

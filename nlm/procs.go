@@ -100,16 +100,15 @@ type procHandler struct {
 
 func (h *procHandler) handle(ctx context.Context, req *sunrpc.Request, res []byte) ([]byte, error) {
 	s, p := h.s, h.p
-	var args procArgs
-	a := &args
+	var a procArgs
 	if err := req.DecodeArgs(func(d *xdr.Decoder) { a.decode(p.kind, d, req.Vers) }); err != nil {
 		return nil, err
 	}
 	c := callOf(req)
 	if p.res == 0 {
-		return reply(s.run(ctx, &c, p, a, res))
+		return reply(s.run(ctx, &c, p, &a, res))
 	}
-	if out, st := s.run(ctx, &c, p, a, nil); st != fenced {
+	if out, st := s.run(ctx, &c, p, &a, nil); st != fenced {
 		s.cb.respond(&c, p.res, out)
 	}
 	return res, nil

@@ -226,8 +226,7 @@ func WireRange(vers uint32, r dlm.Range) (off, n uint64) {
 // request would escape to the heap).
 type op struct {
 	s       *Service
-	vs      *virtualserver.Server // where the request came through; nil for callbacks
-	claim   dlm.Claim             // what the edit acts under (see dlm.Claim)
+	vs      *virtualserver.Server // where the request came through; its claim fences the edit
 	kind    opKind
 	lock    lockmgr.LockArgs
 	share   lockmgr.ShareArgs
@@ -315,7 +314,7 @@ func (s *Service) prepare(ctx context.Context, c *Call, l *Lock, o *op) Stat {
 	if st := s.checkFH(ctx, c.Vers, l.FH); st != Granted {
 		return st
 	}
-	o.vs, o.claim, o.rng = vs, vs.Claim(), rng
+	o.vs, o.rng = vs, rng
 	o.owner = s.cfg.Backend.OwnerOf(vs.Addr(), c.Remote.Addr(), l.CallerName, l.SVID)
 	if o.owner == nil {
 		o.limited = true
@@ -383,13 +382,13 @@ func (s *Service) checkFH(ctx context.Context, vers uint32, fh []byte) Stat {
 	return Granted
 }
 
-// update runs o on one file under o.claim — the backend fences it once
+// update runs o on one file under o.vs's claim — the backend fences it once
 // the virtual server's release has begun — and performs the resulting
 // grants.
 func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
-	if err := s.cfg.Backend.Update(ctx, fh, o.claim, o.update); err != nil {
+	if err := s.cfg.Backend.Update(ctx, fh, o.vs.Claim(), o.update); err != nil {
 		st := s.backendStat(err)
-		if st == fenced && o.vs != nil {
+		if st == fenced {
 			o.cutOff()
 		}
 		return st
@@ -624,13 +623,13 @@ func (s *Service) share(ctx context.Context, c *Call, a *ShareArgs, unshare bool
 		return DeniedNoLocks.ForVersion(c.Vers)
 	}
 	if unshare {
-		o.kind, o.vs, o.claim, o.host, o.oh = opUnshare, vs, vs.Claim(), host, a.Share.OH
+		o.kind, o.vs, o.host, o.oh = opUnshare, vs, host, a.Share.OH
 		return s.update(ctx, o, a.Share.FH).ForVersion(c.Vers)
 	}
 	if st := s.monitor(ctx, host); st != Granted {
 		return st.ForVersion(c.Vers)
 	}
-	o.kind, o.vs, o.claim = opShare, vs, vs.Claim()
+	o.kind, o.vs = opShare, vs
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
 		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
 	st = s.update(ctx, o, a.Share.FH)
@@ -693,21 +692,12 @@ func (s *Service) DropHosts(ctx context.Context, sel dlm.Selector, c dlm.Claim) 
 // selectedHosts returns the hosts that have records in f that sel selects.
 func selectedHosts(f *dlm.File, sel *dlm.Selector) map[*dlm.Host]bool {
 	out := map[*dlm.Host]bool{}
-	add := func(h *dlm.Host, epoch uint64) {
+	f.Records(func(h *dlm.Host, epoch uint64) bool {
 		if sel.MatchRecord(h, epoch) {
 			out[h] = true
 		}
-	}
-	f.All(func(h *dlm.Held) bool { add(h.Owner().Host, h.Epoch()); return true })
-	for _, w := range f.Waiters() {
-		add(w.Owner.Host, w.Epoch)
-	}
-	for _, p := range f.Pending() {
-		add(p.Owner.Host, p.Epoch)
-	}
-	for _, sh := range f.Shares() {
-		add(sh.Host, sh.Epoch)
-	}
+		return true
+	})
 	return out
 }
 

@@ -34,7 +34,7 @@ func (r retrying) Update(ctx context.Context, fh []byte, c dlm.Claim, fn func(f 
 func (r retrying) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, fn func(f *dlm.File) error) error {
 	var copies []*dlm.State
 	err := r.Backend.View(ctx, func(f *dlm.File) bool {
-		if involves(f, &sel) {
+		if f.Involves(&sel) {
 			copies = append(copies, f.State.Clone())
 		}
 		return true
@@ -46,21 +46,4 @@ func (r retrying) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, 
 		dryRun(st, fn)
 	}
 	return r.Backend.UpdateAll(ctx, sel, c, fn)
-}
-
-// involves reports whether a host sel selects has a record in f: the
-// files UpdateAll visits.
-func involves(f *dlm.File, sel *dlm.Selector) bool {
-	found := false
-	f.All(func(h *dlm.Held) bool { found = sel.Match(h.Owner().Host); return !found })
-	for _, w := range f.Waiters() {
-		found = found || sel.Match(w.Owner.Host)
-	}
-	for _, p := range f.Pending() {
-		found = found || sel.Match(p.Owner.Host)
-	}
-	for _, s := range f.Shares() {
-		found = found || sel.Match(s.Host)
-	}
-	return found
 }

@@ -223,7 +223,6 @@ func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, 
 	if sel.Empty() {
 		return nil
 	}
-	match := sel.Match
 	for i := range b.shards {
 		if err := b.check(ctx); err != nil {
 			return err
@@ -238,7 +237,7 @@ func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, 
 		// of the table.
 		var todo []slot
 		for _, e := range s.files.slots {
-			if e.st != nil && !e.st.Empty() && involves(e.st, match) {
+			if e.st != nil && !e.st.Empty() && e.st.Involves(&sel) {
 				todo = append(todo, e)
 			}
 		}
@@ -254,35 +253,6 @@ func (b *Backend) UpdateAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, 
 		}
 	}
 	return nil
-}
-
-// involves reports whether a matching host holds, waits for or shares st.
-func involves(st *dlm.State, match func(*dlm.Host) bool) bool {
-	f := dlm.File{State: st}
-	found := false
-	f.All(func(h *dlm.Held) bool {
-		found = match(h.Owner().Host)
-		return !found
-	})
-	if found {
-		return true
-	}
-	for _, w := range f.Waiters() {
-		if match(w.Owner.Host) {
-			return true
-		}
-	}
-	for _, p := range f.Pending() {
-		if match(p.Owner.Host) {
-			return true
-		}
-	}
-	for _, sh := range f.Shares() {
-		if match(sh.Host) {
-			return true
-		}
-	}
-	return false
 }
 
 // Read runs fn on the file's state without changing it.
