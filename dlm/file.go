@@ -674,3 +674,23 @@ func (e *Edit) deltaOf(o *Owner, h *Host) int {
 	}
 	return -1
 }
+
+// Account adds sign (+1 or -1) times every record of s to the edit's
+// counter deltas: a backend that replaces a file's state wholesale (a
+// shared one, learning of a change another node made) moves the counters
+// by Account(old, -1) and Account(new, +1), then Apply.
+func (e *Edit) Account(s *State, sign int64) {
+	if s == nil {
+		return
+	}
+	f := File{State: s, edit: e}
+	visit(s.root, Range{0, Inf}, func(h *Held) bool { f.note(h.owner, h.owner.Host, sign, 0, 0); return true })
+	if m := s.more; m != nil {
+		for _, w := range m.waiters {
+			f.note(w.Owner, w.Owner.Host, 0, sign, 0)
+		}
+		for _, sh := range m.shares {
+			f.note(nil, sh.Host, 0, 0, sign)
+		}
+	}
+}

@@ -579,7 +579,7 @@ func Run(t *testing.T, newBackend0 func(t *testing.T) dlm.Backend) {
 		if got := files(t, b); len(got) != n {
 			t.Fatalf("%d files left, want %d", len(got), n)
 		}
-		if err := recount(b); err != nil {
+		if err := Recount(b); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -674,15 +674,16 @@ func counterSequence(b dlm.Backend, seed uint64) error {
 		if err != nil {
 			return fmt.Errorf("step %d (%s): %w", step, what, err)
 		}
-		if err := recount(b); err != nil {
+		if err := Recount(b); err != nil {
 			return fmt.Errorf("after step %d (%s by %v): %w", step, what, o, err)
 		}
 	}
 	return nil
 }
 
-// recount compares every host's counters with the records stored.
-func recount(b dlm.Backend) error {
+// Recount checks every host's counters against a recount of the records
+// the backend stores.
+func Recount(b dlm.Backend) error {
 	type counts struct{ locks, blocked, shares int64 }
 	want := map[*dlm.Host]counts{}
 	err := b.View(context.Background(), func(f *dlm.File) bool {
