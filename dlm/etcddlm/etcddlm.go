@@ -79,6 +79,9 @@ type Stats struct {
 	Fenced    uint64 // edits refused because the claim moved on
 	Conflicts uint64 // edits that gave up (dlm.ErrConflict)
 	Relists   uint64 // full reloads of the mirror (watch compacted)
+	// SelfFenced counts the times the node fenced itself (its lease's
+	// deadline passed unrenewed).
+	SelfFenced uint64
 }
 
 const nShards = 64
@@ -116,7 +119,7 @@ type Backend struct {
 	done   chan struct{}
 	closed atomic.Bool
 
-	txns, retried, fenced, conflicts, relists atomic.Uint64
+	txns, retried, fenced, conflicts, relists, fences atomic.Uint64
 }
 
 type shard struct {
@@ -208,7 +211,7 @@ func (b *Backend) Prefix() string { return strings.TrimSuffix(b.filePfx, "f/") }
 // Stats returns the backend's counters.
 func (b *Backend) Stats() Stats {
 	return Stats{Txns: b.txns.Load(), Retries: b.retried.Load(), Fenced: b.fenced.Load(),
-		Conflicts: b.conflicts.Load(), Relists: b.relists.Load()}
+		Conflicts: b.conflicts.Load(), Relists: b.relists.Load(), SelfFenced: b.fences.Load()}
 }
 
 // Expire self-fences the node: from now on no edit under any claim runs
