@@ -255,3 +255,21 @@ type Backend interface {
 
 	Close() error
 }
+
+// RemoteGrants is implemented by a backend that nodes share. A blocked
+// request queued through one node may be granted by another node's
+// unlock; the node that serves the waiter's virtual server must send the
+// GRANTED callback, from that virtual server's address. The channel
+// delivers the pending grants that appeared in a file through another
+// node's edit, for the virtual servers this node holds an active claim
+// of. It is bounded: a grant left out when it is full is found again by
+// the client's next request (the lock is its already).
+type RemoteGrants interface {
+	RemoteGrants() <-chan RemoteGrant
+}
+
+// RemoteGrant is a pending grant made by another node: a copy of it.
+type RemoteGrant struct {
+	FH     string
+	Waiter Waiter
+}

@@ -16,9 +16,16 @@ import (
 // gets both or neither: a grace period is part of what a virtual server
 // is, and locks handed over without it would let others take what its
 // clients have not reclaimed yet.
+//
+// With a shared backend the records stay where they are and the snapshot
+// has no files: Shared says that the next owner adopts them.
 type handoff struct {
-	Locks *dlm.Snapshot
-	Grace *virtualserver.GraceHandover
+	Locks  *dlm.Snapshot
+	Grace  *virtualserver.GraceHandover
+	Shared bool
+	// Floor is the reclaim floor of the grace period handed over (see
+	// virtualserver.SetReclaimFloor), with a shared backend.
+	Floor uint64
 }
 
 // ErrBadHandoff reports a snapshot file that cannot be used.
@@ -29,8 +36,10 @@ var ErrBadHandoff = errors.New("hacallout: damaged snapshot")
 func marshalHandoff(h handoff) ([]byte, error) {
 	return json.Marshal(struct {
 		*dlm.Snapshot
-		Grace *virtualserver.GraceHandover `json:"grace,omitempty"`
-	}{h.Locks, h.Grace})
+		Grace  *virtualserver.GraceHandover `json:"grace,omitempty"`
+		Shared bool                         `json:"shared,omitempty"`
+		Floor  uint64                       `json:"floor,omitempty"`
+	}{h.Locks, h.Grace, h.Shared, h.Floor})
 }
 
 func unmarshalHandoff(b []byte) (handoff, error) {
@@ -39,7 +48,9 @@ func unmarshalHandoff(b []byte) (handoff, error) {
 		return handoff{}, fmt.Errorf("%w: %w", ErrBadHandoff, err)
 	}
 	var g struct {
-		Grace *virtualserver.GraceHandover `json:"grace"`
+		Grace  *virtualserver.GraceHandover `json:"grace"`
+		Shared bool                         `json:"shared"`
+		Floor  uint64                       `json:"floor"`
 	}
 	if err := json.Unmarshal(b, &g); err != nil {
 		return handoff{}, fmt.Errorf("%w: %w", ErrBadHandoff, err)
@@ -49,5 +60,8 @@ func unmarshalHandoff(b []byte) (handoff, error) {
 			return handoff{}, fmt.Errorf("%w: %w", ErrBadHandoff, err)
 		}
 	}
-	return handoff{Locks: snap, Grace: g.Grace}, nil
+	if g.Shared && len(snap.Files) > 0 {
+		return handoff{}, fmt.Errorf("%w: records both left in place and in the snapshot", ErrBadHandoff)
+	}
+	return handoff{Locks: snap, Grace: g.Grace, Shared: g.Shared, Floor: g.Floor}, nil
 }

@@ -58,6 +58,13 @@ type Config struct {
 	// NoSnapshot makes releases drop state without a snapshot, so that
 	// every takeover goes through grace and reclaim.
 	NoSnapshot bool
+	// Shared says that the lock backend is shared by the nodes and keeps
+	// every record whatever happens to a node (etcd). A release leaves
+	// the virtual server's records in place and the next owner adopts
+	// them: no snapshot, no grace, no reclaim. After a node died, its
+	// records stay reclaimable through the grace period: only requests
+	// that conflict with them wait (see virtualserver.SetReclaimFloor).
+	Shared bool
 	// Notified says that clients are notified by someone else (nlmd
 	// --no-notify): a restart's grace period counts them as told.
 	Notified bool
@@ -178,7 +185,24 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	}
 	snap := m.handoff(spec.Addr, claim)
 	var started nsm.Started
-	if snap != nil {
+	if snap != nil && snap.Shared {
+		// The records stayed in the shared backend: adopt them, and send
+		// the callbacks still due to the virtual server's clients.
+		res.Planned = true
+		if res.Locks, res.Waiters, res.Shares, err = m.cfg.NLM.CountVIP(ctx, vs.Addr()); err != nil {
+			return fail(err)
+		}
+		if started, err = m.cfg.NSM.Start(vs, nsm.Adopt); err != nil {
+			return fail(err)
+		}
+		if snap.Grace != nil {
+			// The period goes on over what the previous owner's floor
+			// left reclaimable; records reclaimed since are above it.
+			vs.SetReclaimFloor(snap.Floor)
+			vs.ResumeGrace(*snap.Grace)
+			res.GraceResumed = true
+		}
+	} else if snap != nil {
 		in, err := m.cfg.NLM.InstallSnapshot(ctx, snap.Locks, vs)
 		if err != nil {
 			return fail(err)
@@ -197,7 +221,15 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		if started, err = m.cfg.NSM.Start(vs, nsm.Restart); err != nil {
 			return fail(err)
 		}
+		if m.cfg.Shared {
+			// The previous owner's records are still there: only requests
+			// that conflict with one of them wait for grace.
+			vs.SetReclaimFloor(epoch)
+		}
 		vs.BeginGrace(true, m.cfg.Notified, started.Clients)
+	}
+	if vs.ReclaimFloor() != 0 {
+		go m.endWhenReclaimed(vs)
 	}
 	// The grace period is set up before the first notification leaves, so
 	// that it counts every answer.
@@ -206,12 +238,45 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 	}
 	res.NSMState, res.Notifying = started.State, len(started.Clients)
 	vs.Serve()
+	if snap != nil && snap.Shared {
+		if _, err := m.cfg.NLM.ResumeVIP(ctx, vs); err != nil {
+			m.log.Warn("hacallout: resending the callbacks due", "vip", vs.Addr(), "err", err)
+		}
+	}
 	res.GraceUntil = graceUntil(vs)
 	res.Took = Duration(time.Since(start))
 	m.log.Info("hacallout: took over", "vip", vs.Addr(), "epoch", epoch, "planned", res.Planned, "locks", res.Locks,
 		"waiters", res.Waiters, "shares", res.Shares, "nsm_state", res.NSMState, "notifying", res.Notifying,
 		"grace_until", res.GraceUntil, "grace_resumed", res.GraceResumed, "took", time.Duration(res.Took))
 	return res, nil
+}
+
+// reclaimCheck is how often a grace period over kept records looks for
+// what is left to reclaim.
+const reclaimCheck = 250 * time.Millisecond
+
+// endWhenReclaimed ends a grace period over records a shared backend kept
+// as soon as none of them is left to reclaim (each was reclaimed, or
+// dropped by its client's reboot or FREE_ALL): nothing can conflict with
+// a reclaim any more.
+func (m *Manager) endWhenReclaimed(vs *virtualserver.Server) {
+	t := time.NewTicker(reclaimCheck)
+	defer t.Stop()
+	for range t.C {
+		if !vs.Serving() && vs.State() != virtualserver.Starting || !vs.InGrace(time.Now()) {
+			return
+		}
+		if !vs.Serving() {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		left, err := m.cfg.NLM.Reclaimable(ctx, vs.Addr(), vs.ReclaimFloor())
+		cancel()
+		if err == nil && !left {
+			vs.EndGrace("nothing left to reclaim")
+			return
+		}
+	}
 }
 
 func graceUntil(vs *virtualserver.Server) time.Time {
@@ -339,7 +404,16 @@ func (m *Manager) release(ctx context.Context, a netip.Addr, snapshot, lost bool
 		res.GraceLeft, res.GracePending = Duration(grace.Remaining), len(grace.Clients)
 	}
 	m.cfg.Addrs.Stop(a)
-	snap, err := m.cfg.NLM.ReleaseVIP(ctx, vs.Claim())
+	var snap *dlm.Snapshot
+	var err error
+	if m.cfg.Shared {
+		// The records stay in the shared backend for the next owner.
+		m.cfg.NLM.DetachVIP(a)
+		snap = &dlm.Snapshot{VIP: a, Epoch: vs.Epoch(), Taken: time.Now()}
+		res.Locks, res.Waiters, res.Shares, err = m.cfg.NLM.CountVIP(ctx, a)
+	} else {
+		snap, err = m.cfg.NLM.ReleaseVIP(ctx, vs.Claim())
+	}
 	m.cfg.NSM.Detach(a)
 	// The address is served no more: every request the release cut off is
 	// known, and the next owner waits for those clients to send them again.
@@ -347,12 +421,12 @@ func (m *Manager) release(ctx context.Context, a netip.Addr, snapshot, lost bool
 	if cerr := m.cfg.Registry.Finish(ctx, vs); cerr != nil {
 		m.log.Warn("hacallout: the backend did not take the end of the release's claim", "vip", a, "err", cerr)
 	}
-	if snap != nil {
+	if snap != nil && !m.cfg.Shared {
 		res.Locks, res.Waiters, res.Shares = snap.Counts()
 	}
 	var b []byte
 	if err == nil && snapshot && !m.cfg.NoSnapshot && !lost {
-		b, err = marshalHandoff(handoff{Locks: snap, Grace: grace})
+		b, err = marshalHandoff(handoff{Locks: snap, Grace: grace, Shared: m.cfg.Shared, Floor: vs.ReclaimFloor()})
 	}
 	if !lost {
 		if oerr := m.own.Release(ctx, a, res.Epoch, b); oerr != nil {
@@ -378,6 +452,11 @@ func (m *Manager) graceEnded(ctx context.Context, vs *virtualserver.Server, st v
 	m.log.Info("hacallout: grace period over", "vip", vs.Addr(), "why", st.Why, "lasted", st.Ended.Sub(st.Started).Round(time.Millisecond),
 		"clients", st.Clients, "reclaims", st.Reclaims)
 	if !vs.Serving() {
+		return
+	}
+	if m.cfg.Shared && vs.ReclaimFloor() == 0 {
+		// A shared backend's records older than this epoch were adopted,
+		// not left to reclaim: nothing is known to purge.
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)

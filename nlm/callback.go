@@ -727,10 +727,15 @@ func (c *callbacks) hostVS(h *dlm.Host) (*virtualserver.Server, bool) {
 	return vs, ok && vs.Serving()
 }
 
-// grantClaim is what ending a grant acts under: the claim the waiter was
-// queued in. Once its virtual server has moved on, the grant is the next
-// owner's business (the edit is fenced).
-func grantClaim(g *lockmgr.Grant) dlm.Claim {
+// grantClaim is what ending a grant acts under: the claim of the virtual
+// server serving the waiter here now — not the epoch it was queued in,
+// which a planned move leaves behind with the records (a shared backend
+// keeps them). Once the virtual server has moved on from this node, the
+// grant is the next owner's business (the edit is fenced).
+func (c *callbacks) grantClaim(g *lockmgr.Grant) dlm.Claim {
+	if vs, ok := c.vss.Get(g.Waiter.Owner.Host.VIP); ok {
+		return vs.Claim()
+	}
 	return dlm.Claim{VIP: g.Waiter.Owner.Host.VIP, Epoch: g.Waiter.Epoch}
 }
 
@@ -738,7 +743,7 @@ func grantClaim(g *lockmgr.Grant) dlm.Claim {
 // that makes grantable.
 func (c *callbacks) ungrant(ctx context.Context, g lockmgr.Grant) {
 	var res lockmgr.Result
-	err := c.backend.Update(ctx, []byte(g.FH), grantClaim(&g), func(f *dlm.File) error {
+	err := c.backend.Update(ctx, []byte(g.FH), c.grantClaim(&g), func(f *dlm.File) error {
 		res = c.mgr.Ungrant(f, g.Waiter)
 		return nil
 	})
@@ -766,7 +771,7 @@ func (c *callbacks) settle(ctx context.Context, grants []lockmgr.Grant) {
 	var order []group
 	for i := range grants {
 		g := &grants[i]
-		k := group{g.FH, grantClaim(g)}
+		k := group{g.FH, c.grantClaim(g)}
 		if _, ok := byGroup[k]; !ok {
 			order = append(order, k)
 		}

@@ -124,6 +124,22 @@ func New(cfg Config) *Service {
 		backend: cfg.Backend, mgr: &s.mgr, stats: &s.stats, log: s.log})
 	s.secs.Store(uint32(s.now().Unix()))
 	s.stopClk = make(chan struct{})
+	if rg, ok := cfg.Backend.(dlm.RemoteGrants); ok {
+		// Grants another node made for this node's virtual servers: called
+		// back from here, where the waiter's virtual server is served.
+		ch := rg.RemoteGrants()
+		s.clkDone.Go(func() {
+			for {
+				select {
+				case g := <-ch:
+					w := g.Waiter
+					s.cb.grant([]lockmgr.Grant{{FH: g.FH, Waiter: &w}})
+				case <-s.stopClk:
+					return
+				}
+			}
+		})
+	}
 	s.clkDone.Go(func() {
 		t := time.NewTicker(500 * time.Millisecond)
 		defer t.Stop()
@@ -298,7 +314,9 @@ func (o *op) cutOff() {
 // The in-memory backend keeps no records across the death of their node,
 // so grace uses the rule without an epoch floor (lockmgr): a durable,
 // shared backend supplies a floor instead.
-func (o *op) test(f *dlm.File) { o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace, 0) }
+func (o *op) test(f *dlm.File) {
+	o.res = o.s.mgr.Test(f, o.owner, o.rng, o.excl, o.inGrace, o.vs.ReclaimFloor())
+}
 
 // prepare finds the virtual server, checks the range and the handle, and
 // interns the owner into o. A status other than Granted is the reply.
@@ -470,7 +488,7 @@ func (s *Service) lock(ctx context.Context, c *Call, a *LockArgs, monitor, async
 	o.kind = opLock
 	o.lock = lockmgr.LockArgs{
 		Owner: o.owner, Range: o.rng, Exclusive: a.Exclusive, Block: a.Block, Reclaim: a.Reclaim,
-		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(), Now: s.secs.Load(),
+		InGrace: o.vs.InGraceNow(s.now), Epoch: o.vs.Epoch(), Floor: o.vs.ReclaimFloor(), Now: s.secs.Load(),
 		OH: a.Lock.OH, Vers: c.Vers, Transport: uint8(c.Transport), Async: async,
 	}
 	if monitor {
@@ -631,7 +649,7 @@ func (s *Service) share(ctx context.Context, c *Call, a *ShareArgs, unshare bool
 	}
 	o.kind, o.vs = opShare, vs
 	o.share = lockmgr.ShareArgs{Host: host, OH: a.Share.OH, Mode: a.Share.Mode, Access: a.Share.Access,
-		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch()}
+		Reclaim: a.Reclaim, InGrace: vs.InGraceNow(s.now), Epoch: vs.Epoch(), Floor: vs.ReclaimFloor()}
 	st = s.update(ctx, o, a.Share.FH)
 	if o.share.InGrace {
 		vs.GraceRequest(c.Remote.Addr(), a.Reclaim)

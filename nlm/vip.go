@@ -35,6 +35,78 @@ func (s *Service) ReleaseVIP(ctx context.Context, c dlm.Claim) (*dlm.Snapshot, e
 	return snap, err
 }
 
+// DetachVIP stops the callbacks to a virtual server's clients and leaves
+// its state in the backend: the release of a virtual server whose records
+// a shared backend keeps for the next owner, who adopts them (ResumeVIP).
+// The claim must be releasing already, as for ReleaseVIP.
+func (s *Service) DetachVIP(vip netip.Addr) {
+	sel := dlm.Selector{VIP: vip.Unmap()}
+	s.cb.cancelHosts(sel.Match)
+}
+
+// ResumeVIP sends the GRANTED callbacks still due to a virtual server's
+// clients — pending grants in the backend that the previous owner left or
+// that another node made meanwhile — once this node adopted the virtual
+// server's records (a planned move over a shared backend). It returns
+// how many it sent.
+func (s *Service) ResumeVIP(ctx context.Context, vs *virtualserver.Server) (int, error) {
+	vip := vs.Addr()
+	var grants []lockmgr.Grant
+	err := s.cfg.Backend.View(ctx, func(f *dlm.File) bool {
+		for _, p := range f.Pending() {
+			if p.Owner.Host.VIP == vip {
+				w := *p
+				w.Prev = slices.Clone(p.Prev)
+				grants = append(grants, lockmgr.Grant{FH: f.FH(), Waiter: &w})
+			}
+		}
+		return true
+	})
+	s.cb.grant(grants)
+	return len(grants), err
+}
+
+// CountVIP counts the locks, blocked requests and shares of a virtual
+// server's clients in the backend.
+func (s *Service) CountVIP(ctx context.Context, vip netip.Addr) (locks, waiters, shares int, err error) {
+	vip = vip.Unmap()
+	err = s.cfg.Backend.View(ctx, func(f *dlm.File) bool {
+		f.All(func(h *dlm.Held) bool {
+			if h.Owner().Host.VIP == vip {
+				locks++
+			}
+			return true
+		})
+		for _, w := range f.Waiters() {
+			if w.Owner.Host.VIP == vip {
+				waiters++
+			}
+		}
+		for _, sh := range f.Shares() {
+			if sh.Host.VIP == vip {
+				shares++
+			}
+		}
+		return true
+	})
+	return locks, waiters, shares, err
+}
+
+// Reclaimable reports whether a virtual server's records stamped below
+// floor remain (what its grace period waits to be reclaimed).
+func (s *Service) Reclaimable(ctx context.Context, vip netip.Addr, floor uint64) (bool, error) {
+	sel := dlm.Selector{VIP: vip.Unmap(), Below: floor}
+	found := false
+	err := s.cfg.Backend.View(ctx, func(f *dlm.File) bool {
+		f.Records(func(h *dlm.Host, epoch uint64) bool {
+			found = sel.MatchRecord(h, epoch)
+			return !found
+		})
+		return !found
+	})
+	return found, err
+}
+
 // dropAll drops what sel selects, under claim c, file by file; each file
 // goes through before first (while it still has the records), and what
 // the drops make grantable is granted. A backend may run the per-file
@@ -174,8 +246,16 @@ func (s *Service) InstallSnapshot(ctx context.Context, snap *dlm.Snapshot, vs *v
 // PurgeVIP drops what the clients of a virtual server did not reclaim in
 // its grace period: its state stamped with an epoch older than the
 // current one.
+//
+// What is purged is what was reclaimable: the records stamped below the
+// virtual server's reclaim floor when a shared backend kept them, else
+// below its epoch (a snapshot's records were re-stamped as installed).
 func (s *Service) PurgeVIP(ctx context.Context, vs *virtualserver.Server) error {
-	_, err := s.DropHosts(ctx, dlm.Selector{VIP: vs.Addr(), Below: vs.Epoch()}, vs.Claim())
+	below := vs.ReclaimFloor()
+	if below == 0 {
+		below = vs.Epoch()
+	}
+	_, err := s.DropHosts(ctx, dlm.Selector{VIP: vs.Addr(), Below: below}, vs.Claim())
 	return err
 }
 

@@ -54,7 +54,10 @@ type Server struct {
 	epoch    uint64
 	state    atomic.Int32
 	graceEnd atomic.Int64 // unix nanoseconds while in grace; 0 otherwise
-	reg      *Registry
+	// floor: during grace, the virtual server's records stamped below it
+	// are reclaimable (0: the backend kept none; see SetReclaimFloor).
+	floor atomic.Uint64
+	reg   *Registry
 
 	mu    sync.Mutex
 	grace Grace
@@ -99,6 +102,18 @@ func (v *Server) InGraceNow(clock func() time.Time) bool {
 	end := v.graceEnd.Load()
 	return end != 0 && clock().UnixNano() < end
 }
+
+// SetReclaimFloor says that the backend kept the virtual server's
+// records through an unplanned move (a shared backend): during grace,
+// those stamped below epoch are reclaimable — a request that conflicts
+// with one gets DENIED_GRACE_PERIOD until it is reclaimed or purged —
+// and every other request is served at once. Without it (0), grace
+// refuses every request but reclaims.
+func (v *Server) SetReclaimFloor(epoch uint64) { v.floor.Store(epoch) }
+
+// ReclaimFloor is the epoch below which the virtual server's records are
+// reclaimable during grace (0: none kept).
+func (v *Server) ReclaimFloor() uint64 { return v.floor.Load() }
 
 // BeginGrace starts a grace period of the registry's length now. With
 // early, it ends as soon as clients have all reclaimed (see Grace); with

@@ -53,6 +53,15 @@ type fileConfig struct {
 	Procs         *int      `yaml:"procs"`
 	LogFormat     *string   `yaml:"log_format"`
 	LogLevel      *string   `yaml:"log_level"`
+	Backend       *string   `yaml:"backend"`
+	EtcdEndpoints []string  `yaml:"etcd_endpoints"`
+	EtcdPrefix    *string   `yaml:"etcd_prefix"`
+	EtcdCACert    *string   `yaml:"etcd_cacert"`
+	EtcdCert      *string   `yaml:"etcd_cert"`
+	EtcdKey       *string   `yaml:"etcd_key"`
+	EtcdEmbedded  *string   `yaml:"etcd_embedded"`
+	NodeName      *string   `yaml:"node_name"`
+	LeaseTTL      *duration `yaml:"lease_ttl"`
 }
 
 type fileVIP struct {
@@ -124,6 +133,15 @@ func loadConfig(path string, o *options) error {
 	setp(&o.procs, c.Procs)
 	setp(&o.logFormat, c.LogFormat)
 	setp(&o.logLevel, c.LogLevel)
+	setp(&o.backend, c.Backend)
+	set(&o.etcdEndpoints, c.EtcdEndpoints)
+	setp(&o.etcdPrefix, c.EtcdPrefix)
+	setp(&o.etcdCACert, c.EtcdCACert)
+	setp(&o.etcdCert, c.EtcdCert)
+	setp(&o.etcdKey, c.EtcdKey)
+	setp(&o.etcdEmbedded, c.EtcdEmbedded)
+	setp(&o.nodeName, c.NodeName)
+	setd(&o.leaseTTL, c.LeaseTTL)
 	return nil
 }
 

@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nlmha/nlmha/dlm"
-	"github.com/nlmha/nlmha/dlm/memdlm"
 	"github.com/nlmha/nlmha/hacallout"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
@@ -37,6 +36,7 @@ type daemon struct {
 	registrar *sunrpc.Registrar
 	regs      []sunrpc.Registration
 	backend   dlm.Backend
+	parts     *backendParts
 	registry  *virtualserver.Registry
 	svc       *nlm.Service
 	nsm       *nsm.Service
@@ -87,7 +87,11 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{o: o, log: log, backend: newBackend(o), stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
+	parts, err := newBackend(ctx, o, log)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{o: o, log: log, backend: parts.backend, parts: parts, stop: make(chan struct{}), started: time.Now(), metrics: newMetrics()}
 	// Roomy UDP buffers: the notifier's replies and UDP lock traffic come
 	// in bursts of hundreds of datagrams, and a datagram dropped by the
 	// kernel costs its sender a retransmission timeout.
@@ -112,6 +116,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		Logger:            log,
 	})
 	if err != nil {
+		d.closeBackend()
 		return nil, err
 	}
 	cfg := nlm.Config{
@@ -164,8 +169,12 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 			return nil, err
 		}
 	}
-	d.mgr = hacallout.New(hacallout.Config{Registry: d.registry, NLM: d.svc, NSM: d.nsm, Addrs: d.addrs, StateDir: o.stateDir,
-		NoSnapshot: o.noSnapshot, Notified: o.noNotify, ServeUnknown: o.serveUnknown && o.listenMode == "wildcard", Logger: log})
+	mcfg := hacallout.Config{Registry: d.registry, NLM: d.svc, NSM: d.nsm, Addrs: d.addrs, StateDir: o.stateDir,
+		NoSnapshot: o.noSnapshot, Notified: o.noNotify, ServeUnknown: o.serveUnknown && o.listenMode == "wildcard", Logger: log}
+	if parts.owners != nil {
+		mcfg.Ownership, mcfg.Shared = etcdOwnership{parts.owners}, true
+	}
+	d.mgr = hacallout.New(mcfg)
 	octx, ocancel := context.WithCancel(context.Background())
 	d.serving.Go(func() { d.mgr.Run(octx) })
 	d.serving.Go(func() { <-d.stop; ocancel() })
@@ -198,6 +207,9 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 			return nil, fmt.Errorf("--metrics-listen: %w", err)
 		}
 		d.metrics.reg.MustRegister(newStateCollector(d))
+		if parts.etcd != nil {
+			d.metrics.reg.MustRegister(newEtcdCollector(parts))
+		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
 		d.metricSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
@@ -411,14 +423,6 @@ func systemRpcbind(ctx context.Context) bool {
 	return err == nil
 }
 
-// newBackend makes the lock backend. Everything above it sees only
-// dlm.Backend: the in-memory one is the only one so far.
-func newBackend(o *options) dlm.Backend {
-	b := memdlm.New()
-	b.SetHostLimit(o.namesPerAddr)
-	return b
-}
-
 // sweep lets the backend forget idle hosts and owners once a minute, and
 // the status monitor stop monitoring clients that hold nothing any more.
 func (d *daemon) sweep() {
@@ -498,5 +502,18 @@ func (d *daemon) abort() {
 	if d.validator != nil {
 		d.validator.Close()
 	}
+	d.closeBackend()
+}
+
+// closeBackend closes the backend, then (etcd) gives the node's lease
+// back — the virtual servers still owned go to whoever takes them, as
+// after a crash — and closes the client and an embedded etcd.
+func (d *daemon) closeBackend() {
 	d.backend.Close()
+	if d.parts.owners != nil {
+		if err := d.parts.owners.Close(); err != nil {
+			d.log.Warn("nlmd: etcd", "err", err)
+		}
+	}
+	d.parts.close()
 }

@@ -65,6 +65,16 @@ type options struct {
 	logFormat     string
 	logLevel      string
 	version       bool
+	// The lock backend: memory, or etcd shared by the nodes.
+	backend       string
+	etcdEndpoints []string
+	etcdPrefix    string
+	etcdCACert    string
+	etcdCert      string
+	etcdKey       string
+	etcdEmbedded  string
+	nodeName      string
+	leaseTTL      time.Duration
 }
 
 func defaults() *options {
@@ -74,6 +84,7 @@ func defaults() *options {
 		grace: 90 * time.Second, graceQuiet: 5 * time.Second, notifyGiveUp: 15 * time.Minute, notifyWindow: 256,
 		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000, namesPerAddr: 256,
 		maxRecord: 16 << 10, shutdownWait: 5 * time.Second, procs: 1, logFormat: "text", logLevel: "info",
+		backend: "memory", etcdEndpoints: []string{"http://127.0.0.1:2379"}, etcdPrefix: "/nlmha/", leaseTTL: 10 * time.Second,
 	}
 }
 
@@ -143,6 +154,18 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.DurationVar(&o.shutdownWait, "shutdown-timeout", o.shutdownWait, "how long SIGTERM waits for calls in progress (nlmd exits at most a second after it)")
 	fs.IntVar(&o.procs, "procs", o.procs,
 		"CPUs nlmd may run Go code on at once (GOMAXPROCS; 0: all). NLM is light work: one CPU serves about 100k calls/s, and on a node shared with the NFS server more only add scheduling overhead")
+	fs.StringVar(&o.backend, "backend", o.backend,
+		"lock backend: memory (this node alone) or etcd (shared by the nodes: the same files served through virtual servers on several nodes, failover without a global grace period)")
+	fs.StringSliceVar(&o.etcdEndpoints, "etcd-endpoints", o.etcdEndpoints, "etcd client URLs (--backend etcd)")
+	fs.StringVar(&o.etcdPrefix, "etcd-prefix", o.etcdPrefix, "prefix of every etcd key: nlmha clusters sharing one etcd need one each")
+	fs.StringVar(&o.etcdCACert, "etcd-cacert", o.etcdCACert, "CA certificate (PEM) to verify etcd's server certificates with")
+	fs.StringVar(&o.etcdCert, "etcd-cert", o.etcdCert, "client certificate (PEM) for etcd's TLS client authentication")
+	fs.StringVar(&o.etcdKey, "etcd-key", o.etcdKey, "client certificate's key (PEM)")
+	fs.StringVar(&o.etcdEmbedded, "etcd-embedded", o.etcdEmbedded,
+		"run a one-member etcd inside nlmd with its data in this directory (a single machine, durable across restarts) instead of connecting to --etcd-endpoints")
+	fs.StringVar(&o.nodeName, "node-name", o.nodeName, "this node's name in etcd (default: the host name); unique in the cluster")
+	fs.DurationVar(&o.leaseTTL, "lease-ttl", o.leaseTTL,
+		"TTL of the node's etcd lease: a node that dies loses its virtual servers this long after its last keepalive; a node cut off from etcd stops serving a fifth of it before")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", o.cpuProfile, "write a CPU profile (pprof) of the whole run to this file, for performance work")
 	fs.StringVar(&o.logFormat, "log-format", o.logFormat, "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", o.logLevel, "log level: debug, info, warn or error")
@@ -187,6 +210,28 @@ func (o *options) check() error {
 	}
 	if _, err := parseVIPs(o.vips); err != nil {
 		return err
+	}
+	switch o.backend {
+	case "memory":
+	case "etcd":
+		if o.nodeName == "" {
+			h, err := os.Hostname()
+			if err != nil || h == "" {
+				return errors.New("--node-name: none given and no host name")
+			}
+			o.nodeName = h
+		}
+		if strings.ContainsAny(o.nodeName, " /") {
+			return fmt.Errorf("--node-name %q: no spaces or slashes", o.nodeName)
+		}
+		if o.etcdEmbedded == "" && len(o.etcdEndpoints) == 0 {
+			return errors.New("--backend etcd needs --etcd-endpoints or --etcd-embedded")
+		}
+		if o.leaseTTL < 2*time.Second {
+			return fmt.Errorf("--lease-ttl %v: want at least 2s", o.leaseTTL)
+		}
+	default:
+		return fmt.Errorf("--backend %q: want memory or etcd", o.backend)
 	}
 	return nil
 }

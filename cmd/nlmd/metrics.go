@@ -168,3 +168,43 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(c.refusedNames, ns.TooManyNames.Load())
 }
+
+// etcdCollector exports the etcd backend's counters and the node's lease.
+type etcdCollector struct {
+	p                                                 *backendParts
+	txns, retries, fencedEdits, selfFenced, conflicts *prometheus.Desc
+	relists, deadline, fenced                         *prometheus.Desc
+}
+
+func newEtcdCollector(p *backendParts) *etcdCollector {
+	return &etcdCollector{p: p,
+		txns:        prometheus.NewDesc("nlm_etcd_transactions_total", "Transactions sent to etcd (each is one round trip).", nil, nil),
+		retries:     prometheus.NewDesc("nlm_etcd_txn_retries_total", "Lock edits run again because another node changed the file first.", nil, nil),
+		fencedEdits: prometheus.NewDesc("nlm_etcd_fenced_edits_total", "Edits etcd refused because the virtual server's claim had moved to another node or epoch.", nil, nil),
+		selfFenced:  prometheus.NewDesc("nlm_etcd_self_fencing_total", "Times this node fenced itself: its lease's deadline passed without an acknowledged keepalive.", nil, nil),
+		conflicts:   prometheus.NewDesc("nlm_etcd_conflicts_total", "Lock edits given up after too many lost races on one file.", nil, nil),
+		relists:     prometheus.NewDesc("nlm_etcd_relists_total", "Full reloads of the lock mirror (its watch fell behind a compaction).", nil, nil),
+		deadline:    prometheus.NewDesc("nlm_etcd_lease_deadline_seconds", "Seconds until this node fences itself unless a keepalive is acknowledged.", nil, nil),
+		fenced:      prometheus.NewDesc("nlm_etcd_self_fenced", "1 once this node has fenced itself (it serves nothing until restarted).", nil, nil),
+	}
+}
+
+func (c *etcdCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.txns, c.retries, c.fencedEdits, c.selfFenced, c.conflicts, c.relists, c.deadline, c.fenced} {
+		ch <- d
+	}
+}
+
+func (c *etcdCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.p.etcd.Stats()
+	for d, v := range map[*prometheus.Desc]uint64{c.txns: st.Txns, c.retries: st.Retries, c.fencedEdits: st.Fenced,
+		c.selfFenced: st.SelfFenced, c.conflicts: st.Conflicts, c.relists: st.Relists} {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	fenced := 0.0
+	if c.p.owners.Fenced() {
+		fenced = 1
+	}
+	ch <- prometheus.MustNewConstMetric(c.fenced, prometheus.GaugeValue, fenced)
+	ch <- prometheus.MustNewConstMetric(c.deadline, prometheus.GaugeValue, time.Until(c.p.owners.Deadline()).Seconds())
+}

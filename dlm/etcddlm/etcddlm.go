@@ -86,6 +86,15 @@ type Stats struct {
 
 const nShards = 64
 
+// maxRemoteGrants bounds the grants waiting to be called back.
+const maxRemoteGrants = 4096
+
+var _ dlm.RemoteGrants = (*Backend)(nil)
+
+// RemoteGrants delivers the pending grants another node made for a
+// virtual server this node holds an active claim of.
+func (b *Backend) RemoteGrants() <-chan dlm.RemoteGrant { return b.grants }
+
 // Backend is the etcd lock backend.
 type Backend struct {
 	*dlm.Registry
@@ -118,6 +127,10 @@ type Backend struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	closed atomic.Bool
+
+	// grants delivers pending grants another node made (RemoteGrants).
+	grants        chan dlm.RemoteGrant
+	grantsDropped atomic.Uint64
 
 	txns, retried, fenced, conflicts, relists, fences atomic.Uint64
 }
@@ -184,6 +197,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		treap:    rand.Uint64(),
 		progress: make(chan struct{}),
 		done:     make(chan struct{}),
+		grants:   make(chan dlm.RemoteGrant, maxRemoteGrants),
 	}
 	for i := range b.shards {
 		b.shards[i].files = map[string]*entry{}
@@ -508,8 +522,51 @@ func (b *Backend) apply(fh string, kv *mvccpb.KeyValue, rev int64) error {
 	if err != nil {
 		return fmt.Errorf("etcddlm: file %s at revision %d: %w", kv.Key, kv.ModRevision, err)
 	}
+	old := e.st
 	install(e, st, kv.ModRevision)
+	b.newGrants(fh, old, st)
 	return nil
+}
+
+// newGrants passes on the pending grants that st has and old had not, for
+// the virtual servers this node holds. The state came from another node's
+// edit (this node's own commits do not come this way: the mirror has
+// them already when the watch brings them back).
+func (b *Backend) newGrants(fh string, old, st *dlm.State) {
+	var f dlm.File
+	f.Bind(st, nil)
+	pending := f.Pending()
+	if len(pending) == 0 {
+		return
+	}
+	var before map[uint64]bool
+	if old != nil {
+		f.Bind(old, nil)
+		for _, p := range f.Pending() {
+			if before == nil {
+				before = map[uint64]bool{}
+			}
+			before[p.Seq] = true
+		}
+	}
+	claims := *b.claims.Load()
+	for _, p := range pending {
+		if before[p.Seq] {
+			continue
+		}
+		if r, ok := claims[p.Owner.Host.VIP]; !ok || r.State != dlm.ClaimActive {
+			continue
+		}
+		w := *p
+		w.Prev = slices.Clone(p.Prev)
+		select {
+		case b.grants <- dlm.RemoteGrant{FH: fh, Waiter: w}:
+		default:
+			if b.grantsDropped.Add(1) == 1 {
+				b.log.Warn("etcddlm: too many grants from other nodes to call back; clients find them on their next request")
+			}
+		}
+	}
 }
 
 // Update runs fn on the file's state and commits what it changed in one

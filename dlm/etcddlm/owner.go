@@ -118,8 +118,8 @@ func NewOwners(ctx context.Context, b *Backend, cfg OwnersConfig) (*Owners, erro
 	return o, nil
 }
 
-func (o *Owners) nodeKey(node string) string     { return o.b.Prefix() + "n/" + node }
-func (o *Owners) ownerKey(vip netip.Addr) string  { return o.b.Prefix() + "o/" + vip.String() }
+func (o *Owners) nodeKey(node string) string       { return o.b.Prefix() + "n/" + node }
+func (o *Owners) ownerKey(vip netip.Addr) string   { return o.b.Prefix() + "o/" + vip.String() }
 func (o *Owners) handoffKey(vip netip.Addr) string { return o.b.Prefix() + "h/" + vip.String() }
 
 // Lease is the node's lease.
@@ -281,15 +281,6 @@ func (o *Owners) Claim(ctx context.Context, vip netip.Addr) (Claimed, error) {
 	o.owned[vip] = int64(c.Epoch)
 	o.mu.Unlock()
 	return c, nil
-}
-
-// giveBack deletes an owner key this node created, best effort.
-func (o *Owners) giveBack(vip netip.Addr, epoch int64) {
-	ctx, cancel := context.WithTimeout(context.Background(), o.b.timeout)
-	defer cancel()
-	ok := o.ownerKey(vip)
-	_, _ = o.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ok), "=", epoch)).
-		Then(clientv3.OpDelete(ok)).Commit()
 }
 
 // Release gives vip up, leaving handoff (nil: nothing) for the next

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"net/url"
+	"os"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
+	"go.uber.org/zap"
+
+	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/dlm/etcddlm"
+	"github.com/nlmha/nlmha/dlm/memdlm"
+	"github.com/nlmha/nlmha/virtualserver"
+)
+
+// backendParts is the lock backend and, with etcd, what goes with it:
+// ownership of virtual servers in etcd, and what to close after the
+// backend.
+type backendParts struct {
+	backend dlm.Backend
+	etcd    *etcddlm.Backend
+	owners  *etcddlm.Owners
+	closers []func() error
+}
+
+// newBackend makes the lock backend. Everything above it sees only
+// dlm.Backend (and, with etcd, virtualserver.Ownership).
+func newBackend(ctx context.Context, o *options, log *slog.Logger) (*backendParts, error) {
+	if o.backend == "memory" {
+		b := memdlm.New()
+		b.SetHostLimit(o.namesPerAddr)
+		return &backendParts{backend: b}, nil
+	}
+	p := &backendParts{}
+	fail := func(err error) (*backendParts, error) {
+		p.close()
+		return nil, err
+	}
+	var cli *clientv3.Client
+	if o.etcdEmbedded != "" {
+		e, err := startEmbeddedEtcd(o.etcdEmbedded, log)
+		if err != nil {
+			return nil, err
+		}
+		p.closers = append(p.closers, func() error { e.Close(); return nil })
+		// In process: the client calls the server without a network hop.
+		cli = v3client.New(e.Server)
+		p.closers = append([]func() error{cli.Close}, p.closers...)
+	} else {
+		tlsCfg, err := etcdTLS(o)
+		if err != nil {
+			return nil, err
+		}
+		cli, err = clientv3.New(clientv3.Config{
+			Endpoints:            o.etcdEndpoints,
+			DialTimeout:          5 * time.Second,
+			DialKeepAliveTime:    5 * time.Second,
+			DialKeepAliveTimeout: 5 * time.Second,
+			TLS:                  tlsCfg,
+			Logger:               zap.NewNop(),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("etcd: %w", err)
+		}
+		p.closers = append(p.closers, cli.Close)
+	}
+	// Fail now, and clearly, if etcd cannot be reached.
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err := cli.Get(sctx, "health", clientv3.WithCountOnly())
+	cancel()
+	if err != nil {
+		return fail(fmt.Errorf("etcd at %v: %w", o.etcdEndpoints, err))
+	}
+	b, err := etcddlm.New(ctx, etcddlm.Config{Client: cli, Prefix: o.etcdPrefix, Node: o.nodeName, Log: log})
+	if err != nil {
+		return fail(err)
+	}
+	b.SetHostLimit(o.namesPerAddr)
+	p.backend, p.etcd = b, b
+	p.owners, err = etcddlm.NewOwners(ctx, b, etcddlm.OwnersConfig{TTL: o.leaseTTL,
+		Info: map[string]string{"listen": fmt.Sprint(o.listen), "version": version}})
+	if err != nil {
+		b.Close()
+		return fail(err)
+	}
+	return p, nil
+}
+
+// close releases what newBackend opened after the backend, in order.
+func (p *backendParts) close() {
+	for _, c := range p.closers {
+		_ = c()
+	}
+	p.closers = nil
+}
+
+func etcdTLS(o *options) (*tls.Config, error) {
+	if o.etcdCACert == "" && o.etcdCert == "" && o.etcdKey == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.etcdCACert != "" {
+		pem, err := os.ReadFile(o.etcdCACert)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cacert: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--etcd-cacert %s: no certificate found", o.etcdCACert)
+		}
+		cfg.RootCAs = pool
+	}
+	if o.etcdCert != "" || o.etcdKey != "" {
+		if o.etcdCert == "" || o.etcdKey == "" {
+			return nil, errors.New("--etcd-cert and --etcd-key go together")
+		}
+		cert, err := tls.LoadX509KeyPair(o.etcdCert, o.etcdKey)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// startEmbeddedEtcd runs a one-member etcd inside nlmd, durable in dir,
+// reachable only in process (its listeners are on loopback, on ports the
+// kernel picks). Auto-compaction keeps lock churn from filling it.
+func startEmbeddedEtcd(dir string, log *slog.Logger) (*embed.Etcd, error) {
+	cfg := embed.NewConfig()
+	cfg.Dir = dir
+	cfg.Name = "nlmd"
+	cfg.Logger = "zap"
+	cfg.LogLevel = "error"
+	cfg.AutoCompactionMode = "periodic"
+	cfg.AutoCompactionRetention = "5m"
+	lc, _ := url.Parse("http://127.0.0.1:0")
+	lp, _ := url.Parse("http://127.0.0.1:0")
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*lc}, []url.URL{*lc}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*lp}, []url.URL{*lp}
+	cfg.InitialCluster = cfg.Name + "=" + lp.String()
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("--etcd-embedded %s: %w", dir, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("--etcd-embedded %s: etcd not ready after 60 s", dir)
+	}
+	log.Info("nlmd: embedded etcd ready", "dir", dir)
+	return e, nil
+}
+
+// etcdOwnership is virtual-server ownership in etcd for the manager.
+type etcdOwnership struct{ o *etcddlm.Owners }
+
+func (e etcdOwnership) Claim(ctx context.Context, a netip.Addr) (virtualserver.Claimed, error) {
+	c, err := e.o.Claim(ctx, a)
+	return virtualserver.Claimed{Epoch: c.Epoch, Prev: c.Prev, Handoff: c.Handoff}, err
+}
+
+func (e etcdOwnership) Release(ctx context.Context, a netip.Addr, epoch uint64, handoff []byte) error {
+	err := e.o.Release(ctx, a, epoch, handoff)
+	if errors.Is(err, etcddlm.ErrLost) {
+		return fmt.Errorf("%w: %w", virtualserver.ErrLost, err)
+	}
+	return err
+}
+
+func (e etcdOwnership) Lost() <-chan netip.Addr { return e.o.Lost() }
