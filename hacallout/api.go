@@ -36,6 +36,7 @@ import (
 //	GET  /v1/locks?vip=&client=&fh=&limit=
 //	GET  /v1/clients?vip=
 //	POST /v1/clients/drop                 {"client": "...", "vip": "..."}
+//	GET  /v1/cluster                      the nodes sharing the backend (404: none)
 
 // VIPStatus describes one virtual server.
 type VIPStatus struct {
@@ -88,8 +89,83 @@ type ClientInfo struct {
 
 // LocksReply answers GET /v1/locks.
 type LocksReply struct {
-	Locks     []nlm.LockInfo `json:"locks"`
-	Truncated bool           `json:"truncated,omitempty"`
+	Locks     []LockInfo `json:"locks"`
+	Truncated bool       `json:"truncated,omitempty"`
+}
+
+// LockInfo is a lock with the node that serves its virtual server (with
+// a shared backend, the locks of every node are listed; empty: this node
+// alone, or nobody serves the virtual server now).
+type LockInfo struct {
+	nlm.LockInfo
+	Node string `json:"node,omitempty"`
+}
+
+// Cluster is what a backend shared by nodes tells about them.
+type Cluster interface {
+	ClusterStatus(ctx context.Context) (ClusterStatus, error)
+}
+
+// ClusterStatus describes the nodes that share the lock backend.
+type ClusterStatus struct {
+	Backend string `json:"backend"`
+	Node    string `json:"node"` // this node
+	Prefix  string `json:"prefix,omitempty"`
+	// LeaseDeadline is when this node fences itself unless a keepalive is
+	// acknowledged before; SelfFenced once it has.
+	LeaseDeadline  time.Time         `json:"lease_deadline"`
+	SelfFenced     bool              `json:"self_fenced,omitempty"`
+	Nodes          []ClusterNode     `json:"nodes"`
+	VirtualServers []ClusterVIP      `json:"virtual_servers"`
+	Endpoints      []EndpointHealth  `json:"endpoints"`
+	Stats          map[string]uint64 `json:"stats,omitempty"`
+}
+
+// ClusterNode is a live node.
+type ClusterNode struct {
+	Name    string    `json:"name"`
+	Started time.Time `json:"started"`
+	// LeaseTTL is the remaining TTL of its lease as the store reports it
+	// (a minimum: a leader change restarts it).
+	LeaseTTL int64             `json:"lease_ttl_seconds"`
+	Info     map[string]string `json:"info,omitempty"`
+}
+
+// ClusterVIP is a virtual server as the shared backend knows it.
+type ClusterVIP struct {
+	VIP   netip.Addr `json:"vip"`
+	Owner string     `json:"owner,omitempty"` // empty: nobody serves it
+	Epoch uint64     `json:"epoch"`
+	// Handoff: a planned release left its records for the next owner.
+	Handoff bool `json:"handoff,omitempty"`
+}
+
+// EndpointHealth is one store endpoint's health.
+type EndpointHealth struct {
+	Endpoint string   `json:"endpoint"`
+	Healthy  bool     `json:"healthy"`
+	Leader   bool     `json:"leader,omitempty"`
+	Version  string   `json:"version,omitempty"`
+	DBSize   int64    `json:"db_size,omitempty"`
+	Error    string   `json:"error,omitempty"`
+	Took     Duration `json:"took"`
+}
+
+// vipOwners maps virtual servers to the nodes serving them (nil without
+// a cluster).
+func (m *Manager) vipOwners(ctx context.Context) map[netip.Addr]string {
+	if m.cfg.Cluster == nil {
+		return nil
+	}
+	st, err := m.cfg.Cluster.ClusterStatus(ctx)
+	if err != nil {
+		return nil
+	}
+	out := make(map[netip.Addr]string, len(st.VirtualServers))
+	for _, v := range st.VirtualServers {
+		out[v.VIP] = v.Owner
+	}
+	return out
 }
 
 // DropReply answers POST /v1/clients/drop.
@@ -283,6 +359,18 @@ func (m *Manager) Handler(info Info) http.Handler {
 		}
 		reply(w, m.vipStatus(vs, m.cfg.NLM.Hosts()[vs.Addr()]))
 	})
+	mux.HandleFunc("GET /v1/cluster", func(w http.ResponseWriter, r *http.Request) {
+		if m.cfg.Cluster == nil {
+			fail(w, http.StatusNotFound, errors.New("no cluster: the lock backend is this node's alone (--backend memory)"))
+			return
+		}
+		st, err := m.cfg.Cluster.ClusterStatus(r.Context())
+		if err != nil {
+			fail(w, http.StatusServiceUnavailable, err)
+			return
+		}
+		reply(w, st)
+	})
 	mux.HandleFunc("GET /v1/locks", func(w http.ResponseWriter, r *http.Request) {
 		var f nlm.LockFilter
 		q := r.URL.Query()
@@ -322,7 +410,12 @@ func (m *Manager) Handler(info Info) http.Handler {
 		if locks == nil {
 			locks = []nlm.LockInfo{}
 		}
-		reply(w, LocksReply{Locks: locks, Truncated: cut})
+		out := LocksReply{Locks: make([]LockInfo, len(locks)), Truncated: cut}
+		owners := m.vipOwners(r.Context())
+		for i, l := range locks {
+			out.Locks[i] = LockInfo{LockInfo: l, Node: owners[l.VIP]}
+		}
+		reply(w, out)
 	})
 	mux.HandleFunc("GET /v1/clients", func(w http.ResponseWriter, r *http.Request) {
 		var vip netip.Addr

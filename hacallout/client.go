@@ -80,6 +80,11 @@ func (c *Client) Status(ctx context.Context) (st NodeStatus, err error) {
 	return st, c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
 }
 
+// Cluster is GET /v1/cluster.
+func (c *Client) Cluster(ctx context.Context) (st ClusterStatus, err error) {
+	return st, c.do(ctx, http.MethodGet, "/v1/cluster", nil, &st)
+}
+
 // VIPs is GET /v1/vips.
 func (c *Client) VIPs(ctx context.Context) (v []VIPStatus, err error) {
 	return v, c.do(ctx, http.MethodGet, "/v1/vips", nil, &v)

@@ -65,6 +65,9 @@ type Config struct {
 	// records stay reclaimable through the grace period: only requests
 	// that conflict with them wait (see virtualserver.SetReclaimFloor).
 	Shared bool
+	// Cluster, with a shared backend, tells about the nodes that share it
+	// (the control API's /v1/cluster).
+	Cluster Cluster
 	// Notified says that clients are notified by someone else (nlmd
 	// --no-notify): a restart's grace period counts them as told.
 	Notified bool

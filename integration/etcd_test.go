@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"net/url"
@@ -12,6 +13,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"github.com/nlmha/nlmha/hacallout"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/sunrpc"
 )
@@ -250,4 +252,31 @@ func TestEtcdCrossNode(t *testing.T) {
 	if st := a.Lock(t, "F", 0, 10, false, false); st != nlm.Denied {
 		t.Fatalf("A's lock over B's after the planned move: %v, want DENIED", st)
 	}
+
+	// The admin's view of the cluster, from node 1.
+	adm := binary(t, "nlmadmin")
+	var cs hacallout.ClusterStatus
+	if err := json.Unmarshal([]byte(mustAdmin(t, adm, c.nodes[0].sock, "--json", "cluster", "status")), &cs); err != nil {
+		t.Fatal(err)
+	}
+	owners := map[netip.Addr]string{}
+	for _, v := range cs.VirtualServers {
+		owners[v.VIP] = v.Owner
+	}
+	if len(cs.Nodes) != 2 || owners[vip1] != "node1" || owners[vip2] != "node2" || cs.Node != "node1" ||
+		len(cs.Endpoints) != 1 || !cs.Endpoints[0].Healthy || time.Until(cs.LeaseDeadline) <= 0 {
+		t.Fatalf("cluster status: %+v", cs)
+	}
+	var lr hacallout.LocksReply
+	if err := json.Unmarshal([]byte(mustAdmin(t, adm, c.nodes[0].sock, "--json", "locks", "list")), &lr); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, l := range lr.Locks {
+		got[l.Caller] = l.Node
+	}
+	if len(lr.Locks) != 2 || got["client-b"] != "node2" || got["client-c"] != "node2" {
+		t.Fatalf("locks listed on node 1: %+v; want B's and C's, served by node2", lr.Locks)
+	}
+	t.Logf("nlmadmin cluster status:\n%s", mustAdmin(t, adm, c.nodes[0].sock, "cluster", "status"))
 }

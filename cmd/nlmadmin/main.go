@@ -151,7 +151,7 @@ Exit codes: 0 done; 1 failed; 2 bad usage; 3 nlmd is not running;
 	root.PersistentFlags().DurationVar(&a.timeout, "timeout", 60*time.Second, "how long to wait for nlmd")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", "/var/lib/nlmha", "nlmd's state directory (export-sm)")
 
-	root.AddCommand(a.statusCmd(), a.vipCmd(), a.locksCmd(), a.clientsCmd(), a.clientCmd(), a.exportCmd())
+	root.AddCommand(a.statusCmd(), a.vipCmd(), a.locksCmd(), a.clientsCmd(), a.clientCmd(), a.exportCmd(), a.clusterCmd())
 	return root
 }
 
@@ -349,7 +349,7 @@ func (a *app) locksCmd() *cobra.Command {
 				return err
 			}
 			return a.show(r, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tCLIENT\tCALLER\tSVID\tFILE HANDLE\tRANGE\tMODE\tAGE")
+				fmt.Fprintln(w, "VIP\tNODE\tCLIENT\tCALLER\tSVID\tFILE HANDLE\tRANGE\tMODE\tAGE")
 				for _, l := range r.Locks {
 					end := "EOF"
 					if l.End != 0 {
@@ -366,7 +366,11 @@ func (a *app) locksCmd() *cobra.Command {
 					if !l.Since.IsZero() {
 						age = time.Since(l.Since).Round(time.Second).String()
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t[%d,%s)\t%s\t%s\n", l.VIP, l.Client, l.Caller, l.SVID, l.FH, l.Start, end, mode, age)
+					node := l.Node
+					if node == "" {
+						node = "-"
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t[%d,%s)\t%s\t%s\n", l.VIP, node, l.Client, l.Caller, l.SVID, l.FH, l.Start, end, mode, age)
 				}
 				if r.Truncated {
 					fmt.Fprintln(w, "(more: raise --limit)")
@@ -380,6 +384,49 @@ func (a *app) locksCmd() *cobra.Command {
 	list.Flags().IntVar(&limit, "limit", 10000, "list at most this many")
 	locks.AddCommand(list)
 	return locks
+}
+
+func (a *app) clusterCmd() *cobra.Command {
+	cluster := group("cluster", "Show the nodes that share the lock backend (--backend etcd)")
+	cluster.AddCommand(&cobra.Command{
+		Use:   "status",
+		Short: "Show the nodes, their leases, the virtual servers with owner and epoch, and the etcd endpoints' health",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := a.ctx()
+			defer cancel()
+			st, err := a.client().Cluster(ctx)
+			if err != nil {
+				return err
+			}
+			return a.show(st, func(w *tabwriter.Writer) {
+				fenced := ""
+				if st.SelfFenced {
+					fenced = " — SELF-FENCED: serves nothing until restarted"
+				}
+				fmt.Fprintf(w, "this node %s (%s, prefix %s): lease holds for %s%s\n\n", st.Node, st.Backend, st.Prefix,
+					time.Until(st.LeaseDeadline).Round(time.Millisecond), fenced)
+				fmt.Fprintln(w, "NODE\tUP\tLEASE TTL")
+				for _, n := range st.Nodes {
+					fmt.Fprintf(w, "%s\t%s\t%ds\n", n.Name, time.Since(n.Started).Round(time.Second), n.LeaseTTL)
+				}
+				fmt.Fprintln(w, "\nVIP\tOWNER\tEPOCH\tHANDOFF")
+				for _, v := range st.VirtualServers {
+					owner := v.Owner
+					if owner == "" {
+						owner = "(nobody)"
+					}
+					fmt.Fprintf(w, "%s\t%s\t%d\t%v\n", v.VIP, owner, v.Epoch, v.Handoff)
+				}
+				fmt.Fprintln(w, "\nENDPOINT\tHEALTHY\tLEADER\tVERSION\tDB SIZE\tTOOK\tERROR")
+				for _, e := range st.Endpoints {
+					fmt.Fprintf(w, "%s\t%v\t%v\t%s\t%d\t%s\t%s\n", e.Endpoint, e.Healthy, e.Leader, e.Version, e.DBSize,
+						time.Duration(e.Took).Round(time.Microsecond), e.Error)
+				}
+			})
+		},
+	})
+	return cluster
 }
 
 func (a *app) clientsCmd() *cobra.Command {

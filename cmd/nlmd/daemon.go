@@ -172,7 +172,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 	mcfg := hacallout.Config{Registry: d.registry, NLM: d.svc, NSM: d.nsm, Addrs: d.addrs, StateDir: o.stateDir,
 		NoSnapshot: o.noSnapshot, Notified: o.noNotify, ServeUnknown: o.serveUnknown && o.listenMode == "wildcard", Logger: log}
 	if parts.owners != nil {
-		mcfg.Ownership, mcfg.Shared = etcdOwnership{parts.owners}, true
+		mcfg.Ownership, mcfg.Shared, mcfg.Cluster = etcdOwnership{parts.owners}, true, etcdCluster{parts}
 	}
 	d.mgr = hacallout.New(mcfg)
 	octx, ocancel := context.WithCancel(context.Background())

@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -20,6 +22,7 @@ import (
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/etcddlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
+	"github.com/nlmha/nlmha/hacallout"
 	"github.com/nlmha/nlmha/virtualserver"
 )
 
@@ -180,3 +183,58 @@ func (e etcdOwnership) Release(ctx context.Context, a netip.Addr, epoch uint64, 
 }
 
 func (e etcdOwnership) Lost() <-chan netip.Addr { return e.o.Lost() }
+
+// etcdCluster answers the control API's /v1/cluster.
+type etcdCluster struct{ p *backendParts }
+
+func (c etcdCluster) ClusterStatus(ctx context.Context) (hacallout.ClusterStatus, error) {
+	b, o := c.p.etcd, c.p.owners
+	st := hacallout.ClusterStatus{Backend: "etcd", Node: b.Node(), Prefix: b.Prefix(), LeaseDeadline: o.Deadline(), SelfFenced: o.Fenced()}
+	nodes, vss, err := o.ClusterStatus(ctx)
+	if err != nil {
+		return st, err
+	}
+	for _, n := range nodes {
+		st.Nodes = append(st.Nodes, hacallout.ClusterNode{Name: n.Node, Started: n.Started, LeaseTTL: n.TTL, Info: n.Info})
+	}
+	slices.SortFunc(vss, func(a, b etcddlm.VirtualServer) int { return a.VIP.Compare(b.VIP) })
+	for _, v := range vss {
+		st.VirtualServers = append(st.VirtualServers, hacallout.ClusterVIP{VIP: v.VIP, Owner: v.Owner, Epoch: v.Epoch, Handoff: v.Handoff})
+	}
+	cli := b.Client()
+	eps := cli.Endpoints()
+	if len(eps) == 0 {
+		eps = []string{"(embedded)"}
+	}
+	for _, ep := range eps {
+		h := hacallout.EndpointHealth{Endpoint: ep}
+		start := time.Now()
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		var s *clientv3.StatusResponse
+		if ep == "(embedded)" {
+			_, err = cli.Get(sctx, "health", clientv3.WithCountOnly())
+		} else {
+			s, err = cli.Status(sctx, ep)
+		}
+		cancel()
+		h.Took = hacallout.Duration(time.Since(start))
+		switch {
+		case err != nil:
+			h.Error = err.Error()
+		case s != nil:
+			h.Healthy = len(s.Errors) == 0
+			h.Leader = s.Header.MemberId == s.Leader
+			h.Version, h.DBSize = s.Version, s.DbSize
+			if len(s.Errors) > 0 {
+				h.Error = strings.Join(s.Errors, "; ")
+			}
+		default:
+			h.Healthy = true
+		}
+		st.Endpoints = append(st.Endpoints, h)
+	}
+	es := b.Stats()
+	st.Stats = map[string]uint64{"transactions": es.Txns, "retries": es.Retries, "fenced_edits": es.Fenced,
+		"self_fencing": es.SelfFenced, "conflicts": es.Conflicts, "relists": es.Relists}
+	return st, nil
+}
