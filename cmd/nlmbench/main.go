@@ -12,16 +12,22 @@
 //
 // `nlmbench notify` measures the SM_NOTIFY fan-out instead (notify.go);
 // `nlmbench failover` the moves of a virtual server between two nlmd
-// (failover.go).
+// (failover.go); `nlmbench etcd` the ceiling etcd sets on the etcd
+// backend, and `nlmbench handoff` a blocked lock handed across nodes
+// (etcd.go).
 package main
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,6 +47,9 @@ type options struct {
 	mode      string
 	caller    string
 	local     string
+	// metrics, if set, is nlmd's metrics URL: the etcd transactions it
+	// sent during the measured time are counted per operation.
+	metrics string
 }
 
 func main() {
@@ -50,6 +59,10 @@ func main() {
 			os.Exit(runNotify(os.Args[2:]))
 		case "failover":
 			os.Exit(runFailover(os.Args[2:]))
+		case "etcd":
+			os.Exit(runEtcdCeiling(os.Args[2:]))
+		case "handoff":
+			os.Exit(runHandoff(os.Args[2:]))
 		}
 	}
 	var o options
@@ -64,6 +77,7 @@ func main() {
 	fs.StringVar(&o.mode, "mode", "uncontended", "uncontended, contended or conflicting")
 	fs.StringVar(&o.caller, "caller", "nlmbench", "caller_name of the clients")
 	fs.StringVar(&o.local, "local", "", "source address of the clients (default: chosen by the kernel)")
+	fs.StringVar(&o.metrics, "metrics", "", "nlmd's metrics URL (http://HOST:PORT/metrics): report etcd transactions per operation (--backend etcd)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nlmbench [flags]\n\nNLM v4 LOCK+UNLOCK load generator.\n\nFlags:\n%s", fs.FlagUsages())
 	}
@@ -87,6 +101,7 @@ type result struct {
 	ops, pairs     int
 	denied, errors int
 	lock, unlock   []time.Duration
+	txnPerOp       float64 // etcd transactions per operation (--metrics)
 }
 
 type worker struct {
@@ -158,6 +173,15 @@ func run(ctx context.Context, o options) (*result, error) {
 			w.loop(ctx, measureFrom, deadline)
 		})
 	}
+	var txn0 float64
+	var scrapeErr error
+	var scraped sync.WaitGroup
+	if o.metrics != "" {
+		scraped.Go(func() {
+			time.Sleep(time.Until(measureFrom))
+			txn0, scrapeErr = scrapeCounter(o.metrics, "nlm_etcd_transactions_total")
+		})
+	}
 	close(start)
 	measuring.Wait()
 	t0, t1 = measureFrom, deadline
@@ -170,10 +194,42 @@ func run(ctx context.Context, o options) (*result, error) {
 		total.lock = append(total.lock, w.r.lock...)
 		total.unlock = append(total.unlock, w.r.unlock...)
 	}
+	if o.metrics != "" {
+		scraped.Wait()
+		txn1, err := scrapeCounter(o.metrics, "nlm_etcd_transactions_total")
+		if err == nil {
+			err = scrapeErr
+		}
+		if err != nil {
+			return total, fmt.Errorf("--metrics: %w", err)
+		}
+		if total.ops > 0 {
+			total.txnPerOp = (txn1 - txn0) / float64(total.ops)
+		}
+	}
 	if total.errors > 0 {
 		return total, fmt.Errorf("%d RPC errors", total.errors)
 	}
 	return total, nil
+}
+
+// scrapeCounter reads one unlabelled counter from a Prometheus text page.
+func scrapeCounter(url, name string) (float64, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s", url, name)
 }
 
 // loop locks and unlocks until deadline, measuring what completes after from.
@@ -245,4 +301,7 @@ func (r *result) print(out *os.File, o options) {
 	fmt.Fprintf(out, "RESULT mode=%s transport=%s clients=%d ops_per_s=%.0f pairs_per_s=%.0f denied_per_s=%.0f lock_p50_us=%.1f lock_p99_us=%.1f lock_p999_us=%.1f unlock_p50_us=%.1f unlock_p99_us=%.1f\n",
 		o.mode, o.transport, o.clients, float64(r.ops)/secs, float64(r.pairs)/secs, float64(r.denied)/secs,
 		us(pct(r.lock, .5)), us(pct(r.lock, .99)), us(pct(r.lock, .999)), us(pct(r.unlock, .5)), us(pct(r.unlock, .99)))
+	if o.metrics != "" {
+		fmt.Fprintf(out, "RESULT etcd_writes mode=%s clients=%d txn_per_op=%.3f\n", o.mode, o.clients, r.txnPerOp)
+	}
 }
