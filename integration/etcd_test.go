@@ -5,46 +5,21 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
-	"net/url"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap"
-
 	"github.com/nlmha/nlmha/hacallout"
+	"github.com/nlmha/nlmha/internal/etcdtest"
 	"github.com/nlmha/nlmha/nlm"
 	"github.com/nlmha/nlmha/sunrpc"
 )
 
-// startEtcd runs a one-member etcd in the test process (the tests here
-// do not kill it) and returns its client URL.
+// startEtcd runs a one-member etcd (a process of its own) and returns its
+// client URL.
 func startEtcd(t *testing.T) string {
 	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Dir = t.TempDir()
-	cfg.Logger = "zap"
-	cfg.LogLevel = "error"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.AutoCompactionMode = "revision"
-	cfg.AutoCompactionRetention = "1000"
-	lc, _ := url.Parse("http://127.0.0.1:0")
-	lp, _ := url.Parse("http://127.0.0.1:0")
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*lc}, []url.URL{*lc}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*lp}, []url.URL{*lp}
-	cfg.InitialCluster = cfg.Name + "=" + lp.String()
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		t.Fatal("etcd did not start")
-	}
-	return "http://" + e.Clients[0].Addr().String()
+	return etcdtest.StartCluster(t, 1).Endpoint(0)
 }
 
 // newEtcdCluster starts n nlmd on the etcd backend, each with a name of

@@ -3,66 +3,45 @@ package etcddlm
 import (
 	"context"
 	"fmt"
-	"net/url"
-	"os"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
 	"github.com/nlmha/nlmha/dlm"
 	"github.com/nlmha/nlmha/dlm/dlmtest"
+	"github.com/nlmha/nlmha/internal/etcdtest"
 )
 
-var (
-	endpoints []string
-	prefixes  atomic.Int64
-)
+// etcds holds, per top-level test, the etcd member it runs: a separate
+// process (internal/etcdtest), so that -race instruments only the backend.
+var etcds sync.Map // top-level test name → []string endpoints
 
-// TestMain runs one etcd member, in process, for the package's tests;
-// every backend gets a prefix of its own.
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "etcddlm-test")
-	if err != nil {
-		panic(err)
+var prefixes atomic.Int64
+
+// endpoints returns the endpoints of the etcd of t's top-level test,
+// starting a member the first time (for as long as the test that started
+// it: a top-level test with subtests calls it first).
+func endpoints(t testing.TB) []string {
+	t.Helper()
+	top, _, _ := strings.Cut(t.Name(), "/")
+	if eps, ok := etcds.Load(top); ok {
+		return eps.([]string)
 	}
-	cfg := embed.NewConfig()
-	cfg.Dir = dir
-	cfg.Logger = "zap"
-	cfg.LogLevel = "error"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true // tests: a crash of the machine loses nothing that matters
-	cfg.AutoCompactionMode = "revision"
-	cfg.AutoCompactionRetention = "1000"
-	lc, _ := url.Parse("http://127.0.0.1:0")
-	cfg.ListenClientUrls = []url.URL{*lc}
-	cfg.AdvertiseClientUrls = []url.URL{*lc}
-	lp, _ := url.Parse("http://127.0.0.1:0")
-	cfg.ListenPeerUrls = []url.URL{*lp}
-	cfg.AdvertisePeerUrls = []url.URL{*lp}
-	cfg.InitialCluster = cfg.Name + "=" + lp.String()
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		panic(err)
-	}
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		panic("etcd did not start")
-	}
-	endpoints = []string{e.Clients[0].Addr().String()}
-	code := m.Run()
-	e.Close()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	// No fsync: a test machine that crashes loses nothing that matters.
+	c := etcdtest.StartCluster(t, 1, etcdtest.WithArgs("--unsafe-no-fsync"))
+	etcds.Store(top, c.Endpoints())
+	t.Cleanup(func() { etcds.Delete(top) })
+	return c.Endpoints()
 }
 
 func client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints(t), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,9 +63,11 @@ func newBackendAt(t testing.TB, prefix, node string) *Backend {
 func freshPrefix() string { return fmt.Sprintf("/test%d/", prefixes.Add(1)) }
 
 func TestContract(t *testing.T) {
+	endpoints(t) // one member for every case
 	dlmtest.Run(t, func(t *testing.T) dlm.Backend { return newBackendAt(t, freshPrefix(), "n1") })
 }
 
 func TestContractRetrying(t *testing.T) {
+	endpoints(t)
 	dlmtest.Run(t, func(t *testing.T) dlm.Backend { return dlmtest.Retrying(newBackendAt(t, freshPrefix(), "n1")) })
 }

@@ -135,7 +135,7 @@ func TestSelfFencing(t *testing.T) {
 	ctx := context.Background()
 	pfx := freshPrefix()
 	// A client of its own, closed to cut the node off from etcd.
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints(t), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -54,7 +55,16 @@ type config struct {
 	election     time.Duration
 	startTimeout time.Duration
 	args         []string
+	listenAll    bool
 	pickPorts    func(hosts []string) ([]int, error) // tests replace it
+}
+
+// WithClientsOnAllAddresses makes members accept clients on every local
+// address at their client port (still advertising their own): a test can
+// then give each client an address of its own to reach them by, and cut
+// one client off by address (see EndpointsVia).
+func WithClientsOnAllAddresses() Option {
+	return func(c *config) { c.listenAll = true }
 }
 
 // WithHosts sets the addresses members listen on, instead of 127.0.0.1:
@@ -333,10 +343,16 @@ func (c *Cluster) args(i int, state string) []string {
 	for _, o := range c.members {
 		initial = append(initial, o.name+"="+o.peerURL)
 	}
+	listen := m.clientURL
+	if c.cfg.listenAll {
+		if u, err := url.Parse(m.clientURL); err == nil {
+			listen = "http://" + net.JoinHostPort("0.0.0.0", u.Port())
+		}
+	}
 	args := []string{
 		"--name=" + m.name,
 		"--data-dir=" + m.dataDir,
-		"--listen-client-urls=" + m.clientURL,
+		"--listen-client-urls=" + listen,
 		"--advertise-client-urls=" + m.clientURL,
 		"--listen-peer-urls=" + m.peerURL,
 		"--initial-advertise-peer-urls=" + m.peerURL,
@@ -429,6 +445,21 @@ func (c *Cluster) Size() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return len(c.members)
+}
+
+// EndpointsVia are the members' client URLs with host in place of their
+// address (see WithClientsOnAllAddresses).
+func (c *Cluster) EndpointsVia(host string) []string {
+	var eps []string
+	for _, m := range c.snapshot() {
+		u, err := url.Parse(m.clientURL)
+		if err != nil {
+			continue
+		}
+		u.Host = net.JoinHostPort(host, u.Port())
+		eps = append(eps, u.String())
+	}
+	return eps
 }
 
 // Endpoints are the members' client URLs, in member order.
