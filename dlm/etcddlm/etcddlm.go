@@ -116,6 +116,14 @@ type Backend struct {
 	claimMu sync.Mutex
 	claims  atomic.Pointer[dlm.ClaimTable]
 	expired atomic.Bool // self-fenced: no fenced edit runs
+	// deadline (nanoseconds after base, on the monotonic clock; 0: none)
+	// is when the node's lease may expire: every fenced edit checks it,
+	// so none runs past it even before the keepalive loop notices.
+	base     time.Time
+	deadline atomic.Int64
+	// claimsLost reports virtual servers whose claim etcd showed to have
+	// moved on (a fenced commit): the node no longer owns them.
+	claimsLost chan netip.Addr
 
 	// watchRev is the revision up to which the mirror has every change;
 	// progress wakes those waiting for it (sync).
@@ -198,6 +206,9 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		progress: make(chan struct{}),
 		done:     make(chan struct{}),
 		grants:   make(chan dlm.RemoteGrant, maxRemoteGrants),
+		base:     time.Now(),
+
+		claimsLost: make(chan netip.Addr, 64),
 	}
 	for i := range b.shards {
 		b.shards[i].files = map[string]*entry{}
@@ -232,6 +243,16 @@ func (b *Backend) Stats() Stats {
 // (unfenced ones still do). A node does this when its lease may have
 // expired: another node may be serving its virtual servers already.
 func (b *Backend) Expire() { b.expired.Store(true) }
+
+// SetDeadline sets when the node's lease may expire: no fenced edit runs
+// from then on (the zero time: no deadline).
+func (b *Backend) SetDeadline(t time.Time) {
+	if t.IsZero() {
+		b.deadline.Store(0)
+		return
+	}
+	b.deadline.Store(max(int64(t.Sub(b.base)), 1))
+}
 
 // Expired reports whether the node self-fenced.
 func (b *Backend) Expired() bool { return b.expired.Load() }
@@ -278,6 +299,9 @@ func (b *Backend) allows(c dlm.Claim, bulk bool) error {
 	c.VIP = c.VIP.Unmap()
 	if b.expired.Load() {
 		return fmt.Errorf("%w: %v: node self-fenced (lease)", dlm.ErrFenced, c)
+	}
+	if d := b.deadline.Load(); d != 0 && time.Since(b.base) >= time.Duration(d) {
+		return fmt.Errorf("%w: %v: the node's lease deadline has passed", dlm.ErrFenced, c)
 	}
 	if !b.claims.Load().Allows(c, bulk) {
 		return fmt.Errorf("%w: %v", dlm.ErrFenced, c)
@@ -481,6 +505,10 @@ func (b *Backend) commit(ctx context.Context, c dlm.Claim, chs []*change) (bool,
 			holder := "nobody"
 			if len(kvs) > 0 {
 				holder = string(kvs[0].Value)
+			}
+			select {
+			case b.claimsLost <- c.VIP.Unmap():
+			default:
 			}
 			return false, fmt.Errorf("%w: %v (etcd: %s)", dlm.ErrFenced, c, holder)
 		}

@@ -105,6 +105,7 @@ func NewOwners(ctx context.Context, b *Backend, cfg OwnersConfig) (*Owners, erro
 	}
 	o.lease = clientv3.LeaseID(g.ID)
 	o.deadline = sent.Add(time.Duration(g.TTL)*time.Second - o.margin)
+	b.SetDeadline(o.deadline)
 	info, _ := json.Marshal(NodeInfo{Node: b.node, Started: sent, TTL: cfg.TTL.Seconds(), Info: cfg.Info})
 	cctx, cancel = context.WithTimeout(ctx, b.timeout)
 	_, err = b.cli.Put(cctx, o.nodeKey(b.node), string(info), clientv3.WithLease(o.lease))
@@ -163,6 +164,10 @@ func (o *Owners) keepAlive(ctx context.Context) {
 		case <-fence.C:
 			o.fence("no keepalive acknowledged in time")
 			return
+		case vip := <-o.b.claimsLost:
+			fence.Stop()
+			o.lose(vip)
+			continue
 		case <-tick.C:
 			fence.Stop()
 		}
@@ -190,8 +195,26 @@ func (o *Owners) keepAlive(ctx context.Context) {
 		o.mu.Lock()
 		if d := sent.Add(time.Duration(resp.TTL)*time.Second - o.margin); d.After(o.deadline) {
 			o.deadline = d
+			o.b.SetDeadline(d)
 		}
 		o.mu.Unlock()
+	}
+}
+
+// lose reports a virtual server whose claim etcd showed to be another
+// node's (or another epoch's) now, if this node still thought it owned it.
+func (o *Owners) lose(vip netip.Addr) {
+	o.mu.Lock()
+	_, owned := o.owned[vip]
+	delete(o.owned, vip)
+	o.mu.Unlock()
+	if !owned {
+		return
+	}
+	o.log.Error("etcddlm: another node took this virtual server over; no longer serving it", "vip", vip, "node", o.b.node)
+	select {
+	case o.lost <- vip:
+	default:
 	}
 }
 

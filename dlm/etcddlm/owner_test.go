@@ -186,3 +186,61 @@ func TestSelfFencing(t *testing.T) {
 		t.Fatalf("claim after self-fencing: %v", err)
 	}
 }
+
+// TestDeadlineChecksEachEdit: past the lease deadline no fenced edit
+// runs, even before the keepalive loop has fenced the node.
+func TestDeadlineChecksEachEdit(t *testing.T) {
+	bs := cluster(t, 1)
+	c := dlm.Claim{VIP: vip(0), Epoch: 1}
+	noop := func(*dlm.File) error { return nil }
+	bs[0].SetDeadline(time.Now().Add(time.Hour))
+	if err := bs[0].Update(context.Background(), []byte("f"), c, noop); err != nil {
+		t.Fatal(err)
+	}
+	bs[0].SetDeadline(time.Now().Add(-time.Millisecond))
+	if err := bs[0].Update(context.Background(), []byte("f"), c, noop); !errors.Is(err, dlm.ErrFenced) {
+		t.Fatalf("edit past the deadline: %v, want ErrFenced", err)
+	}
+	if err := bs[0].Update(context.Background(), []byte("f"), dlm.Claim{}, noop); err != nil {
+		t.Fatalf("unfenced edit past the deadline: %v", err)
+	}
+}
+
+// TestFencedCommitReportsLoss: a node whose commit etcd refuses on the
+// claim key learns that it lost the virtual server (Lost).
+func TestFencedCommitReportsLoss(t *testing.T) {
+	ctx := context.Background()
+	pfx := freshPrefix()
+	a, b := newBackendAt(t, pfx, "a"), newBackendAt(t, pfx, "b")
+	oa, ob := owners(t, a, 10*time.Second), owners(t, b, 10*time.Second)
+	v := netip.MustParseAddr("10.0.0.9")
+	ca, err := oa.Claim(ctx, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dlm.Claim{VIP: v, Epoch: ca.Epoch}
+	if err := a.SetClaim(ctx, c, dlm.ClaimActive); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.cli.Delete(ctx, oa.ownerKey(v)); err != nil { // as if a's lease had run out
+		t.Fatal(err)
+	}
+	if _, err := ob.Claim(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	err = a.Update(ctx, []byte("f"), c, func(f *dlm.File) error {
+		f.Insert(dlm.Lock{Owner: a.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: v, Name: "c"}, SVID: 1}), Range: dlm.Range{Start: 0, End: 1}, Epoch: c.Epoch})
+		return nil
+	})
+	if !errors.Is(err, dlm.ErrFenced) {
+		t.Fatalf("a's edit after b's takeover: %v", err)
+	}
+	select {
+	case lost := <-oa.Lost():
+		if lost != v {
+			t.Fatalf("lost %v", lost)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a was not told it lost the virtual server")
+	}
+}
