@@ -199,6 +199,11 @@ var (
 	ErrFenced = errors.New("dlm: virtual server epoch has moved on")
 	// ErrClosed: the backend is closed.
 	ErrClosed = errors.New("dlm: backend closed")
+	// ErrUnavailable: a shared backend's store cannot be reached or has no
+	// quorum now; nothing was changed (or, if the outcome is unknown, the
+	// change is the virtual server's records' to reclaim). Services answer
+	// so that clients try again later.
+	ErrUnavailable = errors.New("dlm: lock store unavailable")
 )
 
 // Backend stores lock state. Implementations are safe for concurrent use.

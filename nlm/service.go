@@ -417,9 +417,19 @@ func (s *Service) update(ctx context.Context, o *op, fh []byte) Stat {
 
 // backendStat turns a backend failure into a reply. A request that raced
 // with the release of its virtual server is fenced.
+//
+// A shared store that cannot be reached, has no quorum, or keeps losing
+// races on the file gets DENIED_GRACE_PERIOD: nothing was granted on what
+// this node may not know, and a client waits and sends the request again
+// (Linux's lockd does so for every procedure), where NLM4_FAILED would
+// reach the application as an error.
 func (s *Service) backendStat(err error) Stat {
-	if errors.Is(err, dlm.ErrFenced) {
+	switch {
+	case errors.Is(err, dlm.ErrFenced):
 		return fenced
+	case errors.Is(err, dlm.ErrUnavailable), errors.Is(err, dlm.ErrConflict):
+		s.log.Warn("nlm: lock store unavailable; asking the client to retry", "err", err)
+		return DeniedGracePeriod
 	}
 	s.log.Warn("nlm: lock backend failed", "err", err)
 	return Failed

@@ -341,7 +341,7 @@ func (b *Backend) storeClaim(ctx context.Context, c dlm.Claim) error {
 		get, err := b.cli.Get(cctx, key)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("etcddlm: reading claim of %v: %w", c.VIP, err)
+			return fmt.Errorf("%w: etcddlm: reading claim of %v: %w", dlm.ErrUnavailable, c.VIP, err)
 		}
 		var modRev int64
 		if len(get.Kvs) > 0 {
@@ -364,7 +364,7 @@ func (b *Backend) storeClaim(ctx context.Context, c dlm.Claim) error {
 		cancel()
 		b.txns.Add(1)
 		if err != nil {
-			return fmt.Errorf("etcddlm: writing claim %v: %w", c, err)
+			return fmt.Errorf("%w: etcddlm: writing claim %v: %w", dlm.ErrUnavailable, c, err)
 		}
 		if resp.Succeeded {
 			return nil
@@ -480,11 +480,19 @@ func (b *Backend) commit(ctx context.Context, c dlm.Claim, chs []*change) (bool,
 		orElse = append(orElse, clientv3.OpGet(ck))
 	}
 	cctx, cancel := context.WithTimeout(ctx, b.timeout)
+	if d := b.deadline.Load(); d != 0 && !c.Unfenced() {
+		// Not past the lease's deadline: by then another node may own the
+		// virtual server, and the client is better off asking it.
+		if left := time.Duration(d) - time.Since(b.base); left < b.timeout {
+			cancel()
+			cctx, cancel = context.WithTimeout(ctx, max(left, 0))
+		}
+	}
 	resp, err := b.cli.Txn(cctx).If(cmps...).Then(then...).Else(orElse...).Commit()
 	cancel()
 	b.txns.Add(1)
 	if err != nil {
-		return false, fmt.Errorf("etcddlm: commit: %w", err)
+		return false, fmt.Errorf("%w: etcddlm: commit: %w", dlm.ErrUnavailable, err)
 	}
 	rev := resp.Header.Revision
 	if resp.Succeeded {
@@ -960,7 +968,7 @@ func (b *Backend) sync(ctx context.Context) error {
 	defer cancel()
 	resp, err := b.cli.Get(cctx, b.syncKey, clientv3.WithCountOnly())
 	if err != nil {
-		return fmt.Errorf("etcddlm: sync: %w", err)
+		return fmt.Errorf("%w: etcddlm: sync: %w", dlm.ErrUnavailable, err)
 	}
 	want := resp.Header.Revision
 	for {
@@ -973,12 +981,12 @@ func (b *Backend) sync(ctx context.Context) error {
 		// Ask for a progress report: with no event to send, the watch
 		// would otherwise stay silent at its revision.
 		if err := b.cli.RequestProgress(clientv3.WithRequireLeader(cctx)); err != nil {
-			return fmt.Errorf("etcddlm: sync: %w", err)
+			return fmt.Errorf("%w: etcddlm: sync: %w", dlm.ErrUnavailable, err)
 		}
 		select {
 		case <-ch:
 		case <-cctx.Done():
-			return fmt.Errorf("etcddlm: sync to revision %d (mirror at %d): %w", want, have, cctx.Err())
+			return fmt.Errorf("%w: etcddlm: sync to revision %d (mirror at %d): %w", dlm.ErrUnavailable, want, have, cctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}

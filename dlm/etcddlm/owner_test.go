@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nlmha/nlmha/dlm"
+	"github.com/nlmha/nlmha/internal/etcdtest"
 	"github.com/nlmha/nlmha/nlm/lockmgr"
 )
 
@@ -242,5 +243,68 @@ func TestFencedCommitReportsLoss(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("a was not told it lost the virtual server")
+	}
+}
+
+// TestUnavailable: with etcd down, an edit fails with ErrUnavailable
+// within the request timeout, changing nothing, and works again once
+// etcd is back.
+func TestUnavailable(t *testing.T) {
+	c := etcdtest.StartCluster(t, 1, etcdtest.WithArgs("--unsafe-no-fsync"))
+	cli, err := clientv3.New(c.ClientConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx := context.Background()
+	b, err := New(ctx, Config{Client: cli, Prefix: freshPrefix(), Node: "a", RequestTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	claim := dlm.Claim{VIP: vip(0), Epoch: 1}
+	if err := b.SetClaim(ctx, claim, dlm.ClaimActive); err != nil {
+		t.Fatal(err)
+	}
+	o := b.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip(0), Name: "c"}, SVID: 1})
+	lock := func() error {
+		return b.Update(ctx, []byte("f"), claim, func(f *dlm.File) error {
+			f.Insert(dlm.Lock{Owner: o, Range: dlm.Range{Start: 0, End: 1}, Epoch: 1})
+			return nil
+		})
+	}
+	if err := c.Stop(0); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := lock(); !errors.Is(err, dlm.ErrUnavailable) {
+		t.Fatalf("edit with etcd down: %v, want ErrUnavailable", err)
+	}
+	if took := time.Since(t0); took > 2*time.Second {
+		t.Fatalf("the edit took %v to fail", took)
+	}
+	if o.Host.Locks() != 0 {
+		t.Fatal("a failed edit moved the counters")
+	}
+	if err := c.Start(0); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := c.WaitHealthy(wctx); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		err := lock()
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, dlm.ErrUnavailable) || wctx.Err() != nil {
+			t.Fatalf("edit once etcd is back: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if o.Host.Locks() != 1 {
+		t.Fatalf("host counts %d locks, want 1", o.Host.Locks())
 	}
 }
