@@ -119,6 +119,9 @@ type ClusterStatus struct {
 	VirtualServers []ClusterVIP      `json:"virtual_servers"`
 	Endpoints      []EndpointHealth  `json:"endpoints"`
 	Stats          map[string]uint64 `json:"stats,omitempty"`
+	// Error: the store could not be read (what this node knows of itself
+	// is reported all the same).
+	Error string `json:"error,omitempty"`
 }
 
 // ClusterNode is a live node.

@@ -166,6 +166,9 @@ type simClient struct {
 	vip     netip.Addr
 	files   []string
 	hold    bool          // keeps one lock for the whole test
+	// shared: its files are the same files whatever virtual server they
+	// are locked through (a shared backend): the checker keys them alone.
+	shared bool
 	slow    time.Duration // waits this long before reclaiming
 	rng     *rand.Rand
 	rpc     *nlm.Client
@@ -190,6 +193,14 @@ func newSimClient(t *testing.T, k *checker, i int, vip netip.Addr, files []strin
 	t.Cleanup(func() { rc.Close() })
 	c.rpc = nlm.NewClient(rc, nlm.Vers4)
 	return c
+}
+
+// key is what the checker knows file by.
+func (c *simClient) key(file string) string {
+	if c.shared {
+		return file
+	}
+	return c.vip.String() + "/" + file
 }
 
 func (c *simClient) args(file string, h holding, reclaim bool) *nlm.LockArgs {
@@ -267,7 +278,7 @@ func (c *simClient) run(stop <-chan struct{}) {
 			c.mu.Lock()
 			c.held = nil
 			c.mu.Unlock()
-			c.k.release(c.vip.String()+"/"+file, *held)
+			c.k.release(c.key(file), *held)
 			for {
 				// DENIED_GRACE_PERIOD means "again later" (the address is
 				// moving); a Linux client retries it too.
@@ -294,7 +305,7 @@ func (c *simClient) run(stop <-chan struct{}) {
 		switch st {
 		case nlm.Granted:
 			c.grants.Add(1)
-			c.k.acquire(c.vip.String()+"/"+file, h)
+			c.k.acquire(c.key(file), h)
 			c.mu.Lock()
 			c.held, c.file = &h, file
 			c.mu.Unlock()

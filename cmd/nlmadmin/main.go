@@ -406,6 +406,9 @@ func (a *app) clusterCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "this node %s (%s, prefix %s): lease holds for %s%s\n\n", st.Node, st.Backend, st.Prefix,
 					time.Until(st.LeaseDeadline).Round(time.Millisecond), fenced)
+				if st.Error != "" {
+					fmt.Fprintf(w, "the store cannot be read: %s\n\n", st.Error)
+				}
 				fmt.Fprintln(w, "NODE\tUP\tLEASE TTL")
 				for _, n := range st.Nodes {
 					fmt.Fprintf(w, "%s\t%s\t%ds\n", n.Name, time.Since(n.Started).Round(time.Second), n.LeaseTTL)

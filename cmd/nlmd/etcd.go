@@ -12,6 +12,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -190,9 +191,13 @@ type etcdCluster struct{ p *backendParts }
 func (c etcdCluster) ClusterStatus(ctx context.Context) (hacallout.ClusterStatus, error) {
 	b, o := c.p.etcd, c.p.owners
 	st := hacallout.ClusterStatus{Backend: "etcd", Node: b.Node(), Prefix: b.Prefix(), LeaseDeadline: o.Deadline(), SelfFenced: o.Fenced()}
-	nodes, vss, err := o.ClusterStatus(ctx)
+	// What this node knows of itself is reported even when etcd cannot
+	// be read: that is when an admin needs it most.
+	octx, cancel := context.WithTimeout(ctx, time.Second)
+	nodes, vss, err := o.ClusterStatus(octx)
+	cancel()
 	if err != nil {
-		return st, err
+		st.Error = err.Error()
 	}
 	for _, n := range nodes {
 		st.Nodes = append(st.Nodes, hacallout.ClusterNode{Name: n.Node, Started: n.Started, LeaseTTL: n.TTL, Info: n.Info})
@@ -206,33 +211,40 @@ func (c etcdCluster) ClusterStatus(ctx context.Context) (hacallout.ClusterStatus
 	if len(eps) == 0 {
 		eps = []string{"(embedded)"}
 	}
-	for _, ep := range eps {
-		h := hacallout.EndpointHealth{Endpoint: ep}
-		start := time.Now()
-		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		var s *clientv3.StatusResponse
-		if ep == "(embedded)" {
-			_, err = cli.Get(sctx, "health", clientv3.WithCountOnly())
-		} else {
-			s, err = cli.Status(sctx, ep)
-		}
-		cancel()
-		h.Took = hacallout.Duration(time.Since(start))
-		switch {
-		case err != nil:
-			h.Error = err.Error()
-		case s != nil:
-			h.Healthy = len(s.Errors) == 0
-			h.Leader = s.Header.MemberId == s.Leader
-			h.Version, h.DBSize = s.Version, s.DbSize
-			if len(s.Errors) > 0 {
-				h.Error = strings.Join(s.Errors, "; ")
+	// In parallel, each bounded: an unreachable member costs a second.
+	st.Endpoints = make([]hacallout.EndpointHealth, len(eps))
+	var wg sync.WaitGroup
+	for i, ep := range eps {
+		wg.Go(func() {
+			h := hacallout.EndpointHealth{Endpoint: ep}
+			start := time.Now()
+			sctx, cancel := context.WithTimeout(ctx, time.Second)
+			defer cancel()
+			var s *clientv3.StatusResponse
+			var err error
+			if ep == "(embedded)" {
+				_, err = cli.Get(sctx, "health", clientv3.WithCountOnly())
+			} else {
+				s, err = cli.Status(sctx, ep)
 			}
-		default:
-			h.Healthy = true
-		}
-		st.Endpoints = append(st.Endpoints, h)
+			h.Took = hacallout.Duration(time.Since(start))
+			switch {
+			case err != nil:
+				h.Error = err.Error()
+			case s != nil:
+				h.Healthy = len(s.Errors) == 0
+				h.Leader = s.Header.MemberId == s.Leader
+				h.Version, h.DBSize = s.Version, s.DbSize
+				if len(s.Errors) > 0 {
+					h.Error = strings.Join(s.Errors, "; ")
+				}
+			default:
+				h.Healthy = true
+			}
+			st.Endpoints[i] = h
+		})
 	}
+	wg.Wait()
 	es := b.Stats()
 	st.Stats = map[string]uint64{"transactions": es.Txns, "retries": es.Retries, "fenced_edits": es.Fenced,
 		"self_fencing": es.SelfFenced, "conflicts": es.Conflicts, "relists": es.Relists}
