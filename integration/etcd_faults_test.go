@@ -423,4 +423,3 @@ func indexOf(list []netip.Addr, a netip.Addr) int {
 	}
 	return -1
 }
-

@@ -159,16 +159,16 @@ func (k *checker) report() []string {
 // through one virtual server, reclaiming what it holds when that virtual
 // server's SM_NOTIFY arrives.
 type simClient struct {
-	t       *testing.T
-	k       *checker
-	addr    netip.Addr
-	name    string
-	vip     netip.Addr
-	files   []string
-	hold    bool          // keeps one lock for the whole test
+	t     *testing.T
+	k     *checker
+	addr  netip.Addr
+	name  string
+	vip   netip.Addr
+	files []string
+	hold  bool // keeps one lock for the whole test
 	// shared: its files are the same files whatever virtual server they
 	// are locked through (a shared backend): the checker keys them alone.
-	shared bool
+	shared  bool
 	slow    time.Duration // waits this long before reclaiming
 	rng     *rand.Rand
 	rpc     *nlm.Client
