@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh            everything (needs root for the namespaces)
 #   COUNT=5 DURATION=10 REPEAT=3 scripts/bench.sh   (summary: medians)
-#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1 / SKIP_FAILOVER=1 / SKIP_RECLAIM=1
+#   SKIP_GO=1 / SKIP_LOAD=1 / SKIP_NOTIFY=1 / SKIP_FAILOVER=1 / SKIP_RECLAIM=1 / SKIP_ETCD=1
 #                               leave out a part
 #   NOTIFY_CLIENTS=1000,10000,100000   client counts of the SM_NOTIFY fan-out
 #   SM_NOTIFY_MAX=10000         also time sm-notify with 10 000 clients (minutes)
@@ -172,6 +172,93 @@ inner_reclaim() {
 	done
 }
 
+# etcd_members N DIR: N etcd members (processes) on 127.0.0.1, data on
+# disk under DIR (etcd's fsync is part of what is measured); prints their
+# client URLs, comma-separated.
+etcd_members() {
+	local n=$1 dir=$2 i initial="" urls=""
+	for i in $(seq 1 "$n"); do
+		initial="$initial${initial:+,}m$i=http://127.0.0.1:$((23800 + 2 * i))"
+		urls="$urls${urls:+,}http://127.0.0.1:$((23799 + 2 * i))"
+	done
+	for i in $(seq 1 "$n"); do
+		bin/etcd-server --name "m$i" --data-dir "$dir/m$i" \
+			--listen-client-urls "http://127.0.0.1:$((23799 + 2 * i))" --advertise-client-urls "http://127.0.0.1:$((23799 + 2 * i))" \
+			--listen-peer-urls "http://127.0.0.1:$((23800 + 2 * i))" --initial-advertise-peer-urls "http://127.0.0.1:$((23800 + 2 * i))" \
+			--initial-cluster "$initial" --initial-cluster-state new --initial-cluster-token bench \
+			--auto-compaction-mode periodic --auto-compaction-retention 5m --log-level error --log-outputs stderr \
+			</dev/null >>"$dir/etcd.log" 2>&1 &
+	done
+	for _ in $(seq 1 100); do
+		bin/nlmbench etcd --endpoints "$urls" --clients 1 --duration 10ms >/dev/null 2>&1 && break
+		sleep 0.2
+	done
+	echo "$urls"
+}
+
+wait_sock() { # PATH
+	for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done
+	echo "$1 never appeared" >&2
+	return 1
+}
+
+# etcd_pair LABEL NLMD_PID ETCD_URLS: for 16 and 64 connections, the
+# ceiling etcd sets (guarded one-key transactions, halved) and nlmd's
+# uncontended LOCK+UNLOCK pairs on it, with its etcd writes per operation.
+etcd_pair() {
+	local label=$1 urls=$3 c r
+	for r in $(seq 1 "$REPEAT"); do
+		for c in 16 64; do
+			bin/nlmbench etcd --endpoints "$urls" --clients "$c" --duration "${DURATION}s" --label "$label" | tee -a "$OUT/etcd.txt"
+			bin/nlmbench --server 127.0.0.1 --port 4045 --clients "$c" --duration "${DURATION}s" --metrics http://127.0.0.1:9101/metrics |
+				grep '^RESULT' | sed "s/^RESULT /RESULT nlmd=$label /" | tee -a "$OUT/etcd.txt"
+		done
+	done
+}
+
+inner_etcd() {
+	private_net
+	local dir urls n1 n2
+	dir=$(mktemp -d -p "$OUT" etcd.XXXXXX)
+	: >"$OUT/etcd.txt"
+	# One member, embedded in nlmd.
+	bin/nlmd --backend etcd --etcd-embedded "$dir/embedded" --etcd-embedded-listen http://127.0.0.1:23790 --node-name bench \
+		--listen 127.0.0.1 --rpcbind none --state-dir "$dir/state0" --control-socket "$dir/s0" --metrics-listen 127.0.0.1:9101 \
+		--vip 127.0.0.1 --log-level warn &
+	n1=$!
+	wait_sock "$dir/s0"
+	etcd_pair embedded "$n1" http://127.0.0.1:23790
+	kill "$n1"
+	wait "$n1" || true
+	# Three members, separate processes; nlmd a client of them.
+	urls=$(etcd_members 3 "$dir")
+	bin/nlmd --backend etcd --etcd-endpoints "$urls" --etcd-prefix /bench/ --node-name bench --listen 127.0.0.1 --rpcbind none \
+		--state-dir "$dir/state1" --control-socket "$dir/s1" --metrics-listen 127.0.0.1:9101 --vip 127.0.0.1 --log-level warn &
+	n1=$!
+	wait_sock "$dir/s1"
+	etcd_pair three "$n1" "$urls"
+	kill "$n1"
+	wait "$n1" || true
+	# Cross-node handoff: two nodes, a virtual server each.
+	local common=(--backend etcd --etcd-endpoints "$urls" --etcd-prefix /handoff/ --listen-mode vip --rpcbind none
+		--state-dir "$dir/state2" --log-level warn --serve-unknown=false)
+	bin/nlmd "${common[@]}" --node-name h1 --control-socket "$dir/h1" --vip 127.0.0.11 &
+	n1=$!
+	bin/nlmd "${common[@]}" --node-name h2 --control-socket "$dir/h2" --vip 127.0.0.12 &
+	n2=$!
+	wait_sock "$dir/h1"
+	wait_sock "$dir/h2"
+	sleep 0.5
+	bin/nlmbench handoff --a 127.0.0.11 --b 127.0.0.12 --rounds $((200 * REPEAT)) | tee -a "$OUT/etcd.txt"
+	kill "$n1" "$n2"
+	wait "$n1" "$n2" || true
+	# Unplanned takeover with 1 000 clients holding locks.
+	bin/nlmbench failover --etcd "$urls" --clients 1000 --moves unplanned --rounds "$REPEAT" --grace-quiet 1s | tee -a "$OUT/etcd.txt"
+	pkill -f bin/etcd-server || true
+	wait || true
+	rm -rf "$dir"
+}
+
 # The baseline's figures, for awk: base[name] = value, when[name] = "date
 # commit", border[1..nb] = names in the file's order.
 BASELIB='
@@ -247,6 +334,7 @@ case ${1:-} in
 --inner-notify) inner_notify; exit ;;
 --inner-failover) inner_failover; exit ;;
 --inner-reclaim) inner_reclaim; exit ;;
+--inner-etcd) inner_etcd; exit ;;
 --compare) compare; exit ;;
 --record) record; exit ;;
 esac
@@ -274,6 +362,7 @@ fi
 sudo=()
 [ "$(id -u)" = 0 ] || sudo=(sudo --preserve-env=NLMHA_SHARED_TOOLS,DURATION,REPEAT,BENCH_OUT,SM_NOTIFY_MAX,NOTIFY_CLIENTS,RECLAIM_CLIENTS env "PATH=$PATH")
 go build -o bin/ ./cmd/...
+go build -o bin/etcd-server ./internal/etcdtest/etcdserver
 if [ -z "${SKIP_NOTIFY:-}" ]; then
 	echo "== SM_NOTIFY fan-out: nlmd and sm-notify to simulated client statds"
 	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-notify | tee "$OUT/notify.txt"
@@ -328,6 +417,37 @@ if [ -z "${SKIP_RECLAIM:-}" ]; then
 	# (the grace period's end is --grace-quiet after the last reclaim: the
 	# probe reclaims nothing)
 	failover_figures reclaim "$OUT/reclaim.txt" "notified_all_ms reclaimed_all_ms"
+fi
+if [ -z "${SKIP_ETCD:-}" ]; then
+	echo "== the etcd backend: nlmd against the ceiling etcd sets, handoff across nodes, unplanned takeover"
+	"${sudo[@]}" unshare --net --mount --propagation private "$0" --inner-etcd
+	awk -v FIG="$FIG" "$AWKLIB"'
+	/^RESULT etcd=/ { k = get($0, "etcd") " " get($0, "clients"); ceil[k] = ceil[k] "," get($0, "ceiling_pairs_per_s"); if (!(k in seen)) { seen[k] = 1; order[++n] = k } }
+	/^RESULT nlmd=/ {
+		k = get($0, "nlmd") " " get($0, "clients")
+		if (get($0, "txn_per_op") != "") wr[k] = wr[k] "," get($0, "txn_per_op")
+		else { pairs[k] = pairs[k] "," get($0, "pairs_per_s"); p99[k] = p99[k] "," get($0, "lock_p99_us") }
+	}
+	/^RESULT handoff/ { h50 = get($0, "p50_ms"); h99 = get($0, "p99_ms") }
+	/^RESULT move=unplanned/ { fg = get($0, "first_grant_ms"); go_ = get($0, "grace_over_ms"); lw = get($0, "lease_wait_ms") }
+	END {
+		printf "etcd backend (medians): uncontended LOCK+UNLOCK through nlmd against the ceiling etcd sets (guarded one-key transactions, halved)\n"
+		printf "%-16s %14s %14s %8s %12s %14s\n", "cluster conns", "nlmd pairs/s", "ceiling", "share", "writes/op", "lock p99 us"
+		for (i = 1; i <= n; i++) {
+			k = order[i]; split(k, p, " ")
+			c = median(ceil[k]); a = median(pairs[k]); w = median(wr[k]); l = median(p99[k])
+			printf "%-16s %14.0f %14.0f %7.0f%% %12.3f %14.0f\n", k, a, c, 100 * a / c, w, l
+			name = "etcd." p[1] "." p[2]
+			fig(name ".nlmd.pairs_per_s", "1/s", a, "higher")
+			fig(name ".ceiling_pairs_per_s", "1/s", c, "higher")
+			fig(name ".share_of_ceiling", "x", sprintf("%.3f", a / c), "higher")
+			fig(name ".writes_per_op", "x", w, "lower")
+		}
+		printf "cross-node handoff (unlock on node 1 -> GRANTED from node 2): p50 %s ms, p99 %s ms\n", h50, h99
+		printf "unplanned takeover, 1000 clients: first non-conflicting lock %s ms after the takeover, grace over at %s ms (lease wait %s ms)\n", fg, go_, lw
+		fig("etcd.handoff.p50_ms", "ms", h50, "lower"); fig("etcd.handoff.p99_ms", "ms", h99, "lower")
+		fig("etcd.unplanned.1000.first_grant_ms", "ms", fg, "lower"); fig("etcd.unplanned.1000.grace_over_ms", "ms", go_, "lower")
+	}' "$OUT/etcd.txt" | tee -a "$OUT/summary.txt"
 fi
 if [ -z "${SKIP_LOAD:-}" ]; then
 	[ -x "$NLMPEER/cache/bin/nlmload" ] || "${sudo[@]}" "$NLMPEER/setup.sh"

@@ -21,5 +21,6 @@ echo "== go test -race ./..."
 "${sudo[@]}" go test -race -count=1 -timeout 30m ./...
 echo "== kernel client scenarios"
 go build -o bin/ ./cmd/...
+go build -o bin/etcd-server ./internal/etcdtest/etcdserver
 # shellcheck disable=SC2086 # KERNEL_SCENARIOS is a list; empty = run.sh's default set
 "${sudo[@]}" integration/kernelclient/run.sh ${KERNEL_SCENARIOS:-}

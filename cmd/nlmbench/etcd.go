@@ -155,11 +155,11 @@ func handoff(va, vb netip.Addr, port uint16, rounds int) error {
 	for _, p := range pm.Programs() {
 		pms.Register(p)
 	}
-	if _, closePM, err := serveBoth(pms, hostB, sunrpc.PmapPort); err != nil {
-		return fmt.Errorf("B's portmapper on %v:111 (root, in a private namespace): %w", hostB, err)
-	} else {
-		defer closePM()
+	_, closePM, err := serveBoth(pms, hostB, sunrpc.PmapPort)
+	if err != nil {
+		return fmt.Errorf("the waiter's portmapper on %v:111 (root, in a private namespace): %w", hostB, err)
 	}
+	defer closePM()
 	for _, tr := range []sunrpc.Transport{sunrpc.TCP, sunrpc.UDP} {
 		pm.Set(sunrpc.RPCB{Prog: nlm.Prog, Vers: nlm.Vers4, NetID: tr.String(), Addr: sunrpc.FormatUaddr(netip.AddrPortFrom(netip.IPv4Unspecified(), lport))})
 	}

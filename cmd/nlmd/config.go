@@ -60,6 +60,7 @@ type fileConfig struct {
 	EtcdCert      *string   `yaml:"etcd_cert"`
 	EtcdKey       *string   `yaml:"etcd_key"`
 	EtcdEmbedded  *string   `yaml:"etcd_embedded"`
+	EtcdEmbedURL  *string   `yaml:"etcd_embedded_listen"`
 	NodeName      *string   `yaml:"node_name"`
 	LeaseTTL      *duration `yaml:"lease_ttl"`
 }
@@ -140,6 +141,7 @@ func loadConfig(path string, o *options) error {
 	setp(&o.etcdCert, c.EtcdCert)
 	setp(&o.etcdKey, c.EtcdKey)
 	setp(&o.etcdEmbedded, c.EtcdEmbedded)
+	setp(&o.etcdEmbedURL, c.EtcdEmbedURL)
 	setp(&o.nodeName, c.NodeName)
 	setd(&o.leaseTTL, c.LeaseTTL)
 	return nil

@@ -52,7 +52,7 @@ func newBackend(ctx context.Context, o *options, log *slog.Logger) (*backendPart
 	}
 	var cli *clientv3.Client
 	if o.etcdEmbedded != "" {
-		e, err := startEmbeddedEtcd(o.etcdEmbedded, log)
+		e, err := startEmbeddedEtcd(o.etcdEmbedded, o.etcdEmbedURL, log)
 		if err != nil {
 			return nil, err
 		}
@@ -140,15 +140,21 @@ func etcdTLS(o *options) (*tls.Config, error) {
 // startEmbeddedEtcd runs a one-member etcd inside nlmd, durable in dir,
 // reachable only in process (its listeners are on loopback, on ports the
 // kernel picks). Auto-compaction keeps lock churn from filling it.
-func startEmbeddedEtcd(dir string, log *slog.Logger) (*embed.Etcd, error) {
+func startEmbeddedEtcd(dir, clientURL string, log *slog.Logger) (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Dir = dir
 	cfg.Name = "nlmd"
 	cfg.Logger = "zap"
 	cfg.LogLevel = "error"
+	// etcd's own log (JSON, noisy at shutdown) is off: what matters of
+	// it reaches nlmd as errors of its requests, logged there.
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	cfg.AutoCompactionMode = "periodic"
 	cfg.AutoCompactionRetention = "5m"
-	lc, _ := url.Parse("http://127.0.0.1:0")
+	lc, err := url.Parse(clientURL)
+	if err != nil {
+		return nil, fmt.Errorf("--etcd-embedded-listen: %w", err)
+	}
 	lp, _ := url.Parse("http://127.0.0.1:0")
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*lc}, []url.URL{*lc}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*lp}, []url.URL{*lp}
@@ -163,7 +169,7 @@ func startEmbeddedEtcd(dir string, log *slog.Logger) (*embed.Etcd, error) {
 		e.Close()
 		return nil, fmt.Errorf("--etcd-embedded %s: etcd not ready after 60 s", dir)
 	}
-	log.Info("nlmd: embedded etcd ready", "dir", dir)
+	log.Info("nlmd: embedded etcd ready", "dir", dir, "client_url", e.Clients[0].Addr().String())
 	return e, nil
 }
 

@@ -73,6 +73,7 @@ type options struct {
 	etcdCert      string
 	etcdKey       string
 	etcdEmbedded  string
+	etcdEmbedURL  string
 	nodeName      string
 	leaseTTL      time.Duration
 }
@@ -85,6 +86,7 @@ func defaults() *options {
 		calloutWait: 10 * time.Second, locksPerHost: 1_000_000, blockedPerHst: 10_000, sharesPerHost: 100_000, namesPerAddr: 256,
 		maxRecord: 16 << 10, shutdownWait: 5 * time.Second, procs: 1, logFormat: "text", logLevel: "info",
 		backend: "memory", etcdEndpoints: []string{"http://127.0.0.1:2379"}, etcdPrefix: "/nlmha/", leaseTTL: 10 * time.Second,
+		etcdEmbedURL: "http://127.0.0.1:0",
 	}
 }
 
@@ -163,6 +165,8 @@ func parseFlags(args []string) (*options, *flag.FlagSet, error) {
 	fs.StringVar(&o.etcdKey, "etcd-key", o.etcdKey, "client certificate's key (PEM)")
 	fs.StringVar(&o.etcdEmbedded, "etcd-embedded", o.etcdEmbedded,
 		"run a one-member etcd inside nlmd with its data in this directory (a single machine, durable across restarts) instead of connecting to --etcd-endpoints")
+	fs.StringVar(&o.etcdEmbedURL, "etcd-embedded-listen", o.etcdEmbedURL,
+		"client URL the embedded etcd also listens on, for etcdctl or a benchmark (default: a loopback port of the kernel's choosing)")
 	fs.StringVar(&o.nodeName, "node-name", o.nodeName, "this node's name in etcd (default: the host name); unique in the cluster")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", o.leaseTTL,
 		"TTL of the node's etcd lease: a node that dies loses its virtual servers this long after its last keepalive; a node cut off from etcd stops serving a fifth of it before")

@@ -74,7 +74,8 @@ type Config struct {
 
 // Stats are the backend's counters, for metrics.
 type Stats struct {
-	Txns      uint64 // transactions sent
+	Txns      uint64 // transactions sent (writes)
+	Reads     uint64 // reads that checked the mirror was current
 	Retries   uint64 // edits run again after a lost race
 	Fenced    uint64 // edits refused because the claim moved on
 	Conflicts uint64 // edits that gave up (dlm.ErrConflict)
@@ -140,7 +141,7 @@ type Backend struct {
 	grants        chan dlm.RemoteGrant
 	grantsDropped atomic.Uint64
 
-	txns, retried, fenced, conflicts, relists, fences atomic.Uint64
+	txns, reads, retried, fenced, conflicts, relists, fences atomic.Uint64
 }
 
 type shard struct {
@@ -235,7 +236,7 @@ func (b *Backend) Prefix() string { return strings.TrimSuffix(b.filePfx, "f/") }
 
 // Stats returns the backend's counters.
 func (b *Backend) Stats() Stats {
-	return Stats{Txns: b.txns.Load(), Retries: b.retried.Load(), Fenced: b.fenced.Load(),
+	return Stats{Txns: b.txns.Load(), Reads: b.reads.Load(), Retries: b.retried.Load(), Fenced: b.fenced.Load(),
 		Conflicts: b.conflicts.Load(), Relists: b.relists.Load(), SelfFenced: b.fences.Load()}
 }
 
@@ -416,10 +417,14 @@ type change struct {
 	st  *dlm.State // nil: delete
 	val string
 	rev int64 // the file key's ModRevision the edit ran on (0: none)
+	// readOnly: fn changed nothing; its outcome (a denial, a TEST) stands
+	// only if the mirror was current (see verify).
+	readOnly bool
 }
 
 // run runs fn on a copy of the file's mirrored state and returns the
-// change to commit, or nil if fn changed nothing. The caller holds e.op.
+// change to commit (readOnly if fn changed nothing). The caller holds
+// e.op.
 func (b *Backend) run(s *shard, e *entry, fh string, fn func(f *dlm.File) error) (*change, error) {
 	s.mu.Lock()
 	cur, rev := e.st, e.rev
@@ -435,7 +440,7 @@ func (b *Backend) run(s *shard, e *entry, fh string, fn func(f *dlm.File) error)
 	f.Bind(work, &ed)
 	err := fn(&f)
 	f.Bind(nil, nil)
-	if err != nil || !ed.Changed {
+	if err != nil {
 		return nil, err
 	}
 	// A file with no state has no key: its ModRevision compares as 0.
@@ -443,11 +448,11 @@ func (b *Backend) run(s *shard, e *entry, fh string, fn func(f *dlm.File) error)
 	if cur != nil {
 		ch.rev = rev
 	}
-	if work.Empty() {
-		if cur == nil {
-			return nil, nil // nothing was there, nothing is
-		}
-	} else {
+	switch {
+	case !ed.Changed, work.Empty() && cur == nil:
+		ch.readOnly = true // nothing to write; what fn decided still needs a fresh view
+	case work.Empty():
+	default:
 		ch.st = work
 		ch.val = string(dlm.AppendState(nil, work))
 	}
@@ -531,6 +536,30 @@ func (b *Backend) commit(ctx context.Context, c dlm.Claim, chs []*change) (bool,
 		}
 	}
 	return false, nil
+}
+
+// verify checks that the mirror had the file as etcd has it now, for an
+// edit that changed nothing (a denial, a request already satisfied):
+// another node may have changed the file a moment ago, and a decision on
+// a stale view must not reach the client. One read-only transaction; if
+// the file moved on, its state comes back and is installed.
+func (b *Backend) verify(ctx context.Context, ch *change) (bool, error) {
+	cctx, cancel := context.WithTimeout(ctx, b.timeout)
+	defer cancel()
+	resp, err := b.cli.Txn(cctx).If(clientv3.Compare(clientv3.ModRevision(ch.key), "=", ch.rev)).
+		Else(clientv3.OpGet(ch.key)).Commit()
+	b.reads.Add(1)
+	if err != nil {
+		return false, fmt.Errorf("%w: etcddlm: verify: %w", dlm.ErrUnavailable, err)
+	}
+	if resp.Succeeded {
+		return true, nil
+	}
+	var kv *mvccpb.KeyValue
+	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+		kv = kvs[0]
+	}
+	return false, b.apply(ch.fh, kv, resp.Header.Revision)
 }
 
 // apply installs a file's state as etcd holds it: kv, or nothing (nil)
@@ -693,7 +722,9 @@ func (b *Backend) batch(ctx context.Context, fhs []string, c dlm.Claim, fn func(
 		if ch, err = b.run(s, e, fh, fn); err != nil {
 			break
 		}
-		if ch != nil {
+		// A bulk edit synced the mirror first: what it leaves as it was
+		// needs no second look.
+		if !ch.readOnly {
 			chs = append(chs, ch)
 			size += len(ch.key) + len(ch.val)
 		}
@@ -721,10 +752,15 @@ func (b *Backend) updateHeld(ctx context.Context, s *shard, e *entry, fh string,
 	defer e.op.Unlock()
 	for attempt := 0; ; attempt++ {
 		ch, err := b.run(s, e, fh, fn)
-		if ch == nil || err != nil {
+		if err != nil {
 			return err
 		}
-		ok, err := b.commit(ctx, c, []*change{ch})
+		var ok bool
+		if ch.readOnly {
+			ok, err = b.verify(ctx, ch)
+		} else {
+			ok, err = b.commit(ctx, c, []*change{ch})
+		}
 		if ok || err != nil {
 			return err
 		}
@@ -739,18 +775,35 @@ func (b *Backend) updateHeld(ctx context.Context, s *shard, e *entry, fh string,
 	}
 }
 
-// Read runs fn on the mirrored state of one file.
+// Read runs fn on the state of one file as etcd has it now: the
+// mirror's, once one read-only transaction confirmed it current (TEST
+// must not report a lock released a moment ago through another node).
 func (b *Backend) Read(ctx context.Context, fh []byte, fn func(f *dlm.File)) error {
 	if err := b.check(ctx); err != nil {
 		return err
 	}
-	s := b.shardOf(string(fh))
-	s.mu.Lock()
-	st := &b.empty
-	if e := s.files[string(fh)]; e != nil && e.st != nil {
-		st = e.st
+	key := string(fh)
+	s := b.shardOf(key)
+	var st *dlm.State
+	for attempt := 0; ; attempt++ {
+		s.mu.Lock()
+		st = &b.empty
+		var rev int64
+		if e := s.files[key]; e != nil && e.st != nil {
+			st, rev = e.st, e.rev
+		}
+		s.mu.Unlock()
+		ok, err := b.verify(ctx, &change{fh: key, key: b.fileKey(fh), rev: rev})
+		if err != nil {
+			return err
+		}
+		if ok {
+			break
+		}
+		if attempt == b.retries {
+			return dlm.ErrConflict
+		}
 	}
-	s.mu.Unlock()
 	var f dlm.File
 	f.Bind(st, nil)
 	fn(&f)

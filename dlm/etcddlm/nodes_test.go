@@ -323,3 +323,49 @@ func TestMirrorSurvivesCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStaleMirrorDecidesNothing: a node whose mirror lags behind (its
+// watch stopped here) still answers from etcd's current state: a lock
+// that another node released is granted, not denied on the stale view,
+// and a TEST does not report it.
+func TestStaleMirrorDecidesNothing(t *testing.T) {
+	bs := cluster(t, 2)
+	ctx := context.Background()
+	var m lockmgr.Manager
+	oa := bs[0].Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip(0), Name: "a"}, SVID: 1})
+	ob := bs[1].Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip(1), Name: "b"}, SVID: 1})
+	r := dlm.Range{Start: 0, End: 10}
+	ca, cb := dlm.Claim{VIP: vip(0), Epoch: 1}, dlm.Claim{VIP: vip(1), Epoch: 1}
+	if err := bs[0].Update(ctx, []byte("f"), ca, func(f *dlm.File) error {
+		m.Lock(f, &lockmgr.LockArgs{Owner: oa, Range: r, Exclusive: true, Epoch: 1})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bs[1].sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Node 1 stops hearing of changes; node 0 unlocks.
+	bs[1].cancel()
+	<-bs[1].done
+	if err := bs[0].Update(ctx, []byte("f"), ca, func(f *dlm.File) error { m.Unlock(f, oa, r); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	var test lockmgr.Result
+	if err := bs[1].Read(ctx, []byte("f"), func(f *dlm.File) { test = m.Test(f, ob, r, true, false, 0) }); err != nil {
+		t.Fatal(err)
+	}
+	if test.Status != lockmgr.Granted {
+		t.Fatalf("TEST through the lagging node: %v (holder %v), want no conflict", test.Status, test.Holder.Owner)
+	}
+	var st lockmgr.Status
+	if err := bs[1].Update(ctx, []byte("f"), cb, func(f *dlm.File) error {
+		st = m.Lock(f, &lockmgr.LockArgs{Owner: ob, Range: r, Exclusive: true, Epoch: 1}).Status
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if st != lockmgr.Granted {
+		t.Fatalf("LOCK through the lagging node after the unlock: %v, want GRANTED", st)
+	}
+}

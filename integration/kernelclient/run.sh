@@ -5,7 +5,7 @@
 # what nlmd must have done.
 #
 # usage: integration/kernelclient/run.sh [SCENARIO|path/to/scenario.sh ...]
-#        (default: basic procs twoclients notify restart move). Needs root and a
+#        (default: basic procs twoclients notify restart move etcd). Needs root and a
 #        built bin/nlmd. nlmd keeps its state in the run directory, so that a
 #        restart within a scenario finds it; it starts with a grace period,
 #        which ends at once when it has no clients to notify.
@@ -18,6 +18,9 @@ nlmd=$root/bin/nlmd
 [ -x "$nlmd" ] || { echo "kernelclient: build nlmd first (make build)" >&2; exit 2; }
 # for the two-node scenario (twonodes-server.sh, twonodes-hook.sh)
 export NLMHA_NLMD=$nlmd NLMHA_NLMADMIN=$root/bin/nlmadmin
+# for the etcd scenario (etcdnodes-server.sh): the etcd server, built from
+# this module (internal/etcdtest/etcdserver)
+export NLMHA_ETCD=$root/bin/etcd-server
 [ "$(id -u)" = 0 ] || { echo "kernelclient: must run as root" >&2; exit 2; }
 
 server=10.77.7.1
@@ -32,16 +35,19 @@ check() { # FILE REGEX WHAT
 }
 
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients notify "$here/restart.sh" "$here/move.sh")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(basic procs twoclients notify "$here/restart.sh" "$here/move.sh" "$here/etcd.sh")
 for s in "${scenarios[@]}"; do
 	case $s in */*) s=$(readlink -f "$s") ;; esac
 	echo "kernelclient: scenario $s"
 	start=$(date +%s)
 	cmd="exec $nlmd --log-level debug --state-dir \"\$RUN_DIR/nlmha\" --grace-period 15s ${NLMD_ARGS:-}"
 	hook=
-	if [ "$(basename "$s" .sh)" = move ]; then
-		cmd="exec $here/twonodes-server.sh" hook=$here/twonodes-hook.sh
-	fi
+	case $(basename "$s" .sh) in
+	move) cmd="exec $here/twonodes-server.sh" hook=$here/twonodes-hook.sh ;;
+	etcd)
+		[ -x "$NLMHA_ETCD" ] || { echo "kernelclient: build bin/etcd-server first" >&2; exit 2; }
+		cmd="exec $here/etcdnodes-server.sh" hook=$here/etcdnodes-hook.sh ;;
+	esac
 	if ! SERVER_MODE=ganesha-nonlm SERVER_STATD=0 NLM_SERVER_CMD="$cmd" HOST_HOOK=$hook "$kc/run.sh" "$s"; then
 		echo "kernelclient: FAIL $s (logs: $(readlink -f "$kc/cache/runs/latest"))"
 		fail=1
@@ -49,7 +55,7 @@ for s in "${scenarios[@]}"; do
 	fi
 	summary=$kc/cache/runs/latest/rpc-summary.txt
 	log=$kc/cache/runs/latest/nlm-server.log
-	[ "$(basename "$s" .sh)" = move ] && log=$kc/cache/runs/latest/nlm-node1.log
+	case $(basename "$s" .sh) in move | etcd) log=$kc/cache/runs/latest/nlm-node1.log ;; esac
 	echo "kernelclient: $s passed in $(( $(date +%s) - start )) s; checking $summary"
 	check "$summary" "$server +-> +10\.77\.7\.[23] +NLM V4 LOCK Reply" "nlmd's LOCK replies"
 	check "$log" "nsm: monitoring.*mon_name=10\.77\.7\.[23]" "nlmd monitors the client (in process, no statd)"
@@ -66,6 +72,11 @@ for s in "${scenarios[@]}"; do
 	restart)
 		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Call" "nlmd's SM_NOTIFY to the client after its restart"
 		check "$log" "nsm: notification finished.*failed=0 notified=1" "nlmd's notifier reports the client notified" ;;
+	etcd)
+		node2=$kc/cache/runs/latest/nlm-node2.log
+		check "$summary" "10\.77\.7\.12 +-> +10\.77\.7\.3 +NLM V4 GRANTED(_MSG)? Call" "GRANTED from node 2's address to the client blocked there"
+		check "$node2" "hacallout: took over.*planned=false" "node 2 took node 1's address over after node 1 died"
+		check "$summary" "$server +-> +10\.77\.7\.2 +STAT V1 NOTIFY Call" "SM_NOTIFY from node 1's address, now on node 2, to its client" ;;
 	twoclients)
 		check "$summary" "$server +-> +10\.77\.7\.3 +NLM V4 LOCK Reply .*NLM_BLOCKED" "BLOCKED for the second client"
 		check "$summary" "$server +-> +10\.77\.7\.3 +NLM V4 GRANTED(_MSG)? Call" "GRANTED callback from the server address to the blocked client"
