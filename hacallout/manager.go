@@ -245,6 +245,14 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		if _, err := m.cfg.NLM.ResumeVIP(ctx, vs); err != nil {
 			m.log.Warn("hacallout: resending the callbacks due", "vip", vs.Addr(), "err", err)
 		}
+	} else if m.cfg.Shared {
+		// The dead owner's blocked requests die with it; its clients,
+		// notified, reclaim and ask again.
+		if n, err := m.cfg.NLM.DropStaleWaiters(ctx, vs, epoch); err != nil {
+			m.log.Warn("hacallout: dropping the previous owner's blocked requests", "vip", vs.Addr(), "err", err)
+		} else if n > 0 {
+			m.log.Info("hacallout: dropped the previous owner's blocked requests", "vip", vs.Addr(), "count", n)
+		}
 	}
 	res.GraceUntil = graceUntil(vs)
 	res.Took = Duration(time.Since(start))
@@ -273,7 +281,7 @@ func (m *Manager) endWhenReclaimed(vs *virtualserver.Server) {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		left, err := m.cfg.NLM.Reclaimable(ctx, vs.Addr(), vs.ReclaimFloor())
+		left, err := m.cfg.NLM.Reclaimable(ctx, vs, vs.ReclaimFloor())
 		cancel()
 		if err == nil && !left {
 			vs.EndGrace("nothing left to reclaim")
@@ -462,10 +470,29 @@ func (m *Manager) graceEnded(ctx context.Context, vs *virtualserver.Server, st v
 		// not left to reclaim: nothing is known to purge.
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	if err := m.cfg.NLM.PurgeVIP(ctx, vs); err != nil && !errors.Is(err, dlm.ErrFenced) {
-		m.log.Warn("hacallout: purging unreclaimed state", "vip", vs.Addr(), "err", err)
+	// A shared store may be unreachable for a while: the purge is tried
+	// again (what it would remove stays until then, stalling only the
+	// requests that conflict with it), until it is done, fenced (the
+	// virtual server moved on: the next owner's business) or ten minutes.
+	wait := time.Second
+	for give := time.Now().Add(10 * time.Minute); ; {
+		pctx, cancel := context.WithTimeout(ctx, time.Minute)
+		err := m.cfg.NLM.PurgeVIP(pctx, vs)
+		cancel()
+		switch {
+		case err == nil, errors.Is(err, dlm.ErrFenced):
+			return
+		case !vs.Serving() || ctx.Err() != nil || time.Now().After(give):
+			m.log.Warn("hacallout: purging unreclaimed state", "vip", vs.Addr(), "err", err)
+			return
+		}
+		m.log.Warn("hacallout: purging unreclaimed state; trying again", "vip", vs.Addr(), "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 10*time.Second)
 	}
 }
 

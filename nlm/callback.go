@@ -136,7 +136,11 @@ type cbJob struct {
 	deadline time.Time
 	// a GRANTED callback
 	grant *lockmgr.Grant
-	args  []byte
+	// resent: the grant may have been called back and taken already (a
+	// previous owner's pending grant, adopted): a refusal may only mean
+	// that the client has it, so it is settled, never taken back.
+	resent bool
+	args   []byte
 	// or a *_RES
 	proc uint32
 	body []byte
@@ -437,6 +441,16 @@ func (c *callbacks) granted(j *cbJob, st Stat) error {
 	case DeniedGracePeriod:
 		return errors.New("nlm: the client is in its grace period")
 	}
+	if j.resent {
+		// Linux answers a GRANTED for a lock it no longer waits for with
+		// DENIED — also when it took the same grant before. Releasing the
+		// lock could take it from a client that holds it; keeping it
+		// costs at most a lock its owner does not know of, until its
+		// next unlock, FREE_ALL or reboot.
+		c.log.Info("nlm: client refused a grant sent again; keeping the lock", "client", j.host.HostKey.String(), "answer", st)
+		c.settle(c.ctx, []lockmgr.Grant{*j.grant})
+		return nil
+	}
 	// The client no longer wants it (the waiting process gave up):
 	// release exactly what the grant took.
 	c.log.Info("nlm: client refused a granted lock; releasing it", "client", j.host.HostKey.String(), "answer", st)
@@ -520,7 +534,13 @@ func (c *callbacks) grantedRes(from netip.Addr, cookie []byte, st Stat) {
 // does not fit in the queues is logged once per client host and call, and
 // settled: the lock stays granted, and the client finds it on its next
 // request.
-func (c *callbacks) grant(grants []lockmgr.Grant) {
+func (c *callbacks) grant(grants []lockmgr.Grant) { c.send(grants, false) }
+
+// resend calls back grants that may have been called back before (see
+// cbJob.resent).
+func (c *callbacks) resend(grants []lockmgr.Grant) { c.send(grants, true) }
+
+func (c *callbacks) send(grants []lockmgr.Grant, resent bool) {
 	now := time.Now()
 	var full *dlm.Host
 	var dropped []lockmgr.Grant
@@ -531,7 +551,7 @@ func (c *callbacks) grant(grants []lockmgr.Grant) {
 		if !ok {
 			continue
 		}
-		j := &cbJob{host: w.Owner.Host, grant: g, deadline: now.Add(c.cfg.Lifetime)}
+		j := &cbJob{host: w.Owner.Host, grant: g, resent: resent, deadline: now.Add(c.cfg.Lifetime)}
 		key := peerKey{vip: vs.Addr(), addr: w.Owner.Host.Addr, vers: w.Vers, t: sunrpc.Transport(w.Transport)}
 		if c.enqueue(key, vs, j) {
 			continue

@@ -62,7 +62,7 @@ func (s *Service) ResumeVIP(ctx context.Context, vs *virtualserver.Server) (int,
 		}
 		return true
 	})
-	s.cb.grant(grants)
+	s.cb.resend(grants)
 	return len(grants), err
 }
 
@@ -92,19 +92,47 @@ func (s *Service) CountVIP(ctx context.Context, vip netip.Addr) (locks, waiters,
 	return locks, waiters, shares, err
 }
 
-// Reclaimable reports whether a virtual server's records stamped below
-// floor remain (what its grace period waits to be reclaimed).
-func (s *Service) Reclaimable(ctx context.Context, vip netip.Addr, floor uint64) (bool, error) {
-	sel := dlm.Selector{VIP: vip.Unmap(), Below: floor}
+// Reclaimable reports whether any held lock or share of a virtual
+// server stamped below floor is left, as the store has it now (a bulk
+// read: a shared backend syncs first). Blocked requests and pending
+// grants do not count: clients reclaim what they hold.
+func (s *Service) Reclaimable(ctx context.Context, vs *virtualserver.Server, floor uint64) (bool, error) {
+	vip := vs.Addr()
+	sel := dlm.Selector{VIP: vip, Below: floor}
 	found := false
-	err := s.cfg.Backend.View(ctx, func(f *dlm.File) bool {
-		f.Records(func(h *dlm.Host, epoch uint64) bool {
-			found = sel.MatchRecord(h, epoch)
+	err := s.cfg.Backend.UpdateAll(ctx, sel, vs.Claim(), func(f *dlm.File) error {
+		f.All(func(h *dlm.Held) bool {
+			if h.Owner().Host.VIP == vip && h.Epoch() < floor {
+				found = true
+			}
 			return !found
 		})
-		return !found
+		for _, sh := range f.Shares() {
+			if sh.Host.VIP == vip && sh.Epoch < floor {
+				found = true
+			}
+		}
+		return nil
 	})
 	return found, err
+}
+
+// DropStaleWaiters removes a virtual server's blocked requests stamped
+// below floor: after an unplanned takeover over a shared backend, the
+// dead node's waiters die with it (their clients, notified, ask again).
+// It returns how many it removed.
+func (s *Service) DropStaleWaiters(ctx context.Context, vs *virtualserver.Server, floor uint64) (int, error) {
+	sel := dlm.Selector{VIP: vs.Addr(), Below: floor}
+	counts := map[string]int{}
+	err := s.cfg.Backend.UpdateAll(ctx, sel, vs.Claim(), func(f *dlm.File) error {
+		counts[f.FH()] = s.mgr.DropWaiters(f, &sel)
+		return nil
+	})
+	n := 0
+	for _, c := range counts {
+		n += c
+	}
+	return n, err
 }
 
 // dropAll drops what sel selects, under claim c, file by file; each file
@@ -119,9 +147,33 @@ func (s *Service) dropAll(ctx context.Context, sel dlm.Selector, c dlm.Claim, be
 		return nil
 	})
 	for _, fh := range slices.Sorted(maps.Keys(grants)) {
-		s.cb.grant(grants[fh])
+		gs := grants[fh]
+		if err != nil && len(gs) > 0 {
+			// The bulk edit stopped partway: call back only the grants
+			// that were stored (a file whose edit was not committed
+			// granted nothing).
+			gs = s.stillPending(ctx, fh, gs)
+		}
+		s.cb.grant(gs)
 	}
 	return err
+}
+
+// stillPending keeps the grants that the file's stored state has as
+// pending grants.
+func (s *Service) stillPending(ctx context.Context, fh string, gs []lockmgr.Grant) []lockmgr.Grant {
+	var out []lockmgr.Grant
+	rerr := s.cfg.Backend.Read(ctx, []byte(fh), func(f *dlm.File) {
+		for _, g := range gs {
+			if p := f.FindPending(g.Waiter.Seq); p != nil && p.Owner == g.Waiter.Owner && p.Range == g.Waiter.Range {
+				out = append(out, g)
+			}
+		}
+	})
+	if rerr != nil {
+		return nil // unknown: the clients find their locks on their next request
+	}
+	return out
 }
 
 // InstallResult counts what InstallSnapshot restored.

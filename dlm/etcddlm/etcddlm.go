@@ -157,6 +157,10 @@ type entry struct {
 	users int        // edits holding the entry (shard lock)
 	st    *dlm.State // nil: no state
 	rev   int64      // etcd revision st is at (of the deletion if nil)
+	// writing is the value this node is committing (under op): the watch
+	// may bring the commit back before its response does, and what it
+	// brings is then this node's own edit, not another node's grants.
+	writing string
 }
 
 var _ dlm.Backend = (*Backend)(nil)
@@ -290,20 +294,32 @@ func (b *Backend) check(ctx context.Context) error {
 	return ctx.Err()
 }
 
+// leaseOK reports ErrFenced once the node's lease may have expired (it
+// self-fenced, or its deadline passed): from then on it changes nothing
+// and answers nothing, whatever the claim — another node may own its
+// virtual servers, and even an unfenced edit (a client's reboot) could
+// undo what that node granted since.
+func (b *Backend) leaseOK() error {
+	if b.expired.Load() {
+		return fmt.Errorf("%w: node self-fenced (lease)", dlm.ErrFenced)
+	}
+	if d := b.deadline.Load(); d != 0 && time.Since(b.base) >= time.Duration(d) {
+		return fmt.Errorf("%w: the node's lease deadline has passed", dlm.ErrFenced)
+	}
+	return nil
+}
+
 // allows checks the acting claim locally: the etcd comparison is the
 // fence that counts, this one stops what this node already knows to be
 // over (a release in progress, a lease that may have expired).
 func (b *Backend) allows(c dlm.Claim, bulk bool) error {
+	if err := b.leaseOK(); err != nil {
+		return err
+	}
 	if c.Unfenced() {
 		return nil
 	}
 	c.VIP = c.VIP.Unmap()
-	if b.expired.Load() {
-		return fmt.Errorf("%w: %v: node self-fenced (lease)", dlm.ErrFenced, c)
-	}
-	if d := b.deadline.Load(); d != 0 && time.Since(b.base) >= time.Duration(d) {
-		return fmt.Errorf("%w: %v: the node's lease deadline has passed", dlm.ErrFenced, c)
-	}
 	if !b.claims.Load().Allows(c, bulk) {
 		return fmt.Errorf("%w: %v", dlm.ErrFenced, c)
 	}
@@ -484,8 +500,10 @@ func (b *Backend) commit(ctx context.Context, c dlm.Claim, chs []*change) (bool,
 		cmps = append(cmps, clientv3.Compare(clientv3.Value(ck), "=", b.claimValue(c)))
 		orElse = append(orElse, clientv3.OpGet(ck))
 	}
+	b.marking(chs, true)
+	defer b.marking(chs, false)
 	cctx, cancel := context.WithTimeout(ctx, b.timeout)
-	if d := b.deadline.Load(); d != 0 && !c.Unfenced() {
+	if d := b.deadline.Load(); d != 0 {
 		// Not past the lease's deadline: by then another node may own the
 		// virtual server, and the client is better off asking it.
 		if left := time.Duration(d) - time.Since(b.base); left < b.timeout {
@@ -536,6 +554,26 @@ func (b *Backend) commit(ctx context.Context, c dlm.Claim, chs []*change) (bool,
 		}
 	}
 	return false, nil
+}
+
+// marking records (or forgets) the values being committed in their
+// entries, so that the watch does not take them for another node's.
+func (b *Backend) marking(chs []*change, on bool) {
+	for _, ch := range chs {
+		if ch.st == nil {
+			continue // a deletion carries no grants
+		}
+		s := b.shardOf(ch.fh)
+		s.mu.Lock()
+		if e := s.files[ch.fh]; e != nil {
+			if on {
+				e.writing = ch.val
+			} else {
+				e.writing = ""
+			}
+		}
+		s.mu.Unlock()
+	}
 }
 
 // verify checks that the mirror had the file as etcd has it now, for an
@@ -589,7 +627,9 @@ func (b *Backend) apply(fh string, kv *mvccpb.KeyValue, rev int64) error {
 	}
 	old := e.st
 	install(e, st, kv.ModRevision)
-	b.newGrants(fh, old, st)
+	if e.writing == "" || string(kv.Value) != e.writing {
+		b.newGrants(fh, old, st)
+	}
 	return nil
 }
 
@@ -761,8 +801,15 @@ func (b *Backend) updateHeld(ctx context.Context, s *shard, e *entry, fh string,
 		} else {
 			ok, err = b.commit(ctx, c, []*change{ch})
 		}
-		if ok || err != nil {
+		if err != nil {
 			return err
+		}
+		if ok {
+			// Done — unless the lease ran out meanwhile (a pause between
+			// sending and hearing back): then the client hears nothing
+			// from here, and asks the next owner, which has what was
+			// committed.
+			return b.leaseOK()
 		}
 		if attempt == b.retries {
 			b.conflicts.Add(1)
@@ -991,9 +1038,14 @@ func (b *Backend) watch(rev int64) {
 				if err := b.apply(fh, kv, ev.Kv.ModRevision); err != nil {
 					b.log.Error("etcddlm: a file changed to something that does not decode", "err", err)
 				}
+				rev = max(rev, ev.Kv.ModRevision)
 			}
-			if r := wr.Header.Revision; r > rev {
-				rev = r
+			// A response's header may be ahead of its events (a watch that
+			// starts far behind gets them in pieces, each stamped with the
+			// current revision): only a progress report, which carries no
+			// events, vouches for everything up to its header.
+			if wr.IsProgressNotify() {
+				rev = max(rev, wr.Header.Revision)
 			}
 			b.advance(rev)
 			backoff = 50 * time.Millisecond

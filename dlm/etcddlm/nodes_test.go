@@ -369,3 +369,123 @@ func TestStaleMirrorDecidesNothing(t *testing.T) {
 		t.Fatalf("LOCK through the lagging node after the unlock: %v, want GRANTED", st)
 	}
 }
+
+// Found by a reviewer (each failed before its fix).
+
+// A pending grant this node made itself must not come back through
+// RemoteGrants (the node calls it back already).
+func TestOwnGrantsNotEchoed(t *testing.T) {
+	b := newBackendAt(t, freshPrefix(), "n1")
+	c := dlm.Claim{VIP: vip(0), Epoch: 1}
+	if err := b.SetClaim(context.Background(), c, dlm.ClaimActive); err != nil {
+		t.Fatal(err)
+	}
+	own := b.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip(0), Name: "c", Addr: netip.MustParseAddr("192.0.2.1")}, SVID: 1})
+	dup := 0
+	const n = 200
+	for i := range n {
+		fh := []byte{byte(i), byte(i >> 8)}
+		err := b.Update(context.Background(), fh, c, func(f *dlm.File) error {
+			f.Insert(dlm.Lock{Owner: own, Range: dlm.Range{Start: 0, End: 1}, Exclusive: true, Epoch: 1})
+			f.AddPending(&dlm.Waiter{Owner: own, Range: dlm.Range{Start: 0, End: 1}, Exclusive: true, Epoch: 1})
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.After(2 * time.Second)
+	for {
+		select {
+		case <-b.RemoteGrants():
+			dup++
+			continue
+		case <-deadline:
+		}
+		break
+	}
+	if dup > 0 {
+		t.Errorf("%d of %d grants this node made came back through RemoteGrants (duplicate GRANTED callbacks)", dup, n)
+	}
+}
+
+// After a rewatch that starts >1000 revisions behind, watchRev (what
+// sync() and Sweep trust) runs ahead of the mirror.
+func TestWatchRevNeverAheadOfMirror(t *testing.T) {
+	pfx := freshPrefix()
+	b := newBackendAt(t, pfx, "n1")
+	b2 := newBackendAt(t, pfx, "n2")
+	ctx := context.Background()
+	// Stop b's watch, as a broken stream (leader loss, partition) does.
+	b.cancel()
+	<-b.done
+	b.revMu.Lock()
+	from := b.watchRev
+	b.revMu.Unlock()
+	own := b2.Owner(dlm.OwnerKey{HostKey: dlm.HostKey{VIP: vip(0), Name: "c", Addr: netip.MustParseAddr("192.0.2.1")}, SVID: 1})
+	const n = 1500
+	for i := range n {
+		if err := b2.Update(ctx, []byte(fmt.Sprintf("file%04d", i)), dlm.Claim{}, func(f *dlm.File) error {
+			f.Insert(dlm.Lock{Owner: own, Range: dlm.Range{Start: 0, End: 1}, Exclusive: true, Epoch: 1})
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cur, _ := b.cli.Get(ctx, "x")
+	target := cur.Header.Revision
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.done = make(chan struct{})
+	go b.watch(from)
+	for {
+		b.revMu.Lock()
+		have := b.watchRev
+		b.revMu.Unlock()
+		if have >= target {
+			if got := b.Files(); got < n {
+				t.Errorf("watchRev %d >= etcd's revision %d, so sync() returns, but the mirror has %d of %d files: UpdateAll (FREE_ALL, purge) and Sweep act on a mirror that misses files", have, target, got, n)
+			} else {
+				t.Logf("race not caught this time (mirror had all %d files)", got)
+			}
+			return
+		}
+	}
+}
+
+// A self-fenced node (lease deadline passed) still changes lock state
+// through an unfenced bulk edit (Rebooted: a queued reboot notification).
+func TestFencedNodeChangesNothing(t *testing.T) {
+	pfx := freshPrefix()
+	a := newBackendAt(t, pfx, "A")
+	c := newBackendAt(t, pfx, "C")
+	ctx := context.Background()
+	// C took X over (epoch 10) after A's lease expired; c1 locks through C.
+	cx := dlm.Claim{VIP: vip(0), Epoch: 10}
+	if err := c.SetClaim(ctx, cx, dlm.ClaimActive); err != nil {
+		t.Fatal(err)
+	}
+	key := dlm.HostKey{VIP: vip(0), Name: "c1", Addr: netip.MustParseAddr("192.0.2.1")}
+	own := c.Owner(dlm.OwnerKey{HostKey: key, SVID: 1})
+	if err := c.Update(ctx, []byte("F"), cx, func(f *dlm.File) error {
+		f.Insert(dlm.Lock{Owner: own, Range: dlm.Range{Start: 0, End: 1}, Exclusive: true, Epoch: 10})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// A resumes: self-fenced, deadline long past.
+	a.SetDeadline(time.Now().Add(-time.Hour))
+	a.Expire()
+	err := a.UpdateAll(ctx, dlm.Selector{Keys: map[dlm.HostKey]bool{key: true}}, dlm.Claim{}, func(f *dlm.File) error {
+		var victims []*dlm.Held
+		f.All(func(h *dlm.Held) bool { victims = append(victims, h); return true })
+		for _, h := range victims {
+			f.Remove(h)
+		}
+		return nil
+	})
+	n := -1
+	c.Read(ctx, []byte("F"), func(f *dlm.File) { n = f.Len() })
+	if err == nil && n == 0 {
+		t.Errorf("self-fenced node A removed c1's lock granted by the new owner C (UpdateAll err=%v)", err)
+	}
+}

@@ -128,6 +128,7 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 		// exactly this lock is what it reclaims.
 		if exact != nil {
 			f.Restamp(exact, a.Epoch)
+			settleHeld(f, a.Owner, a.Range, a.Exclusive)
 			return Result{Status: Granted}
 		}
 		return Result{Status: DeniedGrace}
@@ -154,6 +155,7 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 	downgrade := false
 	if exact != nil {
 		f.Restamp(exact, a.Epoch) // a retransmission, or a reclaim in grace
+		settleHeld(f, a.Owner, a.Range, a.Exclusive)
 	} else {
 		if lim := m.Limits.LocksPerHost; lim > 0 {
 			if d := growth(near, a.Owner, a.Range, a.Exclusive); d > 0 && a.Owner.Host.Locks()+d > lim {
@@ -176,6 +178,19 @@ func (m *Manager) Lock(f *dlm.File, a *LockArgs) Result {
 	}
 	// A downgrade (exclusive to shared) may let shared waiters in.
 	return Result{Status: Granted, Grants: wake(f)}
+}
+
+// settleHeld forgets a pending grant of exactly the lock the owner has
+// just been told it holds: its callback is moot (the client asked again
+// and has it), and a callback sent later — by a node adopting the
+// virtual server — could only be refused.
+func settleHeld(f *dlm.File, owner *dlm.Owner, r dlm.Range, exclusive bool) {
+	for _, p := range f.Pending() {
+		if p.Owner == owner && p.Range == r && p.Exclusive == exclusive {
+			f.RemovePending(p)
+			return
+		}
+	}
 }
 
 // scan finds, among the locks near a request, the owner's lock of exactly
@@ -371,6 +386,21 @@ func (m *Manager) Unshare(f *dlm.File, host *dlm.Host, oh []byte) Result {
 // FREE_ALL, a client's reboot notification, the release of a virtual
 // server, or (with sel.Below) what its clients did not reclaim in grace —
 // and grants what became grantable to the others.
+// DropWaiters removes the blocked requests sel selects (and nothing
+// else): after an unplanned takeover the dead node's waiters die with it,
+// as Linux's do with lockd; their clients ask again, reclaiming first.
+// Held locks are untouched, so nothing becomes grantable.
+func (m *Manager) DropWaiters(f *dlm.File, sel *dlm.Selector) int {
+	var gone []*dlm.Waiter
+	for _, w := range f.Waiters() {
+		if sel.MatchRecord(w.Owner.Host, w.Epoch) {
+			gone = append(gone, w)
+		}
+	}
+	f.RemoveWaiters(gone)
+	return len(gone)
+}
+
 func (m *Manager) Drop(f *dlm.File, sel *dlm.Selector) Result {
 	gone := sel.MatchRecord
 	var victims []*dlm.Held
