@@ -224,12 +224,17 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		if started, err = m.cfg.NSM.Start(vs, nsm.Restart); err != nil {
 			return fail(err)
 		}
+		early := true
 		if m.cfg.Shared {
 			// The previous owner's records are still there: only requests
-			// that conflict with one of them wait for grace.
+			// that conflict with one of them wait for grace. It ends when
+			// none is left to reclaim (endWhenReclaimed), not by guessing
+			// from quiet clients: a client whose reclaim is slow to get
+			// through (a busy store) would lose its lock to the purge.
 			vs.SetReclaimFloor(epoch)
+			early = false
 		}
-		vs.BeginGrace(true, m.cfg.Notified, started.Clients)
+		vs.BeginGrace(early, m.cfg.Notified, started.Clients)
 	}
 	if vs.ReclaimFloor() != 0 {
 		go m.endWhenReclaimed(vs)

@@ -331,7 +331,7 @@ func failover(o failoverOptions) error {
 	if err, _ := lockErr.Load().(error); err != nil {
 		return err
 	}
-	var reclaimed, reclaimFailed atomic.Int64
+	var reclaimed, reclaimFailed, graceRetries atomic.Int64
 	peers.OnNotify(func(n nsmtest.Notification) {
 		c := byAddr[n.To]
 		if c == nil || n.From.Addr() != moveVIP || !c.reclaiming.CompareAndSwap(false, true) {
@@ -342,6 +342,13 @@ func failover(o failoverOptions) error {
 			defer cancel()
 			c.sent = time.Now()
 			r, err := c.lockCall(cctx, hs, true, "r")
+			// A store that is busy or out of reach asks the client to try
+			// again (DENIED_GRACE_PERIOD); a Linux client does.
+			for err == nil && r.Stat == nlm.DeniedGracePeriod && cctx.Err() == nil {
+				graceRetries.Add(1)
+				time.Sleep(100 * time.Millisecond)
+				r, err = c.lockCall(cctx, hs, true, "r")
+			}
 			c.done = time.Now()
 			if err != nil || r.Stat != nlm.Granted {
 				reclaimFailed.Add(1)
@@ -488,6 +495,9 @@ func failover(o failoverOptions) error {
 		}
 		if n := reclaimFailed.Load(); n > 0 {
 			return fmt.Errorf("%d of %d reclaims failed", n, o.clients)
+		}
+		if n := graceRetries.Swap(0); n > 0 {
+			fmt.Printf("(%d reclaims answered DENIED_GRACE_PERIOD and sent again)\n", n)
 		}
 		// The grace period is over at the probe's first lock granted since
 		// the kill: during it only reclaims are. (Asking the control API
