@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -29,6 +30,7 @@ type notifyOptions struct {
 	procs    int
 	timeout  time.Duration
 	extra    []string // more nlmd flags
+	timeline bool
 }
 
 var benchVIP = netip.MustParseAddr("127.0.0.2")
@@ -55,6 +57,7 @@ func runNotify(args []string) int {
 	fs.IntVar(&o.smMax, "sm-notify-max", 1000, "largest client count to measure sm-notify with (it notifies about 70 clients/s here)")
 	fs.IntVar(&o.procs, "procs", 1, "nlmd --procs")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Minute, "longest a run may take")
+	fs.BoolVar(&o.timeline, "timeline", false, "also print (to stderr) when each tenth of the clients was notified")
 	fs.StringArrayVar(&o.extra, "nlmd-arg", nil, "one more nlmd flag (repeatable), e.g. --nlmd-arg=--cpu-profile=/var/tmp/notify.pprof")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nlmbench notify [flags]\n\nSM_NOTIFY fan-out of nlmd (and sm-notify) to simulated client statds.\nRun as root in a private network namespace.\n\nFlags:\n%s", fs.FlagUsages())
@@ -146,6 +149,7 @@ func notifyNlmd(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
 		"--state-dir", root, "--nsm-port", "32765", "--nlm-port", "4045", "--log-level", "warn", "--procs", strconv.Itoa(o.procs)}, o.extra...)
 	cmd := exec.Command(o.nlmd, args...)
 	cmd.Stderr = os.Stderr
+	self0, busy0 := procCPU(os.Getpid()), machineBusy()
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return "", err
@@ -159,9 +163,25 @@ func notifyNlmd(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
 		return "", err
 	}
 	took := time.Since(start)
+	// CPU of both sides over the run: nlmd's, and this process's (the
+	// simulated peers, nearly all of it), to tell whose the time is.
+	cpu, peersCPU := procCPU(cmd.Process.Pid), procCPU(os.Getpid())-self0
+	otherCPU := machineBusy() - busy0 - cpu - peersCPU
 	rss := maxRSS(cmd.Process.Pid)
-	return fmt.Sprintf("RESULT notifier=nlmd clients=%d seconds=%.3f clients_per_s=%.0f first_ms=%.1f max_rss_kb=%d peer_drops=%d udp_rcvbuf_errors=%d",
-		n, took.Seconds(), float64(n)/took.Seconds(), float64(first.Microseconds())/1000, rss, peers.Drops(), udpRcvbufErrors()-rcvErr0), nil
+	if o.timeline {
+		// When each tenth of the clients had its notification: a notifier
+		// held up (by the records loading beside it, say) shows as a slow
+		// start.
+		notes := peers.Notifications()
+		slices.SortFunc(notes, func(a, b nsmtest.Notification) int { return a.At.Compare(b.At) })
+		var b strings.Builder
+		for q := 1; q <= 10; q++ {
+			fmt.Fprintf(&b, " %d%%=%dms", q*10, notes[min(len(notes), len(notes)*q/10)-1].At.Sub(start).Milliseconds())
+		}
+		fmt.Fprintf(os.Stderr, "nlmd clients=%d notified by:%s\n", n, b.String())
+	}
+	return fmt.Sprintf("RESULT notifier=nlmd clients=%d seconds=%.3f clients_per_s=%.0f first_ms=%.1f max_rss_kb=%d nlmd_cpu_ms=%d peers_cpu_ms=%d other_cpu_ms=%d peer_drops=%d udp_rcvbuf_errors=%d",
+		n, took.Seconds(), float64(n)/took.Seconds(), float64(first.Microseconds())/1000, rss, cpu.Milliseconds(), peersCPU.Milliseconds(), otherCPU.Milliseconds(), peers.Drops(), udpRcvbufErrors()-rcvErr0), nil
 }
 
 func notifySmNotify(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
@@ -195,6 +215,27 @@ func notifySmNotify(o notifyOptions, peers *nsmtest.Peers, n int) (string, error
 	}
 	return fmt.Sprintf("RESULT notifier=sm-notify clients=%d seconds=%.3f clients_per_s=%.0f first_ms=%.1f peer_drops=%d udp_rcvbuf_errors=%d",
 		n, took.Seconds(), float64(n)/took.Seconds(), float64(first.Microseconds())/1000, peers.Drops(), udpRcvbufErrors()-rcvErr0), nil
+}
+
+// machineBusy is the CPU time all CPUs spent busy so far (/proc/stat).
+// Less nlmd's and the peers', it tells how much else ran during a run:
+// on a shared machine, a figure to read with the time.
+func machineBusy() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	var ticks int64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		n, _ := strconv.ParseInt(v, 10, 64)
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
 }
 
 // maxRSS is a process's peak resident set (VmHWM), in KiB.
