@@ -30,6 +30,11 @@ func OpenDir(stateDir string, vip netip.Addr) (*Dir, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, sub := range []string{smDir, notifyDir} {
+		if err := virtualserver.CleanTemp(filepath.Join(st.dir, sub)); err != nil {
+			return nil, fmt.Errorf("nsm: state directory: %w", err)
+		}
+	}
 	return &Dir{st: st, vip: vip.Unmap()}, nil
 }
 

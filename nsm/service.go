@@ -19,7 +19,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -293,7 +292,9 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	if err != nil {
 		return Started{}, nil, err
 	}
-	names, err := v.st.list(notifyDir)
+	// Listed once, for the notification now and the records next (nothing
+	// changes notify/ in between: whatever would waits for the records).
+	names, err := v.st.list(notifyDir, true)
 	if err != nil {
 		return Started{}, nil, err
 	}
@@ -304,10 +305,11 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	load := func() {
 		v.io.Lock()
 		defer v.io.Unlock()
+		list := v.read(notifyDir, names)
 		if mode == Adopt {
-			s.adoptLists(v, state)
+			s.adoptLists(v, state, list)
 		} else {
-			s.restartLists(v, state)
+			s.restartLists(v, state, list)
 		}
 	}
 	return Started{State: state, Clients: clientsOf(targets)}, load, nil
@@ -327,11 +329,7 @@ func (v *vip) targetsOf(names []string) []loaded {
 		}
 	}
 	if len(others) > 0 {
-		for _, l := range v.load(notifyDir) {
-			if slices.Contains(others, l.file) {
-				out = append(out, l)
-			}
-		}
+		out = append(out, v.read(notifyDir, others)...)
 	}
 	return out
 }
@@ -379,7 +377,7 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 	if err != nil {
 		return Started{}, err
 	}
-	list := s.restartLists(v, state)
+	list := s.restartLists(v, state, v.load(notifyDir))
 	s.prepare(v, state, list)
 	if launch {
 		s.launch(v)
@@ -404,9 +402,9 @@ func (v *vip) restartState() (int32, error) {
 	return state, nil
 }
 
-// restartLists loads the notify list after a restart; v.io is held.
-func (s *Service) restartLists(v *vip, state int32) []loaded {
-	list := v.load(notifyDir)
+// restartLists installs the notify list, read after a restart; v.io is
+// held.
+func (s *Service) restartLists(v *vip, state int32, list []loaded) []loaded {
 	v.loadStates(list)
 	s.setLists(v, state, map[string]*entry{}, list)
 	v.foldJournal()
@@ -430,12 +428,11 @@ func (v *vip) adoptState() (int32, error) {
 	return state, nil
 }
 
-// adoptLists loads the monitor and notify lists as they are; v.io is
-// held.
-func (s *Service) adoptLists(v *vip, state int32) {
+// adoptLists loads the monitor list and installs it with the notify list
+// as they are; v.io is held.
+func (s *Service) adoptLists(v *vip, state int32, list []loaded) {
 	recs := map[string]*entry{}
 	sm := v.load(smDir)
-	list := v.load(notifyDir)
 	v.loadStates(sm, list)
 	for _, l := range sm {
 		recs[l.rec.key()] = &entry{rec: l.rec}

@@ -153,9 +153,21 @@ func (v *vip) matching(monName string, sender netip.Addr) []*entry {
 	return out
 }
 
-// load reads a list, setting damaged records aside.
+// load reads a list, setting damaged records aside and removing the
+// temporary files of interrupted writes; v.io is held exclusively.
 func (v *vip) load(sub string) []loaded {
-	list, bad := v.st.load(sub)
+	names, err := v.st.list(sub, true)
+	if err != nil {
+		v.log.Warn("nsm: cannot read a list of monitor records", "vip", v.vs.Addr(), "err", err)
+		return nil
+	}
+	return v.read(sub, names)
+}
+
+// read reads the record files names of a list (as listed), setting
+// damaged records aside.
+func (v *vip) read(sub string, names []string) []loaded {
+	list, bad := v.st.read(sub, names)
 	for _, b := range bad {
 		v.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
 		if b.path != "" {
