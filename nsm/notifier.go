@@ -115,6 +115,8 @@ type job struct {
 	// settled hears of each client's outcome (its address; whether its
 	// statd answered), for the grace period.
 	settled func(client netip.Addr, answered bool)
+	// pace hears when answers are taken.
+	pace *pacer
 
 	mu      sync.Mutex
 	prog    Progress
@@ -185,6 +187,9 @@ func (j *job) run(ctx context.Context) {
 			j.inbox = nil
 			j.inboxMu.Unlock()
 			now := time.Now()
+			if j.pace != nil {
+				j.pace.answered(now)
+			}
 			for _, d := range batch {
 				j.handle(d, now)
 			}

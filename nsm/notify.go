@@ -46,7 +46,7 @@ func (s *Service) Notify(vs *virtualserver.Server) error {
 }
 
 // launch starts the prepared notification, if any; v.io is held, or the
-// records are still loading (nothing else restarts the virtual server).
+// records are yet to load (nothing else restarts the virtual server).
 func (s *Service) launch(v *vip) {
 	v.mu.Lock()
 	p := v.toNotify
@@ -55,6 +55,7 @@ func (s *Service) launch(v *vip) {
 	if p != nil {
 		s.notify(v, p.state, p.list)
 	}
+	v.launchedOnce.Do(func() { close(v.launched) })
 }
 
 // notify starts the notification of list; v.io is held.
@@ -77,6 +78,10 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 		}
 	}
 	j.logf, j.warnf = s.log.Debug, s.log.Warn
+	j.pace = s.pace
+	// Answers are on their way: the records (loading next) give way from
+	// the start.
+	s.pace.answered(time.Now())
 	ctx, stop := context.WithCancel(s.ctx)
 	done := make(chan struct{})
 	v.mu.Lock()
@@ -101,8 +106,11 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 // follow a restart need no record written. After a takeover by a node
 // whose state directory sits on shared storage that is hundreds of fsyncs
 // off the reclaim path (a thousand clients: 1.1 s → 0.3 s to reclaim).
-func keepPending(list []loaded, recs, pending map[string]*entry) {
-	for _, l := range list {
+func keepPending(list []loaded, recs, pending map[string]*entry, p *pacer) {
+	for i, l := range list {
+		if i%pacedChunk == pacedChunk-1 {
+			p.yield()
+		}
 		if l.rec.Kind != KindClient {
 			continue // SM_MON's lock manager monitors again as rpc.statd expects
 		}

@@ -80,6 +80,9 @@ type Service struct {
 	wg      sync.WaitGroup
 	gen     atomic.Uint64
 	stats   Stats
+	// pace: work at a start gives way to notifications (of every virtual
+	// server) while answers come in.
+	pace *pacer
 
 	mu   sync.Mutex
 	vips map[netip.Addr]*vip
@@ -127,7 +130,7 @@ func New(cfg Config) (*Service, error) {
 	if !cfg.LockdPortmap.IsValid() {
 		cfg.LockdPortmap = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), sunrpc.PmapPort)
 	}
-	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}, dropping: map[dropKey]chan struct{}{}, bell: make(chan struct{}, 1)}
+	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}, dropping: map[dropKey]chan struct{}{}, bell: make(chan struct{}, 1), pace: newPacer()}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -188,7 +191,7 @@ type Started struct {
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
-	v := &vip{vs: vs, log: s.log, ready: make(chan struct{})}
+	v := &vip{vs: vs, log: s.log, ready: make(chan struct{}), launched: make(chan struct{}), pace: s.pace}
 	s.mu.Lock()
 	s.vips[a] = v
 	s.mu.Unlock()
@@ -204,6 +207,17 @@ func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, erro
 		return st, err
 	}
 	s.wg.Go(func() {
+		// The notification goes first: on one CPU, the records loading
+		// beside it held up its setting out (the grace period, the first
+		// calls) for a time slice or two. Notify comes right after Start;
+		// a caller that never calls it waits launchWait for the records.
+		t := time.NewTimer(launchWait)
+		select {
+		case <-v.launched:
+		case <-t.C:
+		case <-s.ctx.Done():
+		}
+		t.Stop()
 		load()
 		close(v.ready)
 	})
@@ -221,6 +235,7 @@ func (s *Service) Detach(a netip.Addr) {
 	if v == nil {
 		return
 	}
+	v.launchedOnce.Do(func() { close(v.launched) }) // no notification to wait for
 	<-v.ready
 	v.mu.Lock()
 	stop, done := v.stop, v.jobDone
@@ -406,7 +421,7 @@ func (v *vip) restartState() (int32, error) {
 // held.
 func (s *Service) restartLists(v *vip, state int32, list []loaded) []loaded {
 	v.loadStates(list)
-	s.setLists(v, state, map[string]*entry{}, list)
+	s.setLists(v, state, make(map[string]*entry, len(list)), list)
 	v.foldJournal()
 	s.log.Info("nsm: virtual server restarted", "vip", v.vs.Addr(), "state", state, "to_notify", len(list))
 	return list
@@ -431,8 +446,8 @@ func (v *vip) adoptState() (int32, error) {
 // adoptLists loads the monitor list and installs it with the notify list
 // as they are; v.io is held.
 func (s *Service) adoptLists(v *vip, state int32, list []loaded) {
-	recs := map[string]*entry{}
 	sm := v.load(smDir)
+	recs := make(map[string]*entry, len(sm)+len(list))
 	v.loadStates(sm, list)
 	for _, l := range sm {
 		recs[l.rec.key()] = &entry{rec: l.rec}
@@ -448,11 +463,13 @@ func (s *Service) adoptLists(v *vip, state int32, list []loaded) {
 // recs from sm/, and the clients of the notify list (see keepPending).
 // Hosts marked as monitored go through Monitor again, which finds them.
 func (s *Service) setLists(v *vip, state int32, recs map[string]*entry, list []loaded) {
-	pending := map[string]*entry{}
-	keepPending(list, recs, pending)
+	// Built aside (giving way to notifications), then installed at once.
+	pending := make(map[string]*entry, len(list))
+	keepPending(list, recs, pending, v.pace)
+	byName, byAddr := indexOf(recs, v.pace)
 	v.mu.Lock()
 	v.state = state
-	v.setRecs(recs)
+	v.recs, v.byName, v.byAddr = recs, byName, byAddr
 	v.pending = pending
 	v.mu.Unlock()
 	s.gen.Add(1)

@@ -148,11 +148,12 @@ func (s *store) load(sub string) ([]loaded, []damaged) {
 	if err != nil {
 		return nil, []damaged{{err: err}}
 	}
-	return s.read(sub, names)
+	return s.read(sub, names, nil)
 }
 
-// read reads the record files names of sub (as list gives them), as load.
-func (s *store) read(sub string, names []string) ([]loaded, []damaged) {
+// read reads the record files names of sub (as list gives them), as load,
+// giving way to p between small chunks.
+func (s *store) read(sub string, names []string, p *pacer) ([]loaded, []damaged) {
 	dir := filepath.Join(s.dir, sub)
 	d, err := os.Open(dir)
 	if err != nil {
@@ -163,7 +164,7 @@ func (s *store) read(sub string, names []string) ([]loaded, []damaged) {
 	recs := make([]*Record, len(names))
 	errs := make([]error, len(names))
 	// Workers take chunks of files in turn; small lists stay on one.
-	const chunk = 256
+	const chunk = pacedChunk / 4 // files cost more than entries
 	workers := min(runtime.GOMAXPROCS(0), 8, (len(names)+chunk-1)/chunk)
 	var next atomic.Int64
 	var wg sync.WaitGroup
@@ -178,6 +179,7 @@ func (s *store) read(sub string, names []string) ([]loaded, []damaged) {
 				for i := lo; i < min(lo+chunk, len(names)); i++ {
 					recs[i], buf, errs[i] = readRecord(dfd, names[i], buf)
 				}
+				p.yield()
 			}
 		})
 	}

@@ -18,6 +18,11 @@ type vip struct {
 	log   *slog.Logger  // the service's
 	ready chan struct{} // closed once started; err tells how
 	err   error
+	pace  *pacer // reading and indexing the records gives way to notifications
+	// launched is closed once Notify has launched what Start prepared:
+	// the records load after.
+	launched     chan struct{}
+	launchedOnce sync.Once
 
 	// io is held shared by record writes and exclusively by a restart, so
 	// that no write lands in sm/ while the records are being retired.
@@ -72,10 +77,23 @@ func (v *vip) currentState() int32 {
 // not shared yet).
 func (v *vip) setRecs(recs map[string]*entry) {
 	v.recs = recs
-	v.byName, v.byAddr = map[string][]*entry{}, map[netip.Addr][]*entry{}
+	v.byName, v.byAddr = indexOf(recs, nil)
+}
+
+// indexOf builds the indexes of recs (see vip.byName), giving way to p
+// now and then.
+func indexOf(recs map[string]*entry, p *pacer) (byName map[string][]*entry, byAddr map[netip.Addr][]*entry) {
+	// Sized for a client each (one name, one address): growing maps of
+	// 100 000 entries step by step cost as much as filling them.
+	byName, byAddr = make(map[string][]*entry, len(recs)), make(map[netip.Addr][]*entry, len(recs))
+	n := 0
 	for _, e := range recs {
-		v.index(e)
+		index(byName, byAddr, e)
+		if n++; n%pacedChunk == 0 {
+			p.yield()
+		}
 	}
+	return byName, byAddr
 }
 
 // putRec adds a record; v.mu is held.
@@ -92,7 +110,8 @@ func (v *vip) delRec(key string) {
 	}
 	delete(v.recs, key)
 	drop := func(l []*entry) []*entry { return slices.DeleteFunc(l, func(x *entry) bool { return x == e }) }
-	for _, n := range e.names() {
+	var buf [2]string
+	for _, n := range e.appendNames(buf[:0]) {
 		if l := drop(v.byName[n]); len(l) > 0 {
 			v.byName[n] = l
 		} else {
@@ -109,20 +128,23 @@ func (v *vip) delRec(key string) {
 	}
 }
 
-func (v *vip) index(e *entry) {
-	for _, n := range e.names() {
-		v.byName[n] = append(v.byName[n], e)
+func (v *vip) index(e *entry) { index(v.byName, v.byAddr, e) }
+
+func index(byName map[string][]*entry, byAddr map[netip.Addr][]*entry, e *entry) {
+	var buf [2]string
+	for _, n := range e.appendNames(buf[:0]) {
+		byName[n] = append(byName[n], e)
 	}
 	for _, a := range e.rec.Addrs {
-		v.byAddr[a.Unmap()] = append(v.byAddr[a.Unmap()], e)
+		byAddr[a.Unmap()] = append(byAddr[a.Unmap()], e)
 	}
 }
 
-// names are the names a notification may call the record's host by, but
-// for a mon_name that is one of its addresses (a client's always is): that
-// one is found through byAddr (see matching).
-func (e *entry) names() []string {
-	var out []string
+// appendNames appends the names a notification may call the record's
+// host by (two at most), but for a mon_name that is one of its addresses
+// (a client's always is): that one is found through byAddr (see
+// matching).
+func (e *entry) appendNames(out []string) []string {
 	if a, err := netip.ParseAddr(e.rec.MonName); err != nil || !slices.ContainsFunc(e.rec.Addrs, func(x netip.Addr) bool { return x.Unmap() == a.Unmap() }) {
 		out = append(out, e.rec.MonName)
 	}
@@ -167,7 +189,7 @@ func (v *vip) load(sub string) []loaded {
 // read reads the record files names of a list (as listed), setting
 // damaged records aside.
 func (v *vip) read(sub string, names []string) []loaded {
-	list, bad := v.st.read(sub, names)
+	list, bad := v.st.read(sub, names, v.pace)
 	for _, b := range bad {
 		v.log.Warn("nsm: skipping a damaged monitor record", "vip", v.vs.Addr(), "err", b.err)
 		if b.path != "" {
