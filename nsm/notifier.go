@@ -100,7 +100,11 @@ type job struct {
 	inboxMu sync.Mutex
 	inbox   []delivery
 	bell    chan struct{}
-	sendBuf []byte // the call being sent; SendPacket does not keep it
+	// The calls an apply makes, sent together at its end: encoded one
+	// after the other in sendBuf (SendPackets keeps none of it).
+	sendBuf []byte
+	calls   []queued
+	pkts    []sunrpc.Packet
 	// acked hears of each peer whose statd answered (its file in notify/).
 	// Until every peer has had its first SM_NOTIFY and the window is empty
 	// the files wait in held: moving them is bookkeeping (one lost costs a
@@ -202,12 +206,13 @@ func (j *job) run(ctx context.Context) {
 	}
 }
 
-// apply does what the schedule asks for, in order.
+// apply does what the schedule asks for, in order, but for the calls:
+// they leave together at the end (see flush).
 func (j *job) apply() {
 	for _, a := range j.fan.Actions() {
 		switch a.kind {
 		case actQuery, actNotify:
-			j.send(a)
+			j.queue(a)
 		case actEndCall:
 			j.rpc.ForgetReply(a.peer, a.xid)
 		case actDone:
@@ -218,6 +223,7 @@ func (j *job) apply() {
 			j.release()
 		}
 	}
+	j.flush()
 }
 
 // release hands the held files on, and any later one at once.
@@ -249,9 +255,9 @@ func (j *job) finish(stopped bool) {
 	j.mu.Unlock()
 }
 
-// send transmits a call; a new one has its replies routed to the inbox
-// first.
-func (j *job) send(a fanAction) {
+// queue encodes a call for the next flush; a new one has its replies
+// routed to the inbox first.
+func (j *job) queue(a fanAction) {
 	query, v6 := a.kind == actQuery, a.peer.Addr().Is6()
 	if a.newCall {
 		t, xid := a.target, a.xid
@@ -273,7 +279,7 @@ func (j *job) send(a fanAction) {
 		}
 	}
 	h := sunrpc.CallHeader{XID: a.xid, RPCVers: sunrpc.RPCVersion, Prog: prog, Vers: vers, Proc: proc}
-	msg := sunrpc.AppendCall(j.sendBuf[:0], &h)
+	msg := sunrpc.AppendCall(j.sendBuf, &h)
 	switch {
 	case !query:
 		msg = append(msg, j.args...)
@@ -282,20 +288,49 @@ func (j *job) send(a fanAction) {
 	default:
 		msg = sunrpc.AppendGetPortArgs(msg, Prog, Vers, sunrpc.UDP)
 	}
+	j.sendBuf = msg
+	j.calls = append(j.calls, queued{to: a.peer, end: len(msg)})
+}
+
+// queued is a call encoded in sendBuf, up to end.
+type queued struct {
+	to  netip.AddrPort
+	end int
+}
+
+// flush sends the queued calls: a window's worth of peers begin at once,
+// and a batch of answers makes as many calls, so they go in bursts with a
+// system call for dozens (SendPackets).
+func (j *job) flush() {
+	if len(j.calls) == 0 {
+		return
+	}
+	pkts, start := j.pkts[:0], 0
+	for _, c := range j.calls {
+		pkts = append(pkts, sunrpc.Packet{To: c.to, Msg: j.sendBuf[start:c.end]})
+		start = c.end
+	}
 	// A failed send is retried like a lost one, even for want of a socket
 	// on the address: one that comes a moment later (a listener still being
 	// set up) must not cost the clients their reclaims. So the schedule
 	// hears nothing of it.
-	if err := j.rpc.SendPacket(j.from, a.peer, msg); err != nil {
-		logf := j.logf
-		if errors.Is(err, sunrpc.ErrNoSocket) && j.warnf != nil {
-			// The address's socket should be there before any notification
-			// leaves (a takeover attaches it first): worth a warning.
-			logf = j.warnf
+	if err := j.rpc.SendPackets(j.from, pkts); err != nil {
+		for _, p := range pkts {
+			if p.Err == nil {
+				continue
+			}
+			logf := j.logf
+			if errors.Is(p.Err, sunrpc.ErrNoSocket) && j.warnf != nil {
+				// The address's socket should be there before any
+				// notification leaves (a takeover attaches it first): worth
+				// a warning.
+				logf = j.warnf
+			}
+			logf("nsm: sending SM_NOTIFY failed; will retry", "peer", p.To, "err", p.Err)
 		}
-		logf("nsm: sending SM_NOTIFY failed; will retry", "peer", a.peer, "err", err)
 	}
-	j.sendBuf = msg
+	clear(pkts)
+	j.pkts, j.calls, j.sendBuf = pkts[:0], j.calls[:0], j.sendBuf[:0]
 }
 
 // handle passes a reply on to the schedule, which drops it if its call

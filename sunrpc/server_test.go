@@ -723,3 +723,107 @@ func TestIPv6Loopback(t *testing.T) {
 		}
 	}
 }
+
+// SendPackets sends a burst as SendPacket sends each datagram: from the
+// address asked for, to each destination, whole; more than one system
+// call's worth; a datagram that cannot leave fails alone.
+func TestSendPackets(t *testing.T) {
+	s := newTestServer()
+	port := serve(t, s, "0.0.0.0")
+	var peers []*net.UDPConn
+	for _, a := range []string{"127.0.0.9", "127.0.0.10"} {
+		peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(a)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer peer.Close()
+		peers = append(peers, peer)
+	}
+	from := ap(t, "127.0.0.3", port)
+	const n = 2*maxBatch + 7
+	var pkts []Packet
+	for i := range n {
+		if i == maxBatch+1 {
+			// Out of the socket's reach (an IPv6 peer of an IPv4 socket).
+			pkts = append(pkts, Packet{To: netip.MustParseAddrPort("[2001:db8::1]:111"), Msg: []byte("lost")})
+		}
+		pkts = append(pkts, Packet{To: addrPortOf(peers[i%2].LocalAddr()), Msg: rawCall(uint32(i), 2, 1, 1, 0, bytes.Repeat([]byte{byte(i)}, i%9))})
+	}
+	if err := s.SendPackets(from, pkts); err == nil {
+		t.Fatal("SendPackets reported no error for the unreachable datagram")
+	}
+	for i, p := range pkts {
+		if (p.Err != nil) != (i == maxBatch+1) {
+			t.Fatalf("packet %d (to %v): %v", i, p.To, p.Err)
+		}
+	}
+	got := map[uint32]bool{}
+	buf := make([]byte, 512)
+	for i, peer := range peers {
+		peer.SetReadDeadline(time.Now().Add(2 * time.Second))
+		for range (n + 1 - i) / 2 {
+			m, src, err := peer.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatalf("peer %d after %d datagrams: %v", i, len(got), err)
+			}
+			if src != from {
+				t.Fatalf("datagram came from %v, want %v", src, from)
+			}
+			xid := binary.BigEndian.Uint32(buf)
+			want := rawCall(xid, 2, 1, 1, 0, bytes.Repeat([]byte{byte(xid)}, int(xid)%9))
+			if !bytes.Equal(buf[:m], want) || int(xid)%2 != i || got[xid] {
+				t.Fatalf("peer %d got %x", i, buf[:m])
+			}
+			got[xid] = true
+		}
+	}
+	if len(got) != n {
+		t.Fatalf("%d of %d datagrams arrived", len(got), n)
+	}
+	if err := s.SendPackets(ap(t, "127.0.0.3", port+1), pkts[:1]); !errors.Is(err, ErrNoSocket) || !errors.Is(pkts[0].Err, ErrNoSocket) {
+		t.Fatalf("SendPackets on an unserved port: %v", err)
+	}
+}
+
+// From an IPv6 socket, as SendPacket.
+func TestSendPacketsIPv6(t *testing.T) {
+	s := newTestServer()
+	pc, err := net.ListenPacket("udp6", "[::]:0")
+	if err != nil {
+		t.Skipf("IPv6 unavailable: %v", err)
+	}
+	serve, err := s.AttachPacket(pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go serve()
+	t.Cleanup(func() { s.Close() })
+	port := uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+	for _, c := range []struct{ from, peer, network string }{{"::1", "::1", "udp6"}} {
+		peer, err := net.ListenUDP(c.network, &net.UDPAddr{IP: net.ParseIP(c.peer)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer peer.Close()
+		from := ap(t, c.from, port)
+		to := addrPortOf(peer.LocalAddr())
+		pkts := []Packet{{To: to, Msg: rawCall(1, 2, 1, 1, 0, nil)}, {To: to, Msg: rawCall(2, 2, 1, 1, 0, nil)}}
+		if err := s.SendPacket(from, to, rawCall(0, 2, 1, 1, 0, nil)); err != nil {
+			t.Fatalf("SendPacket from %v: %v", from, err)
+		}
+		if err := s.SendPackets(from, pkts); err != nil {
+			t.Fatalf("from %v: %v", from, err)
+		}
+		peer.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 512)
+		for i := range 3 {
+			m, src, err := peer.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if src := netip.AddrPortFrom(src.Addr().Unmap(), src.Port()); src != from || !bytes.Equal(buf[:m], rawCall(uint32(i), 2, 1, 1, 0, nil)) {
+				t.Fatalf("from %v: got %x from %v", from, buf[:m], src)
+			}
+		}
+	}
+}

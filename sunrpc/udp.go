@@ -300,6 +300,16 @@ var ErrNoSocket = errors.New("sunrpc: no UDP socket serves that address and port
 // the one on from's port and family, with from's address as the source.
 // Callbacks that peers filter by source port (NLM *_RES to BSD lockd) use it.
 func (s *Server) SendPacket(from, to netip.AddrPort, msg []byte) error {
+	u, from, err := s.packetSocket(from)
+	if err != nil {
+		return err
+	}
+	return u.send(msg, from.Addr(), to)
+}
+
+// packetSocket picks the served UDP socket to send from from: the one on
+// its port and family.
+func (s *Server) packetSocket(from netip.AddrPort) (*udpServer, netip.AddrPort, error) {
 	s.init()
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 	s.mu.Lock()
@@ -321,9 +331,9 @@ func (s *Server) SendPacket(from, to netip.AddrPort, msg []byte) error {
 	}
 	s.mu.Unlock()
 	if best == nil {
-		return fmt.Errorf("%w: %v", ErrNoSocket, from)
+		return nil, from, fmt.Errorf("%w: %v", ErrNoSocket, from)
 	}
-	return best.send(msg, from.Addr(), to)
+	return best, from, nil
 }
 
 // SetUDPBuffers sizes a UDP socket's receive and send buffers. With
