@@ -9,6 +9,16 @@ func (s *Service) startedVIP(a netip.Addr) *vip {
 	v := s.vips[a.Unmap()]
 	s.mu.Unlock()
 	if v != nil {
+		<-v.started
+	}
+	return v
+}
+
+// readyVIP returns the NSM state of the virtual server at a once its
+// records are in, or nil when it has none here.
+func (s *Service) readyVIP(a netip.Addr) *vip {
+	v := s.startedVIP(a)
+	if v != nil {
 		<-v.ready
 	}
 	return v
@@ -58,7 +68,7 @@ func (s *Service) State(a netip.Addr) (int32, bool) {
 
 // Records returns copies of the virtual server's monitor records.
 func (s *Service) Records(a netip.Addr) []Record {
-	v := s.startedVIP(a)
+	v := s.readyVIP(a)
 	if v == nil {
 		return nil
 	}

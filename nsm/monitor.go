@@ -20,11 +20,24 @@ func (s *Service) Generation() uint64 { return s.gen.Load() }
 // returns, so a lock granted afterwards is never missing from the notify
 // list after a crash.
 func (s *Service) Monitor(ctx context.Context, vipAddr netip.Addr, caller string, addr netip.Addr) error {
-	v, err := s.lookupVIP(ctx, vipAddr)
+	vs, ok := s.cfg.VirtualServers.Lookup(vipAddr)
+	if !ok {
+		return fmt.Errorf("%w: %v", ErrNotServed, vipAddr)
+	}
+	s.mu.Lock()
+	v := s.vips[vs.Addr()]
+	s.mu.Unlock()
+	if v == nil || v.vs != vs {
+		return fmt.Errorf("%w: %v", ErrNotServed, vs.Addr())
+	}
+	c := Client{VIP: v.vs.Addr(), Caller: caller, Addr: addr.Unmap()}
+	if v.pendingClient(c) {
+		return nil
+	}
+	v, err := s.vipFor(ctx, vs)
 	if err != nil {
 		return err
 	}
-	c := Client{VIP: v.vs.Addr(), Caller: caller, Addr: addr.Unmap()}
 	key := clientKey(c.Caller, c.Addr)
 	if ch := s.dropWait(c.VIP, key); ch != nil {
 		// The client rebooted and its old state is about to be dropped:

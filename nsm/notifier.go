@@ -119,8 +119,10 @@ type job struct {
 	// settled hears of each client's outcome (its address; whether its
 	// statd answered), for the grace period.
 	settled func(client netip.Addr, answered bool)
-	// pace hears when answers are taken.
-	pace *pacer
+	// notifying hears of the first pass and of the answers taken; inPass
+	// is set until the first pass is over (counted there).
+	notifying *notifying
+	inPass    bool
 
 	mu      sync.Mutex
 	prog    Progress
@@ -191,8 +193,8 @@ func (j *job) run(ctx context.Context) {
 			j.inbox = nil
 			j.inboxMu.Unlock()
 			now := time.Now()
-			if j.pace != nil {
-				j.pace.answered(now)
+			if j.notifying != nil {
+				j.notifying.answered(now)
 			}
 			for _, d := range batch {
 				j.handle(d, now)
@@ -221,6 +223,7 @@ func (j *job) apply() {
 			j.fail(&j.targets[a.target], a.why)
 		case actFirstPass:
 			j.release()
+			j.endPass()
 		}
 	}
 	j.flush()
@@ -237,6 +240,14 @@ func (j *job) release() {
 	j.held = nil
 }
 
+// endPass counts the first pass over (once).
+func (j *job) endPass() {
+	if j.inPass && j.notifying != nil {
+		j.notifying.passed()
+	}
+	j.inPass = false
+}
+
 // finish withdraws the reply routes of the calls still in flight, hands
 // the held files on and stamps the progress. Stopped (the virtual server
 // is released, or nlmd stops), it leaves the held files where they are:
@@ -250,6 +261,7 @@ func (j *job) finish(stopped bool) {
 	}
 	j.fan.Stop()
 	j.apply()
+	j.endPass()
 	j.mu.Lock()
 	j.prog.Finished = time.Now()
 	j.mu.Unlock()

@@ -78,10 +78,10 @@ func (s *Service) notify(v *vip, state int32, list []loaded) {
 		}
 	}
 	j.logf, j.warnf = s.log.Debug, s.log.Warn
-	j.pace = s.pace
-	// Answers are on their way: the records (loading next) give way from
-	// the start.
-	s.pace.answered(time.Now())
+	j.notifying = s.notifying
+	// In its first pass from now: the records (loading next) wait.
+	j.inPass = true
+	s.notifying.begin(time.Now())
 	ctx, stop := context.WithCancel(s.ctx)
 	done := make(chan struct{})
 	v.mu.Lock()

@@ -5,32 +5,39 @@ import (
 	"time"
 )
 
-// pacer lets long work at a start (reading and indexing 100 000 records)
-// give way to the notifications going on beside it.
+// Work at a start (reading and indexing 100 000 records) waits for the
+// notifications going on: they are what the clients wait for, and nlmd
+// runs Go on one CPU, where the two shared it (the notification took as
+// long again as alone), while what needs the records can mostly wait
+// (a notified client's reclaim does not: see vip.pendingClient).
 //
-// With one CPU for Go (nlmd's default), a goroutine that never blocks
-// keeps it for a whole time slice (10 ms), and the scheduler polls the
-// sockets only when it has nothing else to run: the notifier, waiting for
-// answers, got one window of calls through per slice while the records
-// loaded (10 000 clients: a tenth notified in the first 80 ms, the rest in
-// the next 150). yield, called between small pieces of the work, parks it
-// for a moment while answers are coming in, so that they are read and
-// acted on at once. Whether they are is known from the last batch the
-// notifiers took: the scheduler lets them run at least once per slice, so
-// a notification whose peers are silent (or none at all) stops the
-// pauses within a slice or two.
-type pacer struct {
-	epoch time.Time
-	last  atomic.Int64 // when answers were last taken, since epoch
+// On one CPU a goroutine that never blocks also keeps it for a whole time
+// slice (10 ms), and the scheduler polls the sockets only when it has
+// nothing else to run: the notifier, waiting for answers, got one window
+// of calls through per slice while the records loaded (100 000 clients:
+// a tenth notified in the first 1.4 s, the rest in the next 1.5 s). So
+// the work waits in short sleeps, between small chunks, which leaves the
+// CPU and the sockets to the notifier.
+//
+// notifying tells whether a notification is busy: in its first pass (see
+// actFirstPass) with answers coming in. One whose peers are silent is not
+// (work waits a few milliseconds for it), and work never waits more than
+// maxDefer in all.
+type notifying struct {
+	epoch  time.Time
+	passes atomic.Int32 // notifications in their first pass
+	last   atomic.Int64 // when answers were last taken, since epoch
 }
 
 const (
-	// yieldPause is how long yield parks: long enough that the scheduler
-	// looks at the sockets before the work is runnable again.
-	yieldPause = 20 * time.Microsecond
-	// answersFresh is how recent answers must be for yield to pause.
-	answersFresh = 20 * time.Millisecond
-	// pacedChunk is how many records paced work handles between yields
+	// answersFresh is how recent answers must be for a notification to
+	// count as busy.
+	answersFresh = 5 * time.Millisecond
+	// deferPause is how long waiting work sleeps before it looks again.
+	deferPause = time.Millisecond
+	// maxDefer bounds the waits of one piece of work.
+	maxDefer = 5 * time.Second
+	// pacedChunk is how many records paced work handles between looks
 	// (a fraction of a millisecond).
 	pacedChunk = 256
 	// launchWait bounds how long the records of a started virtual server
@@ -38,16 +45,39 @@ const (
 	launchWait = 100 * time.Millisecond
 )
 
-func newPacer() *pacer { return &pacer{epoch: time.Now()} }
+func newNotifying() *notifying { return &notifying{epoch: time.Now()} }
+
+// begin counts a notification starting its first pass at now.
+func (n *notifying) begin(now time.Time) {
+	n.passes.Add(1)
+	n.answered(now)
+}
+
+// passed counts a notification's first pass over.
+func (n *notifying) passed() { n.passes.Add(-1) }
 
 // answered records that a notifier took answers at now.
-func (p *pacer) answered(now time.Time) { p.last.Store(int64(now.Sub(p.epoch))) }
+func (n *notifying) answered(now time.Time) { n.last.Store(int64(now.Sub(n.epoch))) }
 
+func (n *notifying) busy() bool {
+	return n.passes.Load() > 0 && time.Since(n.epoch)-time.Duration(n.last.Load()) < answersFresh
+}
+
+// pacer paces one piece of work behind the notifications.
+type pacer struct {
+	n      *notifying
+	waited atomic.Int64 // in all, by the work's goroutines
+}
+
+func (n *notifying) pacer() *pacer { return &pacer{n: n} }
+
+// yield waits while a notification is busy, within the work's maxDefer.
 func (p *pacer) yield() {
 	if p == nil {
 		return
 	}
-	if last := p.last.Load(); last != 0 && time.Since(p.epoch)-time.Duration(last) < answersFresh {
-		time.Sleep(yieldPause)
+	for p.n.busy() && time.Duration(p.waited.Load()) < maxDefer {
+		time.Sleep(deferPause)
+		p.waited.Add(int64(deferPause))
 	}
 }

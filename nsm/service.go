@@ -80,9 +80,9 @@ type Service struct {
 	wg      sync.WaitGroup
 	gen     atomic.Uint64
 	stats   Stats
-	// pace: work at a start gives way to notifications (of every virtual
-	// server) while answers come in.
-	pace *pacer
+	// notifying: work at a start waits for the notifications (of every
+	// virtual server) while answers come in.
+	notifying *notifying
 
 	mu   sync.Mutex
 	vips map[netip.Addr]*vip
@@ -130,7 +130,7 @@ func New(cfg Config) (*Service, error) {
 	if !cfg.LockdPortmap.IsValid() {
 		cfg.LockdPortmap = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), sunrpc.PmapPort)
 	}
-	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}, dropping: map[dropKey]chan struct{}{}, bell: make(chan struct{}, 1), pace: newPacer()}
+	s := &Service{cfg: cfg, log: cfg.Logger, vips: map[netip.Addr]*vip{}, dropping: map[dropKey]chan struct{}{}, bell: make(chan struct{}, 1), notifying: newNotifying()}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -183,21 +183,24 @@ type Started struct {
 // waits for Started.Clients first, then calls Notify, so that no answer to
 // a notification comes back before the period that counts it.
 //
-// The records themselves load after Start returns: who is to be notified
-// is known from the notify list's file names, so the first SM_NOTIFY can
+// The records themselves load after Start returns, once the notification
+// is under way and behind it (see notifying): who is to be notified is
+// known from the notify list's file names, so the first SM_NOTIFY can
 // leave at once (100 000 records take about a second to read); whatever
 // needs the records (monitoring, reboot notifications, the admin's
-// queries) waits for them.
+// queries of the records) waits for them, but for the monitoring of a
+// client still to be notified (see vip.pendingClient).
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
-	v := &vip{vs: vs, log: s.log, ready: make(chan struct{}), launched: make(chan struct{}), pace: s.pace}
+	v := &vip{vs: vs, log: s.log, ready: make(chan struct{}), started: make(chan struct{}), launched: make(chan struct{})}
 	s.mu.Lock()
 	s.vips[a] = v
 	s.mu.Unlock()
 	st, load, err := s.start(v, mode)
 	if err != nil {
 		v.err = err
+		close(v.started)
 		close(v.ready)
 		s.mu.Lock()
 		if s.vips[a] == v {
@@ -206,6 +209,7 @@ func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, erro
 		s.mu.Unlock()
 		return st, err
 	}
+	close(v.started)
 	s.wg.Go(func() {
 		// The notification goes first: on one CPU, the records loading
 		// beside it held up its setting out (the grace period, the first
@@ -218,6 +222,7 @@ func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, erro
 		case <-s.ctx.Done():
 		}
 		t.Stop()
+		v.pace = s.notifying.pacer()
 		load()
 		close(v.ready)
 	})
@@ -313,6 +318,9 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	if err != nil {
 		return Started{}, nil, err
 	}
+	v.mu.Lock()
+	v.state, v.listed = state, names
+	v.mu.Unlock()
 	targets := v.targetsOf(names)
 	if mode == Restart || len(targets) > 0 {
 		s.prepare(v, state, targets)
@@ -470,7 +478,7 @@ func (s *Service) setLists(v *vip, state int32, recs map[string]*entry, list []l
 	v.mu.Lock()
 	v.state = state
 	v.recs, v.byName, v.byAddr = recs, byName, byAddr
-	v.pending = pending
+	v.pending, v.listed = pending, nil
 	v.mu.Unlock()
 	s.gen.Add(1)
 }

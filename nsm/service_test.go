@@ -747,6 +747,62 @@ func TestPrune(t *testing.T) {
 	}
 }
 
+// A client waiting in the notify list is monitored while the records
+// load: its Monitor (a notified client's reclaim) answers at once, from
+// the list's names; a client not in it waits for the records.
+func TestMonitorPendingBeforeRecords(t *testing.T) {
+	dir := t.TempDir()
+	d, err := OpenDir(dir, vip3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.AddClient(Client{Caller: "one", Addr: clientAddr(1)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	reg := virtualserver.New(virtualserver.Config{Servers: []virtualserver.Spec{{Addr: vip3}}})
+	vs, ok := reg.Lookup(vip3)
+	if !ok {
+		t.Fatal("vip3 not served")
+	}
+	svc, err := New(Config{VirtualServers: reg, StateDir: dir, RPC: &sunrpc.Server{}, Logger: logger(t, false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	// Without Notify, the records wait launchWait before they load.
+	if _, err := svc.Start(vs, Restart); err != nil {
+		t.Fatal(err)
+	}
+	svc.mu.Lock()
+	v := svc.vips[vip3]
+	svc.mu.Unlock()
+	ctx := context.Background()
+	if err := svc.Monitor(ctx, vip3, "one", clientAddr(1)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-v.ready:
+		t.Fatal("Monitor of a client being notified waited for the records")
+	default:
+	}
+	if err := svc.Monitor(ctx, vip3, "two", clientAddr(2)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-v.ready:
+	default:
+		t.Fatal("Monitor of a new client did not wait for the records")
+	}
+	var callers []string
+	for _, r := range svc.Records(vip3) {
+		callers = append(callers, r.Caller)
+	}
+	slices.Sort(callers)
+	if !slices.Equal(callers, []string{"one", "two"}) {
+		t.Fatalf("records after the load: %v", callers)
+	}
+}
+
 // Damaged records and state files are reported and skipped, never fatal;
 // temporary files of an interrupted write are cleaned up.
 func TestDamagedState(t *testing.T) {

@@ -18,7 +18,11 @@ type vip struct {
 	log   *slog.Logger  // the service's
 	ready chan struct{} // closed once started; err tells how
 	err   error
-	pace  *pacer // reading and indexing the records gives way to notifications
+	// started is closed once Start is over (v.err tells how): the state
+	// number is set, the notification prepared.
+	started chan struct{}
+	// pace: loading the records waits for notifications (set before it).
+	pace *pacer
 	// launched is closed once Notify has launched what Start prepared:
 	// the records load after.
 	launched     chan struct{}
@@ -46,6 +50,9 @@ type vip struct {
 	byName  map[string][]*entry
 	byAddr  map[netip.Addr][]*entry
 	writing map[string]chan struct{}
+	// listed are the file names of the notify list until the records are
+	// in (sorted): its clients are monitored meanwhile (pendingClient).
+	listed []string
 	// pending are the client records still in notify/, by file name: their
 	// clients count as monitored (a crash notifies them again) and, once
 	// they answer, their records move back to sm/ (see acked).
@@ -65,6 +72,23 @@ type entry struct {
 	// file is the record's file in notify/ while its client waits to be
 	// notified (it is pending: v.pending[file] is this entry).
 	file string
+}
+
+// pendingClient reports whether the record of client c waits in the
+// notify list of v while its records load: c is monitored (its record is
+// as durable there as in sm/), and Monitor need not wait for the records.
+// Notified clients reclaim at once, and the records load behind the
+// notification.
+func (v *vip) pendingClient(c Client) bool {
+	v.mu.Lock()
+	listed := v.listed
+	v.mu.Unlock()
+	if len(listed) == 0 {
+		return false
+	}
+	r := Record{Kind: KindClient, Caller: c.Caller, Addrs: []netip.Addr{c.Addr}}
+	_, found := slices.BinarySearch(listed, r.fileName())
+	return found
 }
 
 func (v *vip) currentState() int32 {
