@@ -92,7 +92,7 @@ type job struct {
 	rpc     *sunrpc.Server
 	from    netip.AddrPort
 	args    []byte   // the encoded stat_chge, the same for every peer
-	targets []loaded // the peers: the schedule's targets by index
+	targets []target // the peers: the schedule's targets by index
 	fan     *fanout
 	// inbox takes replies from the socket reader without ever blocking
 	// it or losing one (a lost reply costs its peer a retransmission
@@ -126,23 +126,60 @@ type job struct {
 
 	mu      sync.Mutex
 	prog    Progress
-	outcome map[netip.Addr]bool // settled clients: answered or not
+	outcome []outcome // by target
 }
 
-func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName string, state int32, recs []loaded, now time.Time) *job {
+// target is a peer to notify, as the notify list names it: its record's
+// file, its address (none known: invalid), its name for the log (an
+// SM_MON record's mon_name; a client goes by its address), and whether it
+// is a client. A start learns a client's from its file's name, and 100 000
+// of them are kept while the notification runs: no more than that.
+type target struct {
+	file   string
+	addr   netip.Addr
+	name   string
+	client bool
+}
+
+func targetOf(l loaded) target {
+	t := target{file: l.file, client: l.rec.Kind == KindClient}
+	if len(l.rec.Addrs) > 0 {
+		t.addr = l.rec.Addrs[0].Unmap()
+	}
+	if !t.client {
+		t.name = l.rec.MonName
+	}
+	return t
+}
+
+func (t *target) String() string {
+	if t.name != "" {
+		return t.name
+	}
+	return t.addr.String()
+}
+
+// outcome is how a target's notification ended.
+type outcome uint8
+
+const (
+	pending outcome = iota
+	answered
+	failed
+)
+
+func newJob(cfg NotifyConfig, rpc *sunrpc.Server, from netip.AddrPort, monName string, state int32, targets []target, now time.Time) *job {
 	c := StatChge{MonName: monName, State: state}
 	j := &job{
 		rpc: rpc, from: from, args: c.Append(nil),
 		bell:    make(chan struct{}, 1),
-		outcome: map[netip.Addr]bool{},
-		prog:    Progress{VIP: from.Addr(), State: state, Total: len(recs), Started: now},
+		outcome: make([]outcome, len(targets)),
+		prog:    Progress{VIP: from.Addr(), State: state, Total: len(targets), Started: now},
 	}
-	j.targets = recs
-	addrs := make([]netip.Addr, len(recs))
-	for i, l := range recs {
-		if len(l.rec.Addrs) > 0 {
-			addrs[i] = l.rec.Addrs[0]
-		}
+	j.targets = targets
+	addrs := make([]netip.Addr, len(targets))
+	for i, t := range targets {
+		addrs[i] = t.addr
 	}
 	j.fan = newFanout(cfg, from.Addr(), addrs, rand.Uint32())
 	return j
@@ -154,16 +191,20 @@ func (j *job) clients() map[netip.Addr]string {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	out := make(map[netip.Addr]string, len(j.targets))
-	for _, t := range j.targets {
-		if len(t.rec.Addrs) > 0 {
-			out[t.rec.Addrs[0].Unmap()] = "pending"
+	for i, t := range j.targets {
+		if t.addr.IsValid() && j.outcome[i] == pending && out[t.addr] == "" {
+			out[t.addr] = "pending"
 		}
 	}
-	for a, ok := range j.outcome {
-		if ok {
-			out[a] = "done"
-		} else {
-			out[a] = "failed"
+	// A settled target's outcome stands over another's pending one.
+	for i, t := range j.targets {
+		switch j.outcome[i] {
+		case answered:
+			out[t.addr] = "done"
+		case failed:
+			if t.addr.IsValid() {
+				out[t.addr] = "failed"
+			}
 		}
 	}
 	return out
@@ -218,9 +259,9 @@ func (j *job) apply() {
 		case actEndCall:
 			j.rpc.ForgetReply(a.peer, a.xid)
 		case actDone:
-			j.done(&j.targets[a.target])
+			j.done(a.target)
 		case actFailed:
-			j.fail(&j.targets[a.target], a.why)
+			j.fail(a.target, a.why)
 		case actFirstPass:
 			j.release()
 			j.endPass()
@@ -370,12 +411,12 @@ func (j *job) handle(d delivery, now time.Time) {
 	j.fan.PortReply(now, d.t, d.xid, port)
 }
 
-// done records a peer whose statd answered.
-func (j *job) done(t *loaded) {
-	a := t.rec.Addrs[0].Unmap()
+// done records target i, whose statd answered.
+func (j *job) done(i int) {
+	t := &j.targets[i]
 	j.mu.Lock()
 	j.prog.Done++
-	j.outcome[a] = true
+	j.outcome[i] = answered
 	j.mu.Unlock()
 	switch {
 	case j.holding:
@@ -384,22 +425,21 @@ func (j *job) done(t *loaded) {
 		j.acked(t.file)
 	}
 	if j.settled != nil {
-		j.settled(a, true)
+		j.settled(t.addr, true)
 	}
 }
 
-// fail records a peer given up.
-func (j *job) fail(t *loaded, why fanWhy) {
+// fail records target i given up.
+func (j *job) fail(i int, why fanWhy) {
+	t := &j.targets[i]
 	j.mu.Lock()
 	j.prog.Failed++
-	if len(t.rec.Addrs) > 0 {
-		j.outcome[t.rec.Addrs[0].Unmap()] = false
-	}
+	j.outcome[i] = failed
 	j.mu.Unlock()
-	if j.settled != nil && len(t.rec.Addrs) > 0 {
-		j.settled(t.rec.Addrs[0].Unmap(), false)
+	if j.settled != nil && t.addr.IsValid() {
+		j.settled(t.addr, false)
 	}
-	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.rec.MonName, "why", why.String())
+	j.logf("nsm: could not notify a peer", "vip", j.from.Addr(), "peer", t.String(), "why", why.String())
 }
 
 // acker hands the files of notified peers to done off the event loop,

@@ -18,11 +18,11 @@ import (
 // peers to tell.
 type prepared struct {
 	state int32
-	list  []loaded
+	list  []target
 }
 
 // prepare readies the notification of list, for Notify; v.io is held.
-func (s *Service) prepare(v *vip, state int32, list []loaded) {
+func (s *Service) prepare(v *vip, state int32, list []target) {
 	if s.cfg.Notify.Disabled {
 		return
 	}
@@ -59,7 +59,7 @@ func (s *Service) launch(v *vip) {
 }
 
 // notify starts the notification of list; v.io is held.
-func (s *Service) notify(v *vip, state int32, list []loaded) {
+func (s *Service) notify(v *vip, state int32, list []target) {
 	from := netip.AddrPortFrom(v.vs.Addr(), s.cfg.Port)
 	j := newJob(s.cfg.Notify, s.cfg.RPC, from, v.vs.Name(), state, list, time.Now())
 	// Answers are acted on once the records are loaded (they may come

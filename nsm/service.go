@@ -341,18 +341,20 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 // targetsOf returns who a notify list names are to be notified: a client
 // by the address its file's name carries (no need to read it), any other
 // record read now (SM_MON records, a handful).
-func (v *vip) targetsOf(names []string) []loaded {
-	out := make([]loaded, 0, len(names))
+func (v *vip) targetsOf(names []string) []target {
+	out := make([]target, 0, len(names))
 	var others []string
 	for _, n := range names {
 		if a, ok := clientOfFile(n); ok {
-			out = append(out, loaded{file: n, rec: &Record{Kind: KindClient, MonName: a.String(), Addrs: []netip.Addr{a}}})
+			out = append(out, target{file: n, addr: a, client: true})
 		} else {
 			others = append(others, n)
 		}
 	}
 	if len(others) > 0 {
-		out = append(out, v.read(notifyDir, others)...)
+		for _, l := range v.read(notifyDir, others) {
+			out = append(out, targetOf(l))
+		}
 	}
 	return out
 }
@@ -373,11 +375,11 @@ func clientOfFile(name string) (netip.Addr, bool) {
 	return a.Unmap(), err == nil
 }
 
-func clientsOf(list []loaded) []netip.Addr {
+func clientsOf(list []target) []netip.Addr {
 	var out []netip.Addr
-	for _, l := range list {
-		if l.rec.Kind == KindClient && len(l.rec.Addrs) > 0 {
-			out = append(out, l.rec.Addrs[0])
+	for _, t := range list {
+		if t.client && t.addr.IsValid() {
+			out = append(out, t.addr)
 		}
 	}
 	return out
@@ -401,11 +403,15 @@ func (s *Service) restart(v *vip, launch bool) (Started, error) {
 		return Started{}, err
 	}
 	list := s.restartLists(v, state, v.load(notifyDir))
-	s.prepare(v, state, list)
+	targets := make([]target, len(list))
+	for i, l := range list {
+		targets[i] = targetOf(l)
+	}
+	s.prepare(v, state, targets)
 	if launch {
 		s.launch(v)
 	}
-	return Started{State: state, Clients: clientsOf(list)}, nil
+	return Started{State: state, Clients: clientsOf(targets)}, nil
 }
 
 // restartState bumps the state number and retires the monitor list to
