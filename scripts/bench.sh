@@ -372,18 +372,25 @@ if [ -z "${SKIP_NOTIFY:-}" ]; then
 		secs[k] = secs[k] "," get($0, "seconds")
 		first[k] = first[k] "," get($0, "first_ms")
 		if (get($0, "max_rss_kb") != "") rss[k] = rss[k] "," get($0, "max_rss_kb")
+		if (get($0, "nlmd_cpu_ms") != "") cpu[k] = cpu[k] "," get($0, "nlmd_cpu_ms")
+		if (get($0, "peers_cpu_ms") != "") peers[k] = peers[k] "," get($0, "peers_cpu_ms")
+		if (get($0, "other_cpu_ms") != "") other[k] = other[k] "," get($0, "other_cpu_ms")
 		if (!(k in seen)) { seen[k] = 1; order[++n] = k }
 	}
 	END {
-		printf "SM_NOTIFY fan-out (medians of notify.txt)\n%-22s %10s %12s %10s %12s\n", "notifier clients", "seconds", "clients/s", "first ms", "peak RSS kB"
+		# CPU over the run: nlmd, the simulated peers (nlmbench), and the
+		# rest of the machine (a disturbed run shows there).
+		printf "SM_NOTIFY fan-out (medians of notify.txt)\n%-22s %10s %12s %10s %12s %10s %10s %10s\n", "notifier clients", "seconds", "clients/s", "first ms", "peak RSS kB", "nlmd CPU", "peers CPU", "other CPU"
 		for (i = 1; i <= n; i++) {
 			k = order[i]; m = median(secs[k]); split(k, p, " ")
 			r = k in rss ? median(rss[k]) : ""
-			printf "%-22s %10.3f %12.0f %10.1f %12s\n", k, m, p[2] / m, median(first[k]), r
+			c = k in cpu ? median(cpu[k]) : ""
+			printf "%-22s %10.3f %12.0f %10.1f %12s %10s %10s %10s\n", k, m, p[2] / m, median(first[k]), r, c, k in peers ? median(peers[k]) : "", k in other ? median(other[k]) : ""
 			name = "notify." p[1] "." p[2]
 			fig(name ".seconds", "s", m, "lower")
 			fig(name ".first_ms", "ms", median(first[k]), "lower")
 			fig(name ".max_rss_kb", "KiB", r, "lower")
+			fig(name ".cpu_ms", "ms", c, "lower")
 		}
 	}' "$OUT/notify.txt" | tee -a "$OUT/summary.txt"
 fi

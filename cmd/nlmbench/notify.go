@@ -167,6 +167,10 @@ func notifyNlmd(o notifyOptions, peers *nsmtest.Peers, n int) (string, error) {
 	// simulated peers, nearly all of it), to tell whose the time is.
 	cpu, peersCPU := procCPU(cmd.Process.Pid), procCPU(os.Getpid())-self0
 	otherCPU := machineBusy() - busy0 - cpu - peersCPU
+	// The peak resident set of the whole start: nlmd reads the records
+	// once the clients are notified, so it is taken once nlmd has been
+	// idle for a moment (10 s at most).
+	settle(cmd.Process.Pid, 250*time.Millisecond, 10*time.Second)
 	rss := maxRSS(cmd.Process.Pid)
 	if o.timeline {
 		// When each tenth of the clients had its notification: a notifier
@@ -236,6 +240,20 @@ func machineBusy() time.Duration {
 		ticks += n
 	}
 	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+}
+
+// settle waits until the process pid used no CPU for quiet, or for at
+// most limit.
+func settle(pid int, quiet, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	last, since := procCPU(pid), time.Now()
+	for time.Now().Before(deadline) && time.Since(since) < quiet {
+		time.Sleep(quiet / 10)
+		// A few milliseconds a second are timers and the like.
+		if cpu := procCPU(pid); cpu-last > quiet/50 {
+			last, since = cpu, time.Now()
+		}
+	}
 }
 
 // maxRSS is a process's peak resident set (VmHWM), in KiB.
