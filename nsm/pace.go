@@ -63,13 +63,15 @@ func (n *notifying) busy() bool {
 	return n.passes.Load() > 0 && time.Since(n.epoch)-time.Duration(n.last.Load()) < answersFresh
 }
 
-// pacer paces one piece of work behind the notifications.
+// pacer paces one piece of work behind the notifications, until hurry
+// is closed (the work is waited for: the virtual server is released).
 type pacer struct {
 	n      *notifying
+	hurry  <-chan struct{}
 	waited atomic.Int64 // in all, by the work's goroutines
 }
 
-func (n *notifying) pacer() *pacer { return &pacer{n: n} }
+func (n *notifying) pacer(hurry <-chan struct{}) *pacer { return &pacer{n: n, hurry: hurry} }
 
 // yield waits while a notification is busy, within the work's maxDefer.
 func (p *pacer) yield() {
@@ -77,6 +79,11 @@ func (p *pacer) yield() {
 		return
 	}
 	for p.n.busy() && time.Duration(p.waited.Load()) < maxDefer {
+		select {
+		case <-p.hurry:
+			return
+		default:
+		}
 		time.Sleep(deferPause)
 		p.waited.Add(int64(deferPause))
 	}

@@ -16,12 +16,20 @@ func TestNotifyingBusy(t *testing.T) {
 	if !n.busy() {
 		t.Fatal("not busy as a notification begins")
 	}
+	// Work that is waited for does not wait.
+	hurry := make(chan struct{})
+	close(hurry)
+	start := time.Now()
+	n.pacer(hurry).yield()
+	if time.Since(start) > time.Second {
+		t.Fatal("work in a hurry waited")
+	}
 	n.answered(time.Now().Add(-2 * answersFresh))
 	if n.busy() {
 		t.Fatal("busy without answers lately")
 	}
-	p := n.pacer()
-	start := time.Now()
+	p := n.pacer(nil)
+	start = time.Now()
 	p.yield()
 	if time.Since(start) > time.Second {
 		t.Fatal("work waited for a silent notification")

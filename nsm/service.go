@@ -193,7 +193,7 @@ type Started struct {
 func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, error) {
 	a := vs.Addr()
 	s.Detach(a)
-	v := &vip{vs: vs, log: s.log, ready: make(chan struct{}), started: make(chan struct{}), launched: make(chan struct{})}
+	v := &vip{vs: vs, log: s.log, ready: make(chan struct{}), started: make(chan struct{}), launched: make(chan struct{}), hurry: make(chan struct{})}
 	s.mu.Lock()
 	s.vips[a] = v
 	s.mu.Unlock()
@@ -218,11 +218,12 @@ func (s *Service) Start(vs *virtualserver.Server, mode StartMode) (Started, erro
 		t := time.NewTimer(launchWait)
 		select {
 		case <-v.launched:
+		case <-v.hurry:
 		case <-t.C:
 		case <-s.ctx.Done():
 		}
 		t.Stop()
-		v.pace = s.notifying.pacer()
+		v.pace = s.notifying.pacer(v.hurry)
 		load()
 		close(v.ready)
 	})
@@ -240,7 +241,8 @@ func (s *Service) Detach(a netip.Addr) {
 	if v == nil {
 		return
 	}
-	v.launchedOnce.Do(func() { close(v.launched) }) // no notification to wait for
+	// Nothing to wait for any more: the records load at once (see launched).
+	v.detaching()
 	<-v.ready
 	v.mu.Lock()
 	stop, done := v.stop, v.jobDone

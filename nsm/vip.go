@@ -24,9 +24,13 @@ type vip struct {
 	// pace: loading the records waits for notifications (set before it).
 	pace *pacer
 	// launched is closed once Notify has launched what Start prepared:
-	// the records load after.
+	// the records load after. hurry is closed when the virtual server is
+	// released or the service closes: they load at once, without waiting
+	// for notifications (see pacer).
 	launched     chan struct{}
 	launchedOnce sync.Once
+	hurry        chan struct{}
+	hurryOnce    sync.Once
 
 	// io is held shared by record writes and exclusively by a restart, so
 	// that no write lands in sm/ while the records are being retired.
@@ -90,6 +94,9 @@ func (v *vip) pendingClient(c Client) bool {
 	_, found := slices.BinarySearch(listed, r.fileName())
 	return found
 }
+
+// detaching makes the records load at once: they are waited for.
+func (v *vip) detaching() { v.hurryOnce.Do(func() { close(v.hurry) }) }
 
 func (v *vip) currentState() int32 {
 	v.mu.Lock()
