@@ -132,8 +132,9 @@ type job struct {
 // target is a peer to notify, as the notify list names it: its record's
 // file, its address (none known: invalid), its name for the log (an
 // SM_MON record's mon_name; a client goes by its address), and whether it
-// is a client. A start learns a client's from its file's name, and 100 000
-// of them are kept while the notification runs: no more than that.
+// is a client. A start reads a client's address in its file's name; the
+// targets live as long as the notification, 100 000 of them: they hold
+// no more than that.
 type target struct {
 	file   string
 	addr   netip.Addr

@@ -241,7 +241,7 @@ func (s *Service) Detach(a netip.Addr) {
 	if v == nil {
 		return
 	}
-	// Nothing to wait for any more: the records load at once (see launched).
+	// The records are waited for now: they load at once (see hurry).
 	v.detaching()
 	<-v.ready
 	v.mu.Lock()

@@ -16,17 +16,17 @@ type vip struct {
 	vs    *virtualserver.Server
 	st    *store
 	log   *slog.Logger  // the service's
-	ready chan struct{} // closed once started; err tells how
+	ready chan struct{} // closed once the records are in, or the start failed (err)
 	err   error
-	// started is closed once Start is over (v.err tells how): the state
+	// started is closed once Start is over (err tells how): the state
 	// number is set, the notification prepared.
 	started chan struct{}
 	// pace: loading the records waits for notifications (set before it).
 	pace *pacer
 	// launched is closed once Notify has launched what Start prepared:
 	// the records load after. hurry is closed when the virtual server is
-	// released or the service closes: they load at once, without waiting
-	// for notifications (see pacer).
+	// released: they load at once, without waiting for notifications (see
+	// pacer).
 	launched     chan struct{}
 	launchedOnce sync.Once
 	hurry        chan struct{}
