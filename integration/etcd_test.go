@@ -22,13 +22,14 @@ func startEtcd(t *testing.T) string {
 	return etcdtest.StartCluster(t, 1).Endpoint(0)
 }
 
-// newEtcdCluster starts n nlmd on the etcd backend, each with a name of
-// its own, sharing the state directory (NSM monitor records) and etcd.
+// newEtcdCluster starts n nlmd on the etcd backend, each with a name and
+// a state directory of its own: the NSM state of virtual servers is in
+// etcd, nothing but etcd is shared.
 func newEtcdCluster(t *testing.T, n int, endpoint string, extra ...string) *cluster {
 	c := &cluster{t: t, bin: binary(t, "nlmd"), state: t.TempDir()}
 	for i := range n {
 		sock := filepath.Join(t.TempDir(), "nlmd.sock")
-		args := nlmdArgs(c.state, append([]string{"--listen-mode", "vip", "--serve-unknown=false", "--rpcbind", "none",
+		args := nlmdArgs(t.TempDir(), append([]string{"--listen-mode", "vip", "--serve-unknown=false", "--rpcbind", "none",
 			"--control-socket", sock, "--log-level", "info", "--backend", "etcd", "--etcd-endpoints", endpoint,
 			"--etcd-prefix", "/it/", "--node-name", fmt.Sprintf("node%d", i+1), "--lease-ttl", "2s"}, extra...)...)
 		c.nodes = append(c.nodes, &clusterNode{n: i, sock: sock, args: args})

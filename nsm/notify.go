@@ -141,6 +141,14 @@ func (v *vip) acked(files []string) {
 	}
 	defer nd.Close()
 	var sm *os.File
+	var gone []string
+	defer func() {
+		// Records of clients no longer monitored leave the mirror too (a
+		// failure leaves one more notification for the next owner).
+		if err := v.st.unmirror(gone); err != nil {
+			v.log.Warn("nsm: removing notified clients' records from the shared store", "vip", v.vs.Addr(), "err", err)
+		}
+	}()
 	for _, f := range files {
 		v.mu.Lock()
 		e := v.pending[f]
@@ -148,6 +156,7 @@ func (v *vip) acked(files []string) {
 		keep := e != nil && v.recs[e.rec.key()] == e
 		v.mu.Unlock()
 		if !keep {
+			gone = append(gone, f)
 			if err := unix.Unlinkat(int(nd.Fd()), f, 0); err != nil && !errors.Is(err, unix.ENOENT) {
 				v.log.Warn("nsm: removing a record from the notify list", "vip", v.vs.Addr(), "file", f, "err", err)
 			}

@@ -66,7 +66,10 @@ type Config struct {
 	// status monitor forget or invent peers (rpc.statd checks only for
 	// loopback). For test rigs.
 	UnprivilegedLocal bool
-	Logger            *slog.Logger
+	// Mirror, if set, keeps every virtual server's state number and
+	// monitor records in a store the nodes share (see Mirror).
+	Mirror Mirror
+	Logger *slog.Logger
 }
 
 // Service is the NSM service of one node.
@@ -299,6 +302,15 @@ func (s *Service) start(v *vip, mode StartMode) (Started, func(), error) {
 	st, err := openStore(VIPDir(s.cfg.StateDir, v.vs.Addr().String()))
 	if err != nil {
 		return Started{}, nil, err
+	}
+	if s.cfg.Mirror != nil {
+		st.mirror = &mirrored{m: s.cfg.Mirror, vs: v.vs}
+		ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
+		err := st.sync(ctx)
+		cancel()
+		if err != nil {
+			return Started{}, nil, err
+		}
 	}
 	v.st = st
 	v.setRecs(map[string]*entry{})

@@ -41,8 +41,15 @@ const (
 	filePerm  = 0o600
 )
 
-// store is one virtual server's directory.
-type store struct{ dir string }
+// store is one virtual server's directory, and its mirror in a shared
+// store if there is one (see Mirror).
+type store struct {
+	dir    string
+	mirror *mirrored
+}
+
+// mirrorTimeout bounds a write to the mirror.
+const mirrorTimeout = 10 * time.Second
 
 // VIPDir is the directory of a virtual server's state under stateDir.
 func VIPDir(stateDir string, vip string) string { return filepath.Join(stateDir, vip) }
@@ -84,6 +91,14 @@ func (s *store) readState() (int32, error) {
 }
 
 func (s *store) writeState(n int32) error {
+	if m := s.mirror; m != nil {
+		ctx, cancel := m.ctx()
+		err := m.m.SetState(ctx, m.vs.Claim(), n)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("nsm: state number: %w", err)
+		}
+	}
 	return virtualserver.WriteFileAtomic(filepath.Join(s.dir, stateFile), []byte(strconv.FormatInt(int64(n), 10)+"\n"), filePerm)
 }
 
@@ -115,11 +130,36 @@ func (s *store) put(sub string, r *Record) error {
 	if err != nil {
 		return err
 	}
+	if m := s.mirror; m != nil {
+		ctx, cancel := m.ctx()
+		err := m.m.PutRecord(ctx, m.vs.Claim(), r.fileName(), b)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("nsm: monitor record: %w", err)
+		}
+	}
 	return virtualserver.WriteFileAtomic(s.path(sub, r.fileName()), b, filePerm)
 }
 
 func (s *store) remove(sub, name string) error {
+	if err := s.unmirror([]string{name}); err != nil {
+		return err
+	}
 	return virtualserver.RemoveFileSync(s.path(sub, name))
+}
+
+// unmirror removes records from the mirror, if there is one.
+func (s *store) unmirror(names []string) error {
+	m := s.mirror
+	if m == nil || len(names) == 0 {
+		return nil
+	}
+	ctx, cancel := m.ctx()
+	defer cancel()
+	if err := m.m.DeleteRecords(ctx, m.vs.Claim(), names); err != nil {
+		return fmt.Errorf("nsm: monitor records: %w", err)
+	}
+	return nil
 }
 
 // loaded is one record file read back.

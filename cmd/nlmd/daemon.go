@@ -113,6 +113,7 @@ func start(ctx context.Context, o *options, log *slog.Logger) (*daemon, error) {
 		CalloutTimeout:    o.calloutWait,
 		OnReboot:          d.dropClients,
 		UnprivilegedLocal: o.unprivLocal,
+		Mirror:            parts.nsmMirror(),
 		Logger:            log,
 	})
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 	"github.com/nlmha/nlmha/dlm/etcddlm"
 	"github.com/nlmha/nlmha/dlm/memdlm"
 	"github.com/nlmha/nlmha/hacallout"
+	"github.com/nlmha/nlmha/nsm"
 	"github.com/nlmha/nlmha/virtualserver"
 )
 
@@ -98,6 +99,18 @@ func newBackend(ctx context.Context, o *options, log *slog.Logger) (*backendPart
 		return fail(err)
 	}
 	return p, nil
+}
+
+var _ nsm.Mirror = (*etcddlm.NSMStore)(nil)
+
+// nsmMirror is where the NSM state of virtual servers is shared: etcd,
+// with that backend (the state directory then need not be shared
+// storage); nowhere with the memory backend.
+func (p *backendParts) nsmMirror() nsm.Mirror {
+	if p.etcd == nil {
+		return nil
+	}
+	return p.etcd.NSM()
 }
 
 // close releases what newBackend opened after the backend, in order.
