@@ -265,7 +265,7 @@ func (c etcdCluster) ClusterStatus(ctx context.Context) (hacallout.ClusterStatus
 	}
 	wg.Wait()
 	es := b.Stats()
-	st.Stats = map[string]uint64{"transactions": es.Txns, "retries": es.Retries, "fenced_edits": es.Fenced,
+	st.Stats = map[string]uint64{"transactions": es.Txns, "reads": es.Reads, "retries": es.Retries, "fenced_edits": es.Fenced,
 		"self_fencing": es.SelfFenced, "conflicts": es.Conflicts, "relists": es.Relists}
 	return st, nil
 }

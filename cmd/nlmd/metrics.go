@@ -173,12 +173,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 type etcdCollector struct {
 	p                                                 *backendParts
 	txns, retries, fencedEdits, selfFenced, conflicts *prometheus.Desc
-	relists, deadline, fenced                         *prometheus.Desc
+	relists, deadline, fenced, reads                  *prometheus.Desc
 }
 
 func newEtcdCollector(p *backendParts) *etcdCollector {
 	return &etcdCollector{p: p,
-		txns:        prometheus.NewDesc("nlm_etcd_transactions_total", "Transactions sent to etcd (each is one round trip).", nil, nil),
+		txns:        prometheus.NewDesc("nlm_etcd_transactions_total", "Writing transactions sent to etcd (each is one round trip).", nil, nil),
+		reads:       prometheus.NewDesc("nlm_etcd_reads_total", "Reads from etcd that confirmed the mirror current for a decision that changed nothing (a denial, a TEST): one round trip each.", nil, nil),
 		retries:     prometheus.NewDesc("nlm_etcd_txn_retries_total", "Lock edits run again because another node changed the file first.", nil, nil),
 		fencedEdits: prometheus.NewDesc("nlm_etcd_fenced_edits_total", "Edits etcd refused because the virtual server's claim had moved to another node or epoch.", nil, nil),
 		selfFenced:  prometheus.NewDesc("nlm_etcd_self_fencing_total", "Times this node fenced itself: its lease's deadline passed without an acknowledged keepalive.", nil, nil),
@@ -190,14 +191,14 @@ func newEtcdCollector(p *backendParts) *etcdCollector {
 }
 
 func (c *etcdCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.txns, c.retries, c.fencedEdits, c.selfFenced, c.conflicts, c.relists, c.deadline, c.fenced} {
+	for _, d := range []*prometheus.Desc{c.txns, c.reads, c.retries, c.fencedEdits, c.selfFenced, c.conflicts, c.relists, c.deadline, c.fenced} {
 		ch <- d
 	}
 }
 
 func (c *etcdCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.p.etcd.Stats()
-	for d, v := range map[*prometheus.Desc]uint64{c.txns: st.Txns, c.retries: st.Retries, c.fencedEdits: st.Fenced,
+	for d, v := range map[*prometheus.Desc]uint64{c.txns: st.Txns, c.reads: st.Reads, c.retries: st.Retries, c.fencedEdits: st.Fenced,
 		c.selfFenced: st.SelfFenced, c.conflicts: st.Conflicts, c.relists: st.Relists} {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
 	}
