@@ -390,23 +390,26 @@ func failover(o failoverOptions) error {
 			pmu.Lock()
 			grants = append(grants, time.Now())
 			pmu.Unlock()
-			// Sent until answered, as a client does: a lock the probe
-			// still held when its server died would otherwise stay, never
-			// reclaimed (the probe reclaims nothing), and a grace period
-			// over kept records (--etcd) would wait for it to its end.
-			for {
-				cctx, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
-				r, err := probe.Unlock(cctx, &nlm.UnlockArgs{Cookie: []byte("u"), Lock: l})
-				cancel()
-				if err == nil && r.Stat != nlm.DeniedGracePeriod {
-					break
+			// Sent until answered, as a client does, but beside the probe's
+			// next locks: a lock the probe still held when its server died
+			// would otherwise stay, never reclaimed (the probe reclaims
+			// nothing), and a grace period over kept records (--etcd)
+			// would wait for it to its end.
+			pwg.Go(func() {
+				for {
+					cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+					r, err := probe.Unlock(cctx, &nlm.UnlockArgs{Cookie: []byte("u"), Lock: l})
+					cancel()
+					if err == nil && r.Stat != nlm.DeniedGracePeriod {
+						return
+					}
+					select {
+					case <-stop:
+						return
+					case <-time.After(5 * time.Millisecond):
+					}
 				}
-				select {
-				case <-stop:
-					return
-				case <-time.After(5 * time.Millisecond):
-				}
-			}
+			})
 		}
 	})
 	defer func() { close(stop); pwg.Wait() }()
