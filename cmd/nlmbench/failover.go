@@ -383,7 +383,15 @@ func failover(o failoverOptions) error {
 			cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 			r, err := probe.Lock(cctx, &nlm.LockArgs{Cookie: []byte("p"), Exclusive: true, Lock: l, State: 1})
 			cancel()
-			if err != nil || r.Stat != nlm.Granted {
+			if err != nil {
+				// Unanswered: asked again, as a client does (the server
+				// may have granted it just before it died: with --etcd
+				// the lock is kept, and given up here it would stay).
+				i--
+				time.Sleep(time.Millisecond)
+				continue
+			}
+			if r.Stat != nlm.Granted {
 				time.Sleep(time.Millisecond)
 				continue
 			}
