@@ -151,8 +151,9 @@ func etcdTLS(o *options) (*tls.Config, error) {
 }
 
 // startEmbeddedEtcd runs a one-member etcd inside nlmd, durable in dir,
-// reachable only in process (its listeners are on loopback, on ports the
-// kernel picks). Auto-compaction keeps lock churn from filling it.
+// reached in process (its client listener is on loopback, on a port the
+// kernel picks unless --etcd-embedded-listen names one, for etcdctl or a
+// benchmark). Auto-compaction keeps lock churn from filling it.
 func startEmbeddedEtcd(dir, clientURL string, log *slog.Logger) (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Dir = dir

@@ -3,8 +3,9 @@
 // transaction per change.
 //
 // Each node keeps a mirror of every file's state, fed by a watch on the
-// files' prefix, so a request reads nothing from etcd: the lock manager
-// decides on the mirrored state and the node commits the result with
+// files' prefix, so a request that changes a file reads nothing from
+// etcd first: the lock manager decides on the mirrored state and the node
+// commits the result with
 //
 //	If(ModRevision(file) == mirrored revision, Value(claim) == this node's claim)
 //	Then(Put or Delete file)
@@ -13,7 +14,10 @@
 // A mirror that lagged behind another node's change fails the first
 // comparison; the Else branch brings the file's current state, and the
 // edit runs again on it. So nothing is granted on stale knowledge, and a
-// change costs one round trip and one write.
+// change costs one round trip and one write. A decision that changes
+// nothing (a denial, a TEST) is confirmed by one read-only transaction
+// (If ModRevision == mirrored revision), so none reaches a client from a
+// stale mirror either.
 //
 // Fencing: a virtual server's claim is a key, <prefix>c/<address>, whose
 // value names the epoch and the node acting for it. A node that takes
