@@ -104,6 +104,8 @@ type LockInfo struct {
 // Cluster is what a backend shared by nodes tells about them.
 type Cluster interface {
 	ClusterStatus(ctx context.Context) (ClusterStatus, error)
+	// VIPOwners maps the virtual servers served now to their nodes.
+	VIPOwners(ctx context.Context) (map[netip.Addr]string, error)
 }
 
 // ClusterStatus describes the nodes that share the lock backend.
@@ -155,20 +157,13 @@ type EndpointHealth struct {
 }
 
 // vipOwners maps virtual servers to the nodes serving them (nil without
-// a cluster).
+// a cluster, or when the store cannot be read).
 func (m *Manager) vipOwners(ctx context.Context) map[netip.Addr]string {
 	if m.cfg.Cluster == nil {
 		return nil
 	}
-	st, err := m.cfg.Cluster.ClusterStatus(ctx)
-	if err != nil {
-		return nil
-	}
-	out := make(map[netip.Addr]string, len(st.VirtualServers))
-	for _, v := range st.VirtualServers {
-		out[v.VIP] = v.Owner
-	}
-	return out
+	owners, _ := m.cfg.Cluster.VIPOwners(ctx)
+	return owners
 }
 
 // DropReply answers POST /v1/clients/drop.

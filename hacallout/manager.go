@@ -192,9 +192,7 @@ func (m *Manager) Takeover(ctx context.Context, spec virtualserver.Spec) (Takeov
 		// The records stayed in the shared backend: adopt them, and send
 		// the callbacks still due to the virtual server's clients.
 		res.Planned = true
-		if res.Locks, res.Waiters, res.Shares, err = m.cfg.NLM.CountVIP(ctx, vs.Addr()); err != nil {
-			return fail(err)
-		}
+		res.Locks, res.Waiters, res.Shares = m.cfg.NLM.CountVIP(vs.Addr())
 		if started, err = m.cfg.NSM.Start(vs, nsm.Adopt); err != nil {
 			return fail(err)
 		}
@@ -426,7 +424,7 @@ func (m *Manager) release(ctx context.Context, a netip.Addr, snapshot, lost bool
 		// The records stay in the shared backend for the next owner.
 		m.cfg.NLM.DetachVIP(a)
 		snap = &dlm.Snapshot{VIP: a, Epoch: vs.Epoch(), Taken: time.Now()}
-		res.Locks, res.Waiters, res.Shares, err = m.cfg.NLM.CountVIP(ctx, a)
+		res.Locks, res.Waiters, res.Shares = m.cfg.NLM.CountVIP(a)
 	} else {
 		snap, err = m.cfg.NLM.ReleaseVIP(ctx, vs.Claim())
 	}

@@ -67,29 +67,19 @@ func (s *Service) ResumeVIP(ctx context.Context, vs *virtualserver.Server) (int,
 }
 
 // CountVIP counts the locks, blocked requests and shares of a virtual
-// server's clients in the backend.
-func (s *Service) CountVIP(ctx context.Context, vip netip.Addr) (locks, waiters, shares int, err error) {
+// server's clients: the sum of its hosts' counters, which the backend
+// keeps (with a shared one, for every node's records).
+func (s *Service) CountVIP(vip netip.Addr) (locks, waiters, shares int) {
 	vip = vip.Unmap()
-	err = s.cfg.Backend.View(ctx, func(f *dlm.File) bool {
-		f.All(func(h *dlm.Held) bool {
-			if h.Owner().Host.VIP == vip {
-				locks++
-			}
-			return true
-		})
-		for _, w := range f.Waiters() {
-			if w.Owner.Host.VIP == vip {
-				waiters++
-			}
-		}
-		for _, sh := range f.Shares() {
-			if sh.Host.VIP == vip {
-				shares++
-			}
+	s.cfg.Backend.Hosts(func(h *dlm.Host) bool {
+		if h.VIP == vip {
+			locks += int(h.Locks())
+			waiters += int(h.Blocked())
+			shares += int(h.Shares())
 		}
 		return true
 	})
-	return locks, waiters, shares, err
+	return locks, waiters, shares
 }
 
 // Reclaimable reports whether any held lock or share of a virtual

@@ -208,6 +208,10 @@ func (e etcdOwnership) Lost() <-chan netip.Addr { return e.o.Lost() }
 // etcdCluster answers the control API's /v1/cluster.
 type etcdCluster struct{ p *backendParts }
 
+func (c etcdCluster) VIPOwners(ctx context.Context) (map[netip.Addr]string, error) {
+	return c.p.owners.VIPOwners(ctx)
+}
+
 func (c etcdCluster) ClusterStatus(ctx context.Context) (hacallout.ClusterStatus, error) {
 	b, o := c.p.etcd, c.p.owners
 	st := hacallout.ClusterStatus{Backend: "etcd", Node: b.Node(), Prefix: b.Prefix(), LeaseDeadline: o.Deadline(), SelfFenced: o.Fenced()}

@@ -370,6 +370,25 @@ type Node struct {
 	TTL int64 `json:"lease_ttl_seconds"`
 }
 
+// VIPOwners maps the virtual servers owned now to their nodes (one read
+// of the owner keys).
+func (o *Owners) VIPOwners(ctx context.Context) (map[netip.Addr]string, error) {
+	cctx, cancel := context.WithTimeout(ctx, o.b.timeout)
+	defer cancel()
+	pfx := o.b.Prefix() + "o/"
+	resp, err := o.cli.Get(cctx, pfx, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("etcddlm: owners: %w", err)
+	}
+	out := make(map[netip.Addr]string, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if a, err := netip.ParseAddr(strings.TrimPrefix(string(kv.Key), pfx)); err == nil {
+			out[a] = string(kv.Value)
+		}
+	}
+	return out, nil
+}
+
 // ClusterStatus reads the nodes and virtual servers of the cluster.
 func (o *Owners) ClusterStatus(ctx context.Context) ([]Node, []VirtualServer, error) {
 	pfx := o.b.Prefix()
